@@ -1,0 +1,11 @@
+"""fourbit: NF4 quantization and QLoRA fine-tuning, bit-compatible with bitsandbytes.
+
+Subpackages: `fourbit.nf4` (format + pure-PyTorch reference), `fourbit.kernels` (Triton),
+`fourbit.lora` (layers, surgery, adapters), `fourbit.train` (optimizers, loop, CLI).
+`fourbit.dispatch` picks the implementation (FOURBIT_BACKEND=auto|reference|triton).
+"""
+
+from .nf4 import QuantState, dequantize, quantize
+
+__version__ = "0.1.0"
+__all__ = ["QuantState", "dequantize", "quantize", "__version__"]

@@ -1,0 +1,76 @@
+"""Input validation shared by the reference and the Triton kernels.
+
+Every check raises with what was wrong and what would be right; nothing here mutates data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "ALLOWED_BLOCKSIZES",
+    "FLOAT_DTYPES",
+    "STORAGE_DTYPES",
+    "check_blocksize",
+    "check_float_tensor",
+    "check_finite",
+    "check_quant_type",
+    "check_storage",
+    "check_same_device",
+]
+
+ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_blocksize(blocksize: int, allowed: tuple[int, ...] = ALLOWED_BLOCKSIZES) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in allowed:
+        raise ValueError(f"blocksize must be one of {list(allowed)}, got {blocksize!r}")
+    return blocksize
+
+
+def check_quant_type(quant_type: str) -> str:
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return quant_type
+
+
+def check_float_tensor(x: torch.Tensor, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def check_finite(x: torch.Tensor, name: str = "input") -> None:
+    """Refuse NaN/inf: bitsandbytes' CPU and CUDA kernels turn them into different garbage."""
+    bad = ~torch.isfinite(x)
+    count = int(bad.sum())
+    if count:
+        first = torch.nonzero(bad.reshape(x.shape) if x.dim() else bad.reshape(1))[0].tolist()
+        value = x.reshape(-1)[int(torch.nonzero(bad.reshape(-1))[0])].item()
+        raise ValueError(
+            f"{name} has {count} non-finite value(s) (NaN or ±inf); the first is {value} at index "
+            f"{tuple(first)}. Quantization needs finite values: clean or clamp the tensor first."
+        )
+
+
+def check_storage(quant_storage: torch.dtype, nbytes: int) -> int:
+    if quant_storage not in STORAGE_DTYPES:
+        raise TypeError(f"quant_storage must be one of {[str(d) for d in STORAGE_DTYPES]}, got {quant_storage}")
+    itemsize = torch.empty(0, dtype=quant_storage).element_size()
+    if nbytes % itemsize:
+        raise ValueError(
+            f"quant_storage={quant_storage} holds {itemsize} bytes per element, but the packed weight has "
+            f"{nbytes} bytes, which is not a multiple of {itemsize}; use torch.uint8 or pad the tensor"
+        )
+    return itemsize
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}; move them with .to(device)")
+    return next(iter(devices.values()))
