@@ -140,12 +140,16 @@ class Linear4bit(nn.Module):
         need = (state.numel + 1) // 2
         if packed.numel() * packed.element_size() != need:
             raise ValueError(f"packed weight holds {packed.numel() * packed.element_size()} bytes, shape {tuple(state.shape)} needs {need}")
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self._parameters["weight"] = self._packed_parameter(packed, state)
         self.quant_state = state
         self.quant_type = state.quant_type
         self.blocksize = state.blocksize
         self.double_quant = state.double_quant
         self.quant_storage = packed.dtype
+
+    def _packed_parameter(self, packed: torch.Tensor, state: QuantState) -> nn.Parameter:
+        """The frozen Parameter that holds the packed bytes (fourbit.nn wraps it in a Params4bit)."""
+        return nn.Parameter(packed, requires_grad=False)
 
     # ---- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,8 +192,7 @@ class Linear4bit(nn.Module):
             self._parameters.update({"weight": weight, **rest})  # keep "weight" first, as nn.Linear
         target = fn(torch.empty(0, dtype=torch.uint8, device=weight.device)).device
         if target != weight.device:
-            self._parameters["weight"] = nn.Parameter(weight.data.to(target), requires_grad=False)
-            self.quant_state = self.quant_state.to(target)
+            self._set_quantized(weight.data.to(target), self.quant_state.to(target))
         return self
 
     # ---- checkpoints in bitsandbytes' keys -----------------------------------------------------
