@@ -37,22 +37,23 @@ from .checks import check_blocksize, check_finite, check_float_tensor, check_qua
 from .codes import FP4_MAGNITUDE_TO_BITS, FP4_THRESHOLDS, NF4_THRESHOLDS, code_for, dynamic_map
 from .state import NESTED_BLOCKSIZE, QuantState
 
-__all__ = ["quantize", "dequantize", "compute_absmax", "encode", "pack", "quad_table", "double_quantize"]
+__all__ = ["quantize", "dequantize", "blocks", "encode", "pack", "quad_table", "double_quantize"]
 
 
-def compute_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Per-block max |x| of a flat float32 tensor; (ceil(n / blocksize),) float32."""
+def blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """(nb, blocksize) view of a flat tensor, zero-padded at the end (a copy only when padding)."""
     n = flat.numel()
     nb = -(-n // blocksize)
-    padded = torch.nn.functional.pad(flat, (0, nb * blocksize - n))
-    return padded.view(nb, blocksize).abs().amax(dim=1) if n else flat.new_empty(0)
+    if nb * blocksize == n:
+        return flat.view(nb, blocksize)
+    return torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
 
 
 def encode(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     """4-bit codes (uint8 0..15) for normalised float32 values, with CUDA's decision rules."""
     if quant_type == "nf4":
-        return torch.bucketize(scaled, NF4_THRESHOLDS.to(scaled.device), right=False).to(torch.uint8)
-    magnitude = torch.bucketize(scaled.abs(), FP4_THRESHOLDS.to(scaled.device), right=False)
+        return torch.bucketize(scaled, NF4_THRESHOLDS.to(scaled.device), right=False, out_int32=True).to(torch.uint8)
+    magnitude = torch.bucketize(scaled.abs(), FP4_THRESHOLDS.to(scaled.device), right=False, out_int32=True)
     bits = FP4_MAGNITUDE_TO_BITS.to(scaled.device)[magnitude]
     return bits | ((scaled < 0).to(torch.uint8) << 3)
 
@@ -97,10 +98,9 @@ def quantize(
     check_finite(x)
 
     flat = x.reshape(-1).float()  # (n,) fp16/bf16 widen exactly
-    absmax = compute_absmax(flat, blocksize)  # (nb,)
-    nb = absmax.numel()
+    padded = blocks(flat, blocksize)  # (nb, bs)
+    absmax = padded.abs().amax(dim=1) if n else flat.new_empty(0)  # (nb,)
     recip = 1.0 / absmax.clamp(min=1e-38)  # (nb,) float32, correctly rounded
-    padded = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
     scaled = (padded * recip.unsqueeze(1)).view(-1)[: nbytes * 2]  # zero pad -> code of 0.0
     packed = pack(encode(scaled, quant_type))  # (nbytes, 1) uint8
     if quant_storage != torch.uint8:
