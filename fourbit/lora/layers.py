@@ -29,6 +29,8 @@ What differs from `bitsandbytes.nn.Linear4bit` on purpose:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -41,6 +43,29 @@ __all__ = ["Linear4bit"]
 
 _STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _BLOB = "quant_state.bitsandbytes__"
+
+
+_SHARED_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _shared(table: torch.Tensor, kind: str) -> torch.Tensor:
+    """One read-only copy per (table, device): a 16-entry code table plus a 256-entry nested map
+    is 1088 bytes, which would cost 0.01 bytes/weight on a 576 x 192 layer if every layer kept its own."""
+    key = (kind, table.device)
+    cached = _SHARED_TABLES.get(key)
+    if cached is not None and torch.equal(cached, table):
+        return cached
+    if cached is None:
+        _SHARED_TABLES[key] = table
+    return table
+
+
+def _share_tables(state: QuantState) -> QuantState:
+    """The same state with its code tables replaced by equal shared tensors (a new state object)."""
+    nested = state.nested
+    if nested is not None:
+        nested = dataclasses.replace(nested, code=_shared(nested.code, nested.quant_type))
+    return dataclasses.replace(state, code=_shared(state.code, state.quant_type), nested=nested)
 
 
 class Linear4bit(nn.Module):
@@ -140,6 +165,7 @@ class Linear4bit(nn.Module):
         need = (state.numel + 1) // 2
         if packed.numel() * packed.element_size() != need:
             raise ValueError(f"packed weight holds {packed.numel() * packed.element_size()} bytes, shape {tuple(state.shape)} needs {need}")
+        state = _share_tables(state)
         self._parameters["weight"] = self._packed_parameter(packed, state)
         self.quant_state = state
         self.quant_type = state.quant_type
