@@ -27,8 +27,8 @@ fl32(code[j] + code[j+1]) * 0.5: eight probes find how many midpoints lie strict
 detects an exact tie (then an odd count moves up by one, so ties land on the even index).
 
 Configuration: no autotuning. Each program handles 4096 values (ROWS = 4096 // bs blocks, at least
-one), 4 warps: 32 values per thread, so fp32 loads are 128-bit and the reduction stays in registers
-for bs <= 1024. The same fixed choice runs under TRITON_INTERPRET=1, where autotune cannot run.
+one) with 4 warps (32 values per thread, loaded 128 bits at a time), or 8 warps for bs >= 1024, where
+the compile report showed sm_80 spilling with 4. The same fixed choice runs under TRITON_INTERPRET=1, where autotune cannot run.
 Offsets are int64 (the program id is widened first), so tensors past 2**31 elements are addressed
 correctly.
 """
@@ -54,6 +54,12 @@ NESTED_ROWS = 4  # groups of 256 scales per program in step 3
 
 def _rows(blocksize: int) -> int:
     return max(1, VALUES_PER_PROGRAM // blocksize)
+
+
+def _num_warps(blocksize: int) -> int:
+    # sm_80's ptxas spilled 8 B (bs 1024) and 84 B (bs 2048) with 4 warps: a block spans several
+    # warps there and the cross-warp reduction keeps more live; 8 warps halve the values per thread.
+    return 8 if blocksize >= 1024 else NUM_WARPS
 
 
 @triton.jit
@@ -120,10 +126,9 @@ def _quantize_nested_kernel(
     s = v * tl.math.div_rn(1.0, absmax2)[:, None]  # NaN where absmax2 == 0 (fixed below)
 
     below = tl.zeros((ROWS, NESTED), dtype=tl.int32)  # midpoints strictly below s, 0..255
-    for i in tl.static_range(8):
-        step: tl.constexpr = 128 >> i
-        probe = tl.load(midpoints_ptr + below + (step - 1))
-        below = tl.where(probe < s, below + step, below)
+    for i in tl.static_range(8):  # steps 128, 64, ..., 1
+        probe = tl.load(midpoints_ptr + below + ((128 >> i) - 1))
+        below = tl.where(probe < s, below + (128 >> i), below)
     at = tl.load(midpoints_ptr + below, mask=below < 255, other=0.0)
     tie = (below < 255) & (at == s)
     q = tl.where(tie & ((below & 1) == 1), below + 1, below)
@@ -161,7 +166,7 @@ def quantize(
         _quantize_4bit_kernel[(triton.cdiv(nb, rows),)](
             flat, packed, absmax, thresholds, n, nbytes, nb,
             BLOCKSIZE=blocksize, ROWS=rows, NUM_THRESHOLDS=thresholds.numel(), FP4=fp4,
-            num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+            num_warps=_num_warps(blocksize), **LAUNCH_OPTIONS,
         )  # fmt: skip
     packed = packed.view(nbytes, 1)
     if quant_storage != torch.uint8:
@@ -227,7 +232,7 @@ def compile_specs() -> list[KernelSpec]:
                     "BLOCKSIZE": "constexpr", "ROWS": "constexpr", "NUM_THRESHOLDS": "constexpr", "FP4": "constexpr",
                 },  # fmt: skip
                 constexprs={"BLOCKSIZE": bs, "ROWS": _rows(bs), "NUM_THRESHOLDS": 7 if fp4 else 15, "FP4": fp4},
-                num_warps=NUM_WARPS,
+                num_warps=_num_warps(bs),
                 expect_vector_bits=128,
             )
         )
