@@ -150,6 +150,18 @@ def bytes_per_weight(model: nn.Module) -> tuple[float, int]:
     return sum(stored.values()) / weights, weights
 
 
+def test_quantize_model_keeps_no_dense_layer_alive():
+    """Layer by layer: once swapped, a dense nn.Linear is garbage (peak ~ one dense layer)."""
+    import gc
+    import weakref
+
+    model = tiny_llama(layers=1)
+    refs = [weakref.ref(m) for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+    quantize_model(model)
+    gc.collect()
+    assert len(refs) == 7 and all(r() is None for r in refs)
+
+
 def test_memory_per_weight_after_quantize_model():
     ratio, weights = bytes_per_weight(quantize_model(tiny_llama(hidden=256, inter=512, layers=1)))
     assert weights == 256 * 256 * 2 + 256 * 128 * 2 + 256 * 512 * 3

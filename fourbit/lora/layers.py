@@ -173,6 +173,14 @@ class Linear4bit(nn.Module):
         self.double_quant = state.double_quant
         self.quant_storage = packed.dtype
 
+    def __setattr__(self, name, value):
+        if name == "weight" and "weight" in self.__dict__.get("_parameters", {}):
+            raise TypeError(
+                "Linear4bit.weight holds packed 4-bit codes that belong to its quant_state; replace both at once "
+                "with load_state_dict(...) (dense or 4-bit checkpoint) or build a new layer with Linear4bit.from_linear(...)"
+            )
+        super().__setattr__(name, value)
+
     def _packed_parameter(self, packed: torch.Tensor, state: QuantState) -> nn.Parameter:
         """The frozen Parameter that holds the packed bytes (fourbit.nn wraps it in a Params4bit)."""
         return nn.Parameter(packed, requires_grad=False)
