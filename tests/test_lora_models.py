@@ -248,7 +248,7 @@ def test_smollm2_logits_equal_bitsandbytes_plus_peft(tmp_path):
 
     path = smollm2_gguf_path()
     dense = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.rsplit("/", 1)[0]), gguf_file=path.rsplit("/", 1)[1], torch_dtype=torch.float32
+        str(path.rsplit("/", 1)[0]), gguf_file=path.rsplit("/", 1)[1], dtype=torch.float32
     ).train()
     ours = add_lora(quantize_model(copy.deepcopy(dense)), r=8, alpha=16)
     randomize_adapters(ours)

@@ -41,10 +41,7 @@ from .functional import matmul_4bit
 
 __all__ = ["Linear4bit"]
 
-_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _BLOB = "quant_state.bitsandbytes__"
-
-
 _SHARED_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
