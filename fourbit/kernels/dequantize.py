@@ -98,6 +98,8 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     nested = state.nested
+    n, bs = state.numel, state.blocksize
+    nb = _check_scales(state)
     device = check_launch_device(
         packed=data,
         absmax=state.absmax,
@@ -106,9 +108,6 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
         nested_absmax=None if nested is None else nested.absmax,
         nested_code=None if nested is None else nested.code,
     )
-    n, bs = state.numel, state.blocksize
-    nb = -(-n // bs)
-    _check_scales(state, nb)
 
     out = torch.empty(n, dtype=dtype, device=device)
     code = state.code.contiguous()
@@ -122,16 +121,18 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     if n:
         _dequantize_4bit_kernel[(triton.cdiv(nb, rows),)](
             data, code, absmax, absmax2, code8, offset, out, n, data.numel(), nb,
-            BLOCKSIZE=bs, ROWS=rows, NESTED=NESTED_BLOCKSIZE if nested is None else nested.blocksize,
-            DOUBLE=nested is not None, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+            BLOCKSIZE=bs, ROWS=rows, NESTED=NESTED_BLOCKSIZE, DOUBLE=nested is not None,
+            num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return out.view(state.shape)
 
 
-def _check_scales(state: QuantState, nb: int) -> None:
-    """The state's tensors must have the dtypes and sizes the kernel indexes (it does not bounds-check)."""
+def _check_scales(state: QuantState) -> int:
+    """The number of blocks, after checking that the state's tensors have the dtypes and sizes the
+    kernel indexes (it does not bounds-check its gathers)."""
     if state.blocksize not in ALLOWED_BLOCKSIZES:
         raise ValueError(f"state.blocksize must be one of {list(ALLOWED_BLOCKSIZES)}, got {state.blocksize}")
+    nb = -(-state.numel // state.blocksize)
     if state.code.dtype != torch.float32 or state.code.numel() != 16:
         raise ValueError(f"state.code must be 16 float32 values, got {state.code.numel()} {state.code.dtype}")
     want = torch.uint8 if state.nested is not None else torch.float32
@@ -142,7 +143,7 @@ def _check_scales(state: QuantState, nb: int) -> None:
         )
     nested = state.nested
     if nested is None:
-        return
+        return nb
     if nested.blocksize != NESTED_BLOCKSIZE:
         raise ValueError(f"nested blocksize must be {NESTED_BLOCKSIZE} (as bitsandbytes), got {nested.blocksize}")
     nb2 = -(-nb // NESTED_BLOCKSIZE)
@@ -152,6 +153,7 @@ def _check_scales(state: QuantState, nb: int) -> None:
         raise ValueError(f"nested code must be 256 float32 values, got {nested.code.numel()} {nested.code.dtype}")
     if state.offset is None or state.offset.numel() != 1 or state.offset.dtype != torch.float32:
         raise ValueError("double quantization needs a float32 scalar offset (the mean of the scales)")
+    return nb
 
 
 _OUT_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}

@@ -149,11 +149,11 @@ def quantize(
     check_float_tensor(x)
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    device = check_launch_device(input=x)
     n = x.numel()
     nbytes = (n + 1) // 2
     itemsize = check_storage(quant_storage, nbytes)
     check_finite(x)
+    device = check_launch_device(input=x)
 
     flat = x.contiguous().view(-1)  # (n,) row-major, as the reference's reshape
     nb = -(-n // blocksize)
