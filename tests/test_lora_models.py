@@ -65,10 +65,12 @@ def randomize_adapters(model: nn.Module) -> None:
 def bnb_twin(dense_model: nn.Module, ours: nn.Module) -> nn.Module:
     """A copy of `dense_model` whose linears are bitsandbytes Linear4bit holding our exact bytes."""
     twin = copy.deepcopy(dense_model)
-    for name, module in ours.named_modules():
-        base = module.base if isinstance(module, LoRALinear) else module
+    for name, base in ours.named_modules():
         if not isinstance(base, Linear4bit):
             continue
+        owner = name.rpartition(".")[0]
+        if name.endswith(".base") and isinstance(ours.get_submodule(owner), LoRALinear):
+            name = owner  # the twin has no LoRALinear: its Linear4bit sits where ours is wrapped
         layer = bnb.nn.Linear4bit(
             base.in_features, base.out_features, bias=base.bias is not None, quant_type="nf4", compute_dtype=torch.float32, device="meta"
         )
@@ -110,6 +112,8 @@ def test_tiny_llama_logits_equal_bitsandbytes_plus_peft(tiny):
     theirs = peft_twin(dense, ours, r=4, alpha=8)
     ours_logits, theirs_logits = ours(ids).logits, theirs(ids).logits
     assert rel(ours_logits, theirs_logits) < 1e-5
+    count = trainable_parameters(ours)
+    assert (count.trainable, count.total) == theirs.get_nb_trainable_parameters()
     # the adapters matter to these logits, so the comparison covers them
     for layer in lora_layers(ours).values():
         layer.enabled = False

@@ -132,6 +132,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     r, alpha = config["r"], config["lora_alpha"]
     dropout, use_rslora = config.get("lora_dropout", 0.0), bool(config.get("use_rslora", False))
     path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found (adapters saved as adapter_model.bin are not supported: re-save with safetensors)")
     with safetensors.safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         keys = list(f.keys())
