@@ -19,6 +19,8 @@ The layer is `fourbit.lora.Linear4bit` (one implementation) with these differenc
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -59,10 +61,11 @@ class Params4bit(nn.Parameter):
         return self
 
     def __deepcopy__(self, memo):
+        # through memo, a deep-copied layer's weight and the layer itself share one copied state
         return Params4bit(
             self.data.clone(),
             self.requires_grad,
-            None if self.quant_state is None else QuantState.adopt(self.quant_state).to(self.device),
+            copy.deepcopy(self.quant_state, memo),
             self.blocksize,
             self.compress_statistics,
             self.quant_type,

@@ -4,6 +4,7 @@ defaults (fp4 included) are bitsandbytes 0.50's."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import types
 
@@ -139,6 +140,9 @@ def test_compat_layer_is_the_fourbit_layer():
         y = layer(x)
     layer.to("cpu")
     assert torch.equal(layer.weight.data, bytes_before) and torch.equal(layer(x), y)
+    twin = copy.deepcopy(layer)
+    assert twin.weight.quant_state is twin.quant_state and twin.quant_state is not layer.quant_state
+    assert twin.quant_state.equal(layer.quant_state) and torch.equal(twin(x), y)
 
 
 def test_dequantize_4bit_without_quant_state_and_out_buffers():
