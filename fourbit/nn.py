@@ -47,8 +47,8 @@ class Params4bit(nn.Parameter):
         bnb_quantized: bool = False,
         **kwargs,
     ) -> "Params4bit":
-        if kwargs:
-            raise TypeError(f"Params4bit got unexpected arguments {sorted(kwargs)}")
+        # extra keywords are accepted and ignored, as bitsandbytes does: transformers re-creates
+        # parameters with `Params4bit(data, **old_param.__dict__)`, which carries its own attributes
         data = torch.empty(0) if data is None else data
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.blocksize = 64 if blocksize is None else blocksize
