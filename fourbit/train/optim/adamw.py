@@ -1,0 +1,409 @@
+"""AdamW with 32-bit or 8-bit states, optionally paged: drop-in for bitsandbytes' optimizers.
+
+    opt = PagedAdamW(model.parameters(), lr=2e-4, device_budget_bytes=64 << 20)
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+| class           | states                                  | paged | bitsandbytes equivalent   |
+|-----------------|-----------------------------------------|-------|---------------------------|
+| AdamW           | float32 m, v (optim_bits=8: as AdamW8bit) | no    | bnb.optim.AdamW           |
+| AdamW8bit       | uint8 m, v + absmax per 256 elements    | no    | bnb.optim.AdamW8bit       |
+| PagedAdamW      | float32                                 | yes   | bnb.optim.PagedAdamW      |
+| PagedAdamW8bit  | uint8                                   | yes   | bnb.optim.PagedAdamW8bit  |
+
+Defaults follow bitsandbytes: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, and in
+8-bit optimizers tensors with fewer than `min_8bit_size` = 4096 elements keep float32 states.
+The maths is in `functional.py`; the paging in `pager.py`. Paged and unpaged optimizers give the
+same bits: the pager only decides where the states live.
+
+Choices where bitsandbytes gives none or differs:
+* A gradient with a NaN or an infinity skips that parameter's step entirely (parameter, states and
+  step count unchanged), counts it in `nonfinite_skips` and warns; `nonfinite="raise"` raises.
+  bitsandbytes' 32-bit step lets the NaN into the states; its CUDA 8-bit step zeroes the states of
+  the non-finite elements. Skipping keeps a single bad batch from erasing what the states learnt.
+* Sparse gradients raise (AdamW's states are dense).
+* `state_dict()` stores bitsandbytes' key names (step, state1, state2, absmax1, absmax2, qmap1,
+  qmap2) plus a "fourbit" entry naming the state format; `load_state_dict` refuses a dict from
+  another optimizer, with other state bits, or with other shapes. Paged and unpaged dicts are
+  interchangeable.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ...dispatch import backend_for
+from ...nf4 import dynamic_map
+from . import functional
+from .pager import DEFAULT_PAGE_BYTES, PagePool, PagerStats, StateLayout
+
+__all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
+
+_FORMAT = "fourbit-adamw"
+_NONFINITE = ("skip", "raise")
+_DEVICE_HEADROOM = 0.9  # default budget: this share of the device memory free at the first step
+
+
+def _update_8bit_for(p: torch.Tensor):
+    """The 8-bit update for p's device: the Triton kernel on CUDA, the reference elsewhere."""
+    if backend_for(p) == "triton":
+        from ...kernels.optim8bit import adamw_update_8bit
+
+        return adamw_update_8bit
+    return functional.adamw_update_8bit
+
+
+class _AdamWBase(torch.optim.Optimizer):
+    """Shared machinery. `optim_bits` picks the state format, `paged` where the states live."""
+
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        amsgrad: bool,
+        optim_bits: int,
+        args: Any,
+        min_8bit_size: int,
+        paged: bool,
+        device_budget_bytes: int | None,
+        page_bytes: int,
+        nonfinite: str,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported (bitsandbytes ignores or rejects it too)")
+        if args is not None:
+            raise ValueError("args (bitsandbytes' GlobalOptimManager overrides) is not supported; pass keywords")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {list(_NONFINITE)}, got {nonfinite!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.optim_bits = optim_bits
+        self.min_8bit_size = min_8bit_size
+        self.paged = paged
+        self.nonfinite = nonfinite
+        self.nonfinite_skips = 0
+        if paged:  # bad budgets and page sizes fail here, not at the first step
+            PagePool.check_budget(device_budget_bytes, page_bytes)
+            StateLayout(32, page_bytes)
+        self.device_budget_bytes = device_budget_bytes
+        self.page_bytes = page_bytes
+        self.pool: PagePool | None = None
+        self._sweeps = 0  # paged steps taken; odd sweeps walk the pages backwards (see pager.py)
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def pager_stats(self) -> PagerStats | None:
+        return None if self.pool is None else self.pool.stats
+
+    def _qmaps_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._qmaps:
+            self._qmaps[device] = (dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device))
+        return self._qmaps[device]
+
+    def _bits_for(self, p: torch.Tensor) -> int:
+        return 8 if self.optim_bits == 8 and p.numel() >= self.min_8bit_size else 32
+
+    def _pool_for(self, device: torch.device) -> PagePool:
+        if self.pool is None:
+            budget = self.device_budget_bytes
+            if budget is None and device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = max(int(free * _DEVICE_HEADROOM), self.page_bytes)
+            self.pool = PagePool(device, budget, self.page_bytes)
+        elif self.pool.device != device:
+            raise ValueError(f"a paged optimizer keeps one device; got parameters on {self.pool.device} and {device}")
+        return self.pool
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        bits = self._bits_for(p)
+        state.update(step=0, bits=bits, nonfinite_skips=0)
+        n = p.numel()
+        if self.paged:
+            layout = StateLayout(bits, self.page_bytes)
+            pool = self._pool_for(p.device)
+            state["pages"] = [pool.new_page() for _ in range(-(-n // layout.chunk))]
+        elif bits == 32:
+            state["state1"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+            state["state2"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+        else:
+            nb = -(-n // functional.QBLOCK)
+            state["state1"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+            state["state2"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+            state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+            state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+        return state
+
+    # -- the step ------------------------------------------------------------------------------
+    def _update(self, p_flat, g_flat, views: dict[str, torch.Tensor], hyper: dict) -> None:
+        if "absmax1" in views:
+            qmap1, qmap2 = self._qmaps_on(p_flat.device)
+            _update_8bit_for(p_flat)(
+                p_flat, g_flat, views["state1"], views["state2"], views["absmax1"], views["absmax2"], qmap1, qmap2,
+                **hyper,
+            )
+        else:
+            functional.adamw_update_32bit(p_flat, g_flat, views["state1"], views["state2"], **hyper)
+
+    def _ready_params(self) -> list[tuple[dict, torch.Tensor]]:
+        """(group, p) for every parameter to update now; initialises states, skips non-finite grads."""
+        ready = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} differs from parameter {tuple(p.shape)}")
+                state = self.state[p] if p in self.state else self._init_state(p)
+                if not bool(torch.isfinite(p.grad).all()):
+                    if self.nonfinite == "raise":
+                        raise FloatingPointError(f"non-finite gradient for a parameter of shape {tuple(p.shape)}")
+                    state["nonfinite_skips"] += 1
+                    self.nonfinite_skips += 1
+                    warnings.warn(
+                        f"skipped the AdamW step of a parameter of shape {tuple(p.shape)}: its gradient has NaN or "
+                        f"inf ({self.nonfinite_skips} skips so far; nonfinite='raise' makes this an error)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    continue
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
+                state["step"] += 1
+                ready.append((group, p))
+        return ready
+
+    @staticmethod
+    def _hyper(group: dict, step: int) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ready = self._ready_params()
+        if not self.paged:
+            for group, p in ready:
+                state = self.state[p]
+                views = {k: state[k] for k in ("state1", "state2", "absmax1", "absmax2") if k in state}
+                self._update(p.view(-1), p.grad.reshape(-1), views, self._hyper(group, state["step"]))
+            return loss
+        # Paged: one work item per page, prefetching the next page while the current one updates.
+        work = []  # (group, p, page id, first element, element count, layout)
+        for group, p in ready:
+            state = self.state[p]
+            layout = StateLayout(state["bits"], self.page_bytes)
+            n = p.numel()
+            for k, pid in enumerate(state["pages"]):
+                start = k * layout.chunk
+                work.append((group, p, pid, start, min(layout.chunk, n - start), layout))
+        if self._sweeps % 2 == 1:
+            work.reverse()
+        self._sweeps += 1
+        for i, (group, p, pid, start, count, layout) in enumerate(work):
+            slot = self.pool.acquire(pid)
+            if i + 1 < len(work):
+                self.pool.prefetch(work[i + 1][2])
+            views = layout.views(slot, count)
+            p_flat = p.view(-1)[start : start + count]
+            g_flat = p.grad.reshape(-1)[start : start + count]
+            self._update(p_flat, g_flat, views, self._hyper(group, self.state[p]["step"]))
+            self.pool.release(pid)
+        return loss
+
+    # -- saving and loading --------------------------------------------------------------------
+    def _export(self, p: torch.Tensor) -> dict:
+        """The saved form of p's state: bitsandbytes' keys, whole (unpaged) tensors, fresh copies."""
+        state = self.state[p]
+        out = {"step": state["step"], "nonfinite_skips": state["nonfinite_skips"]}
+        if self.paged:
+            layout = StateLayout(state["bits"], self.page_bytes)
+            n = p.numel()
+            parts: dict[str, list[torch.Tensor]] = {}
+            for k, pid in enumerate(state["pages"]):
+                count = min(layout.chunk, n - k * layout.chunk)
+                for key, view in layout.views(self.pool.read(pid), count).items():
+                    parts.setdefault(key, []).append(view)
+            tensors = {key: torch.cat(chunks) for key, chunks in parts.items()}
+        else:
+            tensors = {k: state[k].clone() for k in ("state1", "state2", "absmax1", "absmax2") if k in state}
+        out.update(tensors)
+        if state["bits"] == 8:
+            out["qmap1"], out["qmap2"] = (q.clone() for q in self._qmaps_on(p.device))
+        return out
+
+    def state_dict(self) -> dict:
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            saved = {k: v for k, v in group.items() if k != "params"}
+            saved["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
+            groups.append(saved)
+        state = {
+            index[id(p)]: self._export(p) for group in self.param_groups for p in group["params"] if p in self.state
+        }
+        info = {"format": _FORMAT, "optim_bits": self.optim_bits, "min_8bit_size": self.min_8bit_size}
+        return {"state": state, "param_groups": groups, "fourbit": info}
+
+    def _check_saved(self, p: torch.Tensor, i: int, saved: dict) -> int:
+        """The state bits of a saved entry for parameter index i; ValueError if it cannot be p's state."""
+        for key in ("step", "state1", "state2"):
+            if key not in saved:
+                raise ValueError(f"saved state of parameter {i} lacks {key!r}; it has {sorted(saved)}")
+        s1, s2 = saved["state1"], saved["state2"]
+        bits = 8 if s1.dtype == torch.uint8 else 32
+        if bits != self._bits_for(p):
+            raise ValueError(
+                f"parameter {i} ({p.numel()} elements) needs {self._bits_for(p)}-bit states here, "
+                f"the saved ones are {bits}-bit"
+            )
+        want_dtype = torch.uint8 if bits == 8 else torch.float32
+        for name, t in (("state1", s1), ("state2", s2)):
+            if t.dtype != want_dtype or t.numel() != p.numel():
+                raise ValueError(
+                    f"saved {name} of parameter {i} is {t.dtype} with {t.numel()} elements; "
+                    f"the parameter has shape {tuple(p.shape)} ({p.numel()} elements), so {want_dtype} is needed"
+                )
+        if bits == 8:
+            nb = -(-p.numel() // functional.QBLOCK)
+            for name in ("absmax1", "absmax2"):
+                t = saved.get(name)
+                if t is None or t.dtype != torch.float32 or t.numel() != nb:
+                    raise ValueError(f"saved {name} of parameter {i} must be float32 with {nb} blocks, got {t!r}")
+        return bits
+
+    def _import(self, p: torch.Tensor, saved: dict) -> None:
+        state = self.state[p] if p in self.state else self._init_state(p)
+        state["step"] = int(saved["step"])
+        state["nonfinite_skips"] = int(saved.get("nonfinite_skips", 0))
+        if not self.paged:
+            for key in ("state1", "state2", "absmax1", "absmax2"):
+                if key in state:
+                    state[key].copy_(saved[key].reshape(-1))
+            return
+        layout = StateLayout(state["bits"], self.page_bytes)
+        n = p.numel()
+        for k, pid in enumerate(state["pages"]):
+            start, count = k * layout.chunk, min(layout.chunk, n - k * layout.chunk)
+            page = torch.zeros(self.page_bytes, dtype=torch.uint8)
+            for key, view in layout.views(page, count).items():
+                scale = 1 if key in ("state1", "state2") else functional.QBLOCK
+                view.copy_(saved[key].reshape(-1)[start // scale : start // scale + view.numel()])
+            self.pool.write(pid, page)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        info = state_dict.get("fourbit") if isinstance(state_dict, dict) else None
+        if not isinstance(info, dict) or info.get("format") != _FORMAT:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"not a fourbit AdamW state dict (no 'fourbit' format entry); it has {keys}")
+        if info["optim_bits"] != self.optim_bits:
+            raise ValueError(
+                f"the state dict comes from an AdamW with {info['optim_bits']}-bit states; this optimizer "
+                f"({type(self).__name__}) keeps {self.optim_bits}-bit states"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}")
+        pairs = []
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {g} has {len(group['params'])} parameters, the saved one {len(saved['params'])}"
+                )
+            pairs += [(p, i) for p, i in zip(group["params"], saved["params"])]
+        saved_state = state_dict["state"]
+        for p, i in pairs:  # validate everything before changing anything
+            if i in saved_state:
+                self._check_saved(p, i, saved_state[i])
+        for p, i in pairs:
+            if i in saved_state:
+                self._import(p, saved_state[i])
+            elif p in self.state:
+                del self.state[p]
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite):
+    return dict(
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, args=args,
+        min_8bit_size=min_8bit_size, device_budget_bytes=device_budget_bytes, page_bytes=page_bytes,
+        nonfinite=nonfinite,
+    )
+
+
+class AdamW(_AdamWBase):
+    """AdamW with float32 states (optim_bits=8: 8-bit states, like bnb.optim.AdamW)."""
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, optim_bits=32,
+        args=None, min_8bit_size=4096, is_paged=False, *, device_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES,
+        nonfinite="skip",
+    ):
+        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        super().__init__(params, optim_bits=optim_bits, paged=is_paged, **common)
+
+
+class AdamW8bit(_AdamWBase):
+    """AdamW with 8-bit blockwise states (tensors below min_8bit_size elements keep float32 states)."""
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, optim_bits=32,
+        args=None, min_8bit_size=4096, is_paged=False, *, device_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES,
+        nonfinite="skip",
+    ):
+        if optim_bits != 32:  # bitsandbytes' signature keeps optim_bits=32 as a placeholder here
+            raise ValueError(f"AdamW8bit always keeps 8-bit states; leave optim_bits at 32, got {optim_bits}")
+        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        super().__init__(params, optim_bits=8, paged=is_paged, **common)
+
+
+class PagedAdamW(_AdamWBase):
+    """AdamW with float32 states in pages, at most `device_budget_bytes` of them on the device.
+
+    device_budget_bytes=None: 90 % of the device memory free at the first step (CUDA), no limit on CPU.
+    """
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, optim_bits=32,
+        args=None, min_8bit_size=4096, *, device_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES, nonfinite="skip",
+    ):
+        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        super().__init__(params, optim_bits=optim_bits, paged=True, **common)
+
+
+class PagedAdamW8bit(_AdamWBase):
+    """AdamW with 8-bit states in pages (see PagedAdamW for the budget)."""
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, optim_bits=32,
+        args=None, min_8bit_size=4096, *, device_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES, nonfinite="skip",
+    ):
+        if optim_bits != 32:
+            raise ValueError(f"PagedAdamW8bit always keeps 8-bit states; leave optim_bits at 32, got {optim_bits}")
+        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        super().__init__(params, optim_bits=8, paged=True, **common)

@@ -1,0 +1,118 @@
+"""One AdamW step on flat tensors: the reference (plain PyTorch) for 32-bit and 8-bit states.
+
+AdamW (Loshchilov & Hutter), in the form bitsandbytes computes on CPU (SPEC §7), step t >= 1:
+
+    m  <- beta1 m + (1 - beta1) g                    first moment
+    v  <- beta2 v + (1 - beta2) g^2                  second moment
+    c1 = 1 - beta1^t,  c2 = sqrt(1 - beta2^t)        bias corrections (Python float64)
+    P  <- P (1 - lr wd)                              decoupled weight decay, applied first
+    P  <- P - (lr / c1) m / (sqrt(v) / c2 + eps)     (32 bits: the same, as lr c2/c1 m/(sqrt v + eps c2))
+
+P is the parameter widened to float32; the result is rounded once to the parameter's dtype.
+
+Exact floating-point semantics, measured on torch's CPU kernels and relied on by the tests and by
+the Triton kernel (fl = one float32 rounding, fma = fused multiply-add, one rounding; Python scalars
+are first rounded to float32):
+
+    a.mul_(s)                   fl(a s)
+    a.add_(b, alpha=s)          fma(b, s, a)
+    a.addcmul_(b, c, value=s)   fma(fl(s b), c, a)
+    a.addcdiv_(b, c, value=s)   fl(a + fl(fl(s b) / c))
+
+Every one is a function of its own element only (no vector-width or thread-split dependence), so
+updating a tensor chunk by chunk (the pager) gives the same bits as updating it whole. This is
+also bitsandbytes' CPU sequence, so parameters equal bitsandbytes' CPU AdamW bit for bit.
+
+8-bit states: m and v are stored as uint8 codes with one float32 absmax per 256-element block,
+m with the signed dynamic map and v with the unsigned one (SPEC §1.3, §7). The step dequantizes,
+updates as above (with the denominator written as sqrt(v)/c2 + eps, as bitsandbytes' CPU path
+does), and requantizes with `fourbit.nf4.quantize_blockwise` (nearest code, ties to even: CUDA
+semantics; bitsandbytes' CPU build uses its 65536-bin table instead, SPEC §3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...nf4 import dequantize_blockwise, quantize_blockwise
+
+__all__ = ["adamw_update_32bit", "adamw_update_8bit", "QBLOCK"]
+
+QBLOCK = 256
+
+
+def _corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+
+
+@torch.no_grad()
+def adamw_update_32bit(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """In place on p (any float dtype, (n,)), m and v (float32, (n,)); g has p's shape."""
+    grad = g.float()  # (n,)
+    param = p.float()  # (n,); p itself when p is float32
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    c1, c2 = _corrections(beta1, beta2, step)
+    if weight_decay > 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+    update = m / (v.sqrt() + eps * c2)
+    param.add_(update, alpha=-lr * c2 / c1)
+    if param.data_ptr() != p.data_ptr():
+        p.copy_(param)
+
+
+@torch.no_grad()
+def adamw_update_8bit(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    q1: torch.Tensor,
+    q2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    qmap1: torch.Tensor,
+    qmap2: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """In place on p ((n,)), q1/q2 (uint8, (n,)) and absmax1/absmax2 (float32, (ceil(n/256),)).
+
+    qmap1 is the signed dynamic map (for m), qmap2 the unsigned one (for v), each (256,) float32.
+    """
+    grad = g.float()  # (n,)
+    param = p.float()  # (n,)
+    m = dequantize_blockwise(q1, absmax1, qmap1, QBLOCK)  # (n,) float32
+    v = dequantize_blockwise(q2, absmax2, qmap2, QBLOCK)
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    c1, c2 = _corrections(beta1, beta2, step)
+    denom = (v.sqrt() / c2).add_(eps)
+    if weight_decay > 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+    param.addcdiv_(m, denom, value=-lr / c1)
+    if param.data_ptr() != p.data_ptr():
+        p.copy_(param)
+    new_q1, new_absmax1 = quantize_blockwise(m, qmap1, QBLOCK)
+    new_q2, new_absmax2 = quantize_blockwise(v, qmap2, QBLOCK)
+    q1.copy_(new_q1)
+    q2.copy_(new_q2)
+    absmax1.copy_(new_absmax1)
+    absmax2.copy_(new_absmax2)
