@@ -10,6 +10,10 @@ Storage (SPEC §2, §5). For an N x K weight with block size bs there are nb = c
                                                   float32 otherwise), the code table, offset, nested
     bias            (N,)                          ordinary trainable-or-not parameter, any float dtype
 
+The packed bytes and the QuantState belong together: replace them together (load_state_dict and
+from_linear do). Swapping `weight` for another Parameter over the same bytes is allowed (FSDP2
+does it through setattr when it shards and gathers the layer).
+
 With double quantization that is 4 bits + 8/bs bits + 32/(256*bs) bits per weight: 4.127 bits for
 bs = 64, i.e. 0.516 bytes per weight.
 
@@ -169,14 +173,6 @@ class Linear4bit(nn.Module):
         self.blocksize = state.blocksize
         self.double_quant = state.double_quant
         self.quant_storage = packed.dtype
-
-    def __setattr__(self, name, value):
-        if name == "weight" and "weight" in self.__dict__.get("_parameters", {}):
-            raise TypeError(
-                "Linear4bit.weight holds packed 4-bit codes that belong to its quant_state; replace both at once "
-                "with load_state_dict(...) (dense or 4-bit checkpoint) or build a new layer with Linear4bit.from_linear(...)"
-            )
-        super().__setattr__(name, value)
 
     def _packed_parameter(self, packed: torch.Tensor, state: QuantState) -> nn.Parameter:
         """The frozen Parameter that holds the packed bytes (fourbit.nn wraps it in a Params4bit)."""
