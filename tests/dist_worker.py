@@ -1,0 +1,172 @@
+"""One small QLoRA run, in a single process or under torchrun; used by tests/test_distributed.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
+        --out DIR [--model tiny|smollm2] [--resume-from SINGLE_PROCESS_CHECKPOINT]
+
+Under torchrun every rank runs, in one process group: DDP for 10 steps (checkpoint after step 5),
+FSDP2 the same, FSDP2 resumed from a single-process checkpoint, an FSDP2 forward under a bf16
+mixed-precision policy that records whether the gathered packed bytes are the original ones, and
+a deliberately mismatched model on rank 1 that wrap_model must refuse. Rank 0 writes
+DIR/results.json. The test imports the same functions to run the single-process reference.
+
+The data makes ranks unequal on purpose: each row of a global batch masks a random number of
+leading (prompt) tokens, so per-rank label-token counts differ and only a token-weighted loss
+(`global_mean_loss`) reproduces the single-process run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script by torchrun: make `fourbit` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fourbit.lora import Linear4bit, add_lora, quantize_model  # noqa: E402
+from fourbit.train import distributed  # noqa: E402
+
+STEPS, CHECKPOINT_AT = 10, 5
+GLOBAL_BATCH, SEQ = 4, 16
+
+
+def build_model(name: str = "tiny", r: int = 8) -> torch.nn.Module:
+    """A QLoRA model (NF4 + double quant base, LoRA r on q/k/v/o/gate/up/down), same on every call."""
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        config = transformers.LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )
+        dense = transformers.LlamaForCausalLM(config)
+    elif name == "smollm2":
+        from fourbit.demo import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        folder, file = os.path.split(path)
+        dense = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    else:
+        raise ValueError(f"model must be 'tiny' or 'smollm2', got {name!r}")
+    torch.manual_seed(1)
+    return add_lora(quantize_model(dense.train()), r=r, alpha=16)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+
+
+def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Rows counting up from a random start by a random stride in {1, 2, 3} (learnable, so the loss
+    falls within 10 steps); row i's first k_i labels (k_i in [0, SEQ/2]) are masked as prompt."""
+    g = torch.Generator().manual_seed(1000 + step)
+    start = torch.randint(0, vocab, (GLOBAL_BATCH, 1), generator=g)  # (B, 1)
+    stride = torch.randint(1, 4, (GLOBAL_BATCH, 1), generator=g)  # (B, 1)
+    ids = (start + stride * torch.arange(SEQ)) % vocab  # (B, T)
+    prompt = torch.randint(0, SEQ // 2 + 1, (GLOBAL_BATCH, 1), generator=g)  # (B, 1)
+    labels = torch.where(torch.arange(SEQ) < prompt, -100, ids)  # (B, T)
+    return {"input_ids": ids, "labels": labels}
+
+
+def train_steps(model, optimizer, vocab: int, start: int, stop: int, checkpoint_dir: str | None = None) -> list[float]:
+    """Steps start..stop-1 on this rank's shard of each global batch; returns the global losses."""
+    losses = []
+    for step in range(start, stop):
+        batch = distributed.shard(global_batch(step, vocab))
+        logits = model(input_ids=batch["input_ids"]).logits  # (b, T, V)
+        labels = batch["labels"][:, 1:]  # (b, T-1): token t+1 is predicted at position t
+        token_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        loss = distributed.global_mean_loss(token_sum, int((labels != -100).sum()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(distributed.reduce(loss.detach())))
+        if checkpoint_dir is not None and step + 1 == CHECKPOINT_AT:
+            distributed.save_checkpoint(model, optimizer, checkpoint_dir, step=step + 1)
+    return losses
+
+
+def _run(ctx, name: str, out: str, tag: str) -> dict:
+    model = build_model(name)
+    vocab = model.config.vocab_size
+    single = distributed.packed_weight_bytes(model)
+    model = distributed.wrap_model(model, ctx)
+    mine = distributed.packed_weight_bytes(model)
+    optimizer = make_optimizer(model)
+    losses = train_steps(model, optimizer, vocab, 0, STEPS, os.path.join(out, f"{tag}-checkpoint"))
+    every = [None] * ctx.world_size
+    torch.distributed.all_gather_object(every, mine)
+    return {"losses": losses, "single_process_bytes": single, "per_rank_bytes": every}
+
+
+def _resume(ctx, name: str, checkpoint: str) -> dict:
+    model = distributed.wrap_model(build_model(name), ctx)
+    optimizer = make_optimizer(model)
+    state = distributed.load_checkpoint(model, optimizer, checkpoint)
+    return {"step": state["step"], "losses": train_steps(model, optimizer, model.config.vocab_size, state["step"], STEPS)}
+
+
+def _bf16_forward(ctx, name: str) -> dict:
+    """FSDP with param_dtype=bf16: compare each packed weight as gathered for forward with its bytes
+    before sharding; also the loss, which noise weights would push far from the fp32 one."""
+    model = build_model(name)
+    original = {id(m): m.weight.detach().clone() for m in model.modules() if isinstance(m, Linear4bit)}
+    checked, mismatched = [], []
+
+    def compare(module, args):
+        checked.append(id(module))
+        if module.weight.dtype != torch.uint8 or not torch.equal(module.weight.detach(), original[id(module)]):
+            mismatched.append(id(module))
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.register_forward_pre_hook(compare)
+    model = distributed.wrap_model(model, ctx, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    batch = distributed.shard(global_batch(0, model.config.vocab_size))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    labels = batch["labels"][:, 1:]
+    token_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    loss = distributed.reduce(distributed.global_mean_loss(token_sum, int((labels != -100).sum())))
+    return {"layers": len(original), "checked": len(set(checked)), "mismatched": len(mismatched), "loss": float(loss)}
+
+
+def _mismatch(ctx) -> str:
+    """Rank 1 builds LoRA rank 4 where rank 0 has 8: wrap_model must refuse on every rank."""
+    try:
+        distributed.wrap_model(build_model("tiny", r=8 if ctx.rank == 0 else 4), ctx)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
+    parser.add_argument("--resume-from", default=None, help="a single-process checkpoint to continue under FSDP")
+    args = parser.parse_args(argv)
+    ctx = distributed.setup("ddp")
+    results = {"world_size": ctx.world_size, "backend": ctx.backend}
+    results["ddp"] = _run(ctx, args.model, args.out, "ddp")
+    fsdp = distributed.setup("fsdp")
+    results["fsdp"] = _run(fsdp, args.model, args.out, "fsdp")
+    if args.resume_from:
+        results["fsdp_resumed"] = _resume(fsdp, args.model, args.resume_from)
+    if args.model == "tiny":
+        results["bf16"] = _bf16_forward(fsdp, args.model)
+        results["mismatch"] = _mismatch(fsdp)
+    if distributed.is_main():
+        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
