@@ -8,6 +8,7 @@ On CPU tensors they run under Triton's interpreter (TRITON_INTERPRET=1 set befor
 """
 
 from .dequantize import dequantize
+from .matmul import matmul
 from .quantize import quantize
 
 __all__ = ["dequantize", "quantize"]

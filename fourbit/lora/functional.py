@@ -1,40 +1,114 @@
 """matmul_4bit: y = x @ dequantize(W).T + bias with autograd (gradients for x and bias only).
 
-Forward saves only the packed weight and its QuantState (x is not needed for dx; W is frozen):
-    y  = x W^T + b            x: (..., K), W: (N, K), y: (..., N)
-    dx = dy W                 (..., N) @ (N, K) -> (..., K)
-    db = sum over leading dims of dy
+The gradients, for x: (..., K), the frozen W: (N, K), y: (..., N):
+    y  = x W^T + b
+    dx = dy W                  (..., N) @ (N, K) -> (..., K)   needs W only, not x
+    db = sum of dy over all leading dims                  (N,)
+    dW is never formed: W is frozen (QLoRA trains adapters beside it).
+So the forward saves the packed codes and the tensors of their QuantState (absmax, nested absmax,
+nested code, offset): about half a byte per weight. Neither x nor a dequantized W is kept.
+
+The op is registered with `torch.library` as `fourbit::matmul_4bit` (forward) and
+`fourbit::matmul_4bit_backward` (dx = dy W), each with a fake (meta) implementation and the
+forward's autograd formula, so `torch.compile(fullgraph=True)` traces through it without graph
+breaks and `torch.library.opcheck` can test the registration. A QuantState is not a type an op
+schema can hold, so it crosses the op boundary as its tensors plus (shape, blocksize, quant_type,
+dtype) and is rebuilt inside.
+
+Both ops route through `fourbit.dispatch` (FOURBIT_BACKEND): the fused Triton kernels
+(`fourbit.kernels.matmul`) for CUDA tensors, the chunked reference (`fourbit.nf4.matmul`) otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Optional
+
 import torch
 
 from .. import dispatch
-from ..nf4.state import QuantState
+from ..nf4.codes import code_for
+from ..nf4.state import NESTED_BLOCKSIZE, QuantState
 
-__all__ = ["MatMul4BitFunction", "matmul_4bit"]
+__all__ = ["matmul_4bit"]
+
+_MODULES = {"reference": "fourbit.nf4.matmul", "triton": "fourbit.kernels.matmul"}
 
 
-class MatMul4BitFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, packed, state: QuantState, bias):
-        ctx.state = state
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(packed)
-        return dispatch.matmul(x, packed, state, bias)
+def _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype) -> QuantState:
+    state = QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+                       quant_type=quant_type, code=code_for(quant_type).to(absmax.device))
+    if nested_absmax is not None:
+        state.offset = offset
+        state.nested = QuantState(absmax=nested_absmax, shape=torch.Size([absmax.numel()]), dtype=torch.float32,
+                                  blocksize=NESTED_BLOCKSIZE, quant_type="dynamic8", code=nested_code)
+    return state
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        (packed,) = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            w = dispatch.dequantize(packed, ctx.state, dtype=grad_y.dtype)  # (N, K), lives for this call only
-            grad_x = grad_y @ w
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, None, grad_bias
+
+def _state_tensors(state: QuantState) -> tuple:
+    """(absmax, nested_absmax, nested_code, offset) with None where the state has no nesting."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a fourbit QuantState, got {type(state).__name__}")
+    if state.nested is None:
+        return state.absmax, None, None, None
+    if state.nested.blocksize != NESTED_BLOCKSIZE:
+        raise ValueError(f"nested scales must come in blocks of {NESTED_BLOCKSIZE}, got {state.nested.blocksize}")
+    return state.absmax, state.nested.absmax, state.nested.code, state.offset
+
+
+@torch.library.custom_op("fourbit::matmul_4bit", mutates_args=())
+def _matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+               nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               shape: list[int], blocksize: int, quant_type: str, dtype: torch.dtype) -> torch.Tensor:
+    state = _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype)
+    return dispatch.matmul(x, packed, state, bias)
+
+
+@_matmul_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type, dtype):
+    return x.new_empty(*x.shape[:-1], shape[0])
+
+
+@torch.library.custom_op("fourbit::matmul_4bit_backward", mutates_args=())
+def _matmul_backward_op(grad_y: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                        nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                        offset: Optional[torch.Tensor], shape: list[int], blocksize: int, quant_type: str,
+                        dtype: torch.dtype) -> torch.Tensor:
+    state = _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype)
+    module = importlib.import_module(_MODULES[dispatch.backend_for(grad_y)])
+    return module.matmul_backward(grad_y, packed, state)
+
+
+@_matmul_backward_op.register_fake
+def _(grad_y, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype):
+    return grad_y.new_empty(*grad_y.shape[:-1], shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type, dtype = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)  # never x, never a dense W
+    ctx.meta = (shape, blocksize, quant_type, dtype)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_y):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _matmul_backward_op(grad_y, packed, absmax, nested_absmax, nested_code, offset, *ctx.meta)
+    if ctx.needs_input_grad[6]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)  # (N,)
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
-    return MatMul4BitFunction.apply(x, packed, state, bias)
+    """y = x @ dequantize(packed, state).T + bias, differentiable in x and bias.
+    x: (..., K) fp32/fp16/bf16, state.shape = [N, K], bias: (N,) or None; y: (..., N) in x.dtype."""
+    absmax, nested_absmax, nested_code, offset = _state_tensors(state)
+    if len(state.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D quantized weight [N, K], got shape {tuple(state.shape)}")
+    return _matmul_op(x, packed, absmax, nested_absmax, nested_code, offset, bias,
+                      [int(d) for d in state.shape], state.blocksize, state.quant_type, state.dtype)
