@@ -111,6 +111,18 @@ def test_state_dict_round_trip_and_dense_load():
     assert torch.equal(dst2.weight, Linear4bit.from_linear(lin).weight)
 
 
+def test_a_model_checkpoint_saves_with_safetensors(tmp_path):
+    """Layers share their code tables in memory, but not in a checkpoint (safetensors refuses
+    tensors that share storage)."""
+    make = lambda: nn.Sequential(Linear4bit.from_linear(dense(32, 64)), nn.ReLU(), Linear4bit.from_linear(dense(16, 32)))
+    src, dst = make(), make()
+    assert src[0].quant_state.code is src[2].quant_state.code
+    safetensors.torch.save_file(src.state_dict(), tmp_path / "model.safetensors")
+    dst.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"))
+    x = torch.randn(3, 64)
+    assert torch.equal(dst(x), src(x))
+
+
 def test_loading_replaces_the_whole_quant_state():
     """bitsandbytes copies the bytes of a loaded checkpoint but keeps its old absmax; we don't."""
     a = Linear4bit.from_linear(dense(32, 64))

@@ -228,7 +228,11 @@ class Linear4bit(nn.Module):
         destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        destination.update(self.quant_state.to_dict(prefix=prefix + "weight."))
+        items = self.quant_state.to_dict(prefix=prefix + "weight.")
+        # the code table is shared by all layers (see _shared); safetensors refuses tensors that
+        # share memory, so each checkpoint entry gets its own 64-byte copy
+        items[prefix + "weight.quant_map"] = items[prefix + "weight.quant_map"].clone()
+        destination.update(items)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Accept either a 4-bit checkpoint (bitsandbytes / transformers / ours: packed weight plus
