@@ -130,6 +130,7 @@ def test_loading_replaces_the_whole_quant_state():
     assert not torch.equal(a.quant_state.nested.absmax, b.quant_state.nested.absmax)
     b.load_state_dict(a.state_dict())
     assert b.quant_state.equal(a.quant_state) and torch.equal(b.weight, a.weight)
+    assert b.quant_state.absmax.data_ptr() != a.quant_state.absmax.data_ptr()  # copies, not aliases
 
 
 def test_bad_checkpoints_name_the_key():

@@ -266,7 +266,9 @@ class Linear4bit(nn.Module):
         if state_items:
             if not any(_BLOB in k for k in state_items):
                 raise KeyError(f"has {sorted(state_items)} but no '{wkey}.{_BLOB}<nf4|fp4>' blob")
-            state = QuantState.from_dict(state_items, device=device)
+            # copies, so the layer never aliases the caller's checkpoint tensors
+            copied = {k: v.detach().to(device, copy=True) for k, v in state_items.items()}
+            state = QuantState.from_dict(copied, device=device)
             self._set_quantized(weight.detach().to(device, copy=True), state)
             return
         if weight.is_floating_point() and tuple(weight.shape) == (self.out_features, self.in_features):
