@@ -1,0 +1,1 @@
+"""GPU-session scripts (run.sh and its Python helpers)."""

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One GPU session for fourbit's Triton quantize/dequantize kernels; under 8 minutes on one GPU.
+#
+#   bash benchmarks/gpu/run.sh [RESULTS_ROOT]        (default RESULTS_ROOT: benchmarks/results)
+#
+# Needs a CUDA GPU with torch and triton (3.6 or newer) installed; no internet.
+#   1. bitsandbytes: installs a carried wheel (benchmarks/gpu/wheels/ or shared/wheels/) if present;
+#      without bitsandbytes the parity and bitsandbytes timings are skipped, the rest runs.
+#   2. records the GPU, driver and versions (session.txt).
+#   3. kernel tests on the GPU: Triton == reference bit for bit, bf16 output included   (<= 210 s)
+#   4. benchmarks/gpu/quant_gpu.py: copy bandwidth, parity with bitsandbytes CUDA, a tensor past
+#      2**31 elements, quantize/dequantize timings as GB/s and % of the copy bandwidth  (<= 200 s)
+#   5. the compile report with this machine's triton (informative)                     (<= 40 s)
+# Results: RESULTS_ROOT/<gpu-name>/{quant_gpu.json,.md,.png, quant_gpu_parity.json,
+#          compile_report.json, session.txt}. Exit status: number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+unset TRITON_INTERPRET
+root="${1:-benchmarks/results}"
+failed=0
+
+shopt -s nullglob
+wheels=(benchmarks/gpu/wheels/bitsandbytes-*.whl shared/wheels/bitsandbytes-*.whl)
+if ((${#wheels[@]})); then
+  python3 -m pip install --quiet --no-index --no-deps "${wheels[0]}" || echo "run.sh: installing ${wheels[0]} failed"
+fi
+
+gpu=$(python3 -c "import torch; from benchmarks.harness import device_name; print(device_name('cuda') if torch.cuda.is_available() else '')")
+if [ -z "$gpu" ]; then
+  echo "run.sh: no CUDA device visible to torch; nothing to measure" >&2
+  exit 1
+fi
+out="$root/$gpu"
+mkdir -p "$out"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv 2>&1 || true
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
+} | tee "$out/session.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  if timeout "$limit" "$@"; then
+    echo "run.sh: $name ok ($((SECONDS - t0)) s)" | tee -a "$out/session.txt"
+  else
+    echo "run.sh: $name FAILED (exit $?, $((SECONDS - t0)) s)" | tee -a "$out/session.txt"
+    failed=$((failed + 1))
+  fi
+}
+
+step "kernel tests" 210 python3 -m pytest tests/test_kernels_quant.py -q -x -p no:cacheprovider
+step "parity + timings" 200 python3 -m benchmarks.gpu.quant_gpu --out "$out"
+step "compile report" 40 python3 -m fourbit.kernels.report --arch sm_90a --only quantize --only dequantize --json "$out/compile_report.json"
+exit "$failed"
