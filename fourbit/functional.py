@@ -16,6 +16,7 @@ this module only adapts argument conventions. Bytes follow bitsandbytes' CUDA ke
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import torch
@@ -37,6 +38,9 @@ __all__ = [
     "quantize_fp4",
     "quantize_nf4",
 ]
+
+
+_META_FIELDS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
 
 
 class QuantState(_state.QuantState):
@@ -102,7 +106,15 @@ class QuantState(_state.QuantState):
 
     @classmethod
     def from_dict(cls, qs_dict, device=None) -> "QuantState":
-        """Rebuild from `as_dict(packed=True)` items (with or without a key prefix)."""
+        """Rebuild from `as_dict(packed=True)` items (with or without a key prefix), or from the
+        unpacked `as_dict()` form, whose plain fields are first packed into the JSON blob so that
+        both forms go through the same validation."""
+        if "quant_type" in qs_dict:
+            meta = {k: qs_dict[k] for k in _META_FIELDS if k in qs_dict}
+            meta["shape"] = [int(d) for d in meta.get("shape", ())]
+            blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+            qs_dict = {k: v for k, v in qs_dict.items() if k not in _META_FIELDS}
+            qs_dict["quant_state.bitsandbytes__" + str(meta["quant_type"])] = blob
         return cls.adopt(_state.QuantState.from_dict(qs_dict, device=device))
 
 

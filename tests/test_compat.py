@@ -127,6 +127,10 @@ def test_quant_state_as_dict_matches_bitsandbytes():
         else:
             assert a[k] == b[k], k
     assert list(ours.as_dict(packed=True)) == list(theirs.as_dict(packed=True))
+    for form in (ours.as_dict(), ours.as_dict(packed=True)):
+        assert FF.QuantState.from_dict(form, device="cpu").equal(ours)
+    back = bnb.functional.QuantState.from_dict(ours.as_dict(), device="cpu")  # bnb reads our unpacked form
+    assert torch.equal(back.absmax, ours.absmax) and back.offset.item() == ours.offset.item()
 
 
 def test_compat_layer_is_the_fourbit_layer():
