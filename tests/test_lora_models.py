@@ -198,6 +198,17 @@ def test_adapter_files_round_trip_with_peft(tiny, tmp_path):
     assert torch.equal(again(ids).logits, fresh(ids).logits)
 
 
+@pytest.mark.bnb
+def test_rslora_adapter_loads_in_peft_with_the_same_scaling(tiny, tmp_path):
+    dense, _, ids = tiny
+    ours = add_lora(quantize_model(copy.deepcopy(dense)), r=4, alpha=8, use_rslora=True, target_modules=("q_proj", "down_proj"))
+    randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "rs")
+    theirs = peft.PeftModel.from_pretrained(bnb_twin(dense, ours), tmp_path / "rs").train()
+    assert theirs.peft_config["default"].use_rslora
+    assert rel(theirs(ids).logits, ours.train()(ids).logits) < 1e-5
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     _, ours, ids = tiny
     model = copy.deepcopy(ours)
