@@ -1,0 +1,315 @@
+"""fourbit's AdamW / PagedAdamW (32-bit states) and the pager.
+
+* 32-bit parity: 100 steps on random problems equal bitsandbytes' CPU AdamW and PagedAdamW bit
+  for bit (fp32 and bf16 parameters) and torch.optim.AdamW within 1e-6 relative (fp32).
+* The pager on its own: a random sequence of page operations against a plain dict of page
+  contents (no lost or stale bytes), the budget after every operation, LRU eviction order.
+* Paged == unpaged: a budget of 25 % of the states evicts pages every step; 50 steps give the
+  same bits, and the budget holds at every page-in.
+* Resume: save after 20 steps, load into a fresh optimizer, steps 21-40 equal an uninterrupted run.
+* Bad input: sparse and non-finite gradients, budgets below one page, foreign state dicts.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fourbit.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+from fourbit.train.optim import PagePool, StateLayout
+
+SHAPES = [(1,), (7,), (63,), (65,), (33, 17), (4097,), (64, 129)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.double(), b.double()
+    return ((a64 - b64).norm() / b64.norm().clamp_min(1e-30)).item()
+
+
+def make_params(shapes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def run(make_opt, shapes, dtype, seed, steps, grad_scale=1.0):
+    """Parameters after `steps` steps with fresh random gradients (the same for every optimizer)."""
+    params = make_params(shapes, dtype, seed)
+    opt = make_opt(params)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * grad_scale).to(dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.fixture(autouse=True)
+def quiet_bnb():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        yield
+
+
+# -- 32-bit parity ------------------------------------------------------------------------------
+@pytest.mark.bnb
+@settings(max_examples=6)
+@given(
+    lr=st.floats(1e-4, 5e-2),
+    beta1=st.floats(0.5, 0.95),
+    beta2=st.floats(0.9, 0.9999),
+    eps=st.sampled_from([1e-8, 1e-6, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.1]),
+    shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    grad_scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=st.integers(0, 2**30),
+)
+def test_32bit_matches_bitsandbytes_and_torch(lr, beta1, beta2, eps, weight_decay, shapes, dtype, grad_scale, seed):
+    import bitsandbytes as bnb
+
+    hyper = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+    ours, _ = run(lambda ps: AdamW(ps, **hyper), shapes, dtype, seed, 100, grad_scale)
+    for bnb_cls in (bnb.optim.AdamW, bnb.optim.PagedAdamW):
+        theirs, _ = run(lambda ps: bnb_cls(ps, **hyper), shapes, dtype, seed, 100, grad_scale)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), f"{bnb_cls.__name__} {tuple(a.shape)} {dtype}: rel {rel(a, b):.2e}"
+    if dtype == torch.float32:
+        ref, _ = run(lambda ps: torch.optim.AdamW(ps, **hyper), shapes, dtype, seed, 100, grad_scale)
+        for a, b in zip(ours, ref):
+            assert rel(a, b) <= 1e-6, f"torch.optim.AdamW {tuple(a.shape)}: rel {rel(a, b):.2e}"
+
+
+@pytest.mark.bnb
+def test_param_groups_match_bitsandbytes():
+    import bitsandbytes as bnb
+
+    def groups(ps):
+        return [{"params": ps[:1], "lr": 3e-2, "weight_decay": 0.0}, {"params": ps[1:], "betas": (0.8, 0.99)}]
+
+    shapes = [(33, 17), (65,)]
+    ours, _ = run(lambda ps: AdamW(groups(ps), lr=1e-2), shapes, torch.float32, 3, 20)
+    theirs, _ = run(lambda ps: bnb.optim.AdamW(groups(ps), lr=1e-2), shapes, torch.float32, 3, 20)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_defaults_zero_grad_and_min_8bit_size():
+    small, big = torch.nn.Parameter(torch.randn(4095)), torch.nn.Parameter(torch.randn(4096))
+    opt = AdamW8bit([small, big])
+    assert opt.defaults == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    small.grad, big.grad = torch.randn(4095), torch.randn(4096)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert small.grad is None and big.grad is None
+    state = opt.state_dict()["state"]
+    assert state[0]["state1"].dtype == torch.float32 and state[1]["state1"].dtype == torch.uint8
+
+
+# -- the pager alone ----------------------------------------------------------------------------
+@settings(max_examples=30)
+@given(
+    capacity=st.integers(1, 4),
+    ops=st.lists(st.tuples(st.sampled_from(["touch", "prefetch", "read", "write"]), st.integers(0, 5)), max_size=60),
+)
+def test_pager_keeps_every_byte_and_the_budget(capacity, ops):
+    page_bytes = 64
+    pool = PagePool("cpu", capacity * page_bytes + page_bytes // 2, page_bytes)
+    pids = [pool.new_page() for _ in range(6)]
+    shadow = {pid: torch.zeros(page_bytes, dtype=torch.uint8) for pid in pids}
+    recency = []  # page ids by last acquire, least recent first
+    rng = torch.Generator().manual_seed(len(ops))
+    for op, pid in ops:
+        if op == "touch":
+            before = pool.resident_pages
+            slot = pool.acquire(pid)
+            assert torch.equal(slot, shadow[pid]), "stale or lost page contents"
+            if pid not in before and len(before) == capacity:  # an eviction happened: the LRU page went
+                (evicted,) = set(before) - set(pool.resident_pages)
+                assert evicted == before[0]
+            new = torch.randint(0, 256, (page_bytes,), dtype=torch.uint8, generator=rng)
+            slot.copy_(new)
+            shadow[pid] = new
+            pool.release(pid)
+            assert pool.resident_pages[-1] == pid
+        elif op == "prefetch":
+            pool.prefetch(pid)
+        elif op == "read":
+            assert torch.equal(pool.read(pid), shadow[pid])
+        else:
+            new = torch.randint(0, 256, (page_bytes,), dtype=torch.uint8, generator=rng)
+            pool.write(pid, new)
+            shadow[pid] = new
+        assert pool.resident_bytes <= pool.budget_bytes
+    for pid in pids:
+        assert torch.equal(pool.read(pid), shadow[pid])
+    assert pool.stats.pages_out >= pool.stats.pages_in - len(pids)
+
+
+def test_budget_smaller_than_a_page_is_rejected():
+    with pytest.raises(ValueError, match="smaller than one page"):
+        PagePool("cpu", 1000, 4096)
+    with pytest.raises(ValueError, match="smaller than one page"):
+        PagedAdamW([torch.nn.Parameter(torch.zeros(3))], device_budget_bytes=4095, page_bytes=4096)
+    with pytest.raises(ValueError, match="page_bytes must be at least"):
+        PagedAdamW([torch.nn.Parameter(torch.zeros(3))], page_bytes=1024)
+
+
+def test_layout_chunks_are_whole_quantization_blocks():
+    for bits in (8, 32):
+        layout = StateLayout(bits, 10_000)
+        assert layout.chunk % 256 == 0 and layout.chunk > 0
+        views = layout.views(torch.zeros(10_000, dtype=torch.uint8), layout.chunk)
+        assert sum(v.numel() * v.element_size() for v in views.values()) <= 10_000
+
+
+# -- paged == unpaged ---------------------------------------------------------------------------
+@pytest.mark.parametrize("paged_cls,plain_cls", [(PagedAdamW, AdamW), (PagedAdamW8bit, AdamW8bit)])
+def test_paged_equals_unpaged_under_forced_eviction(monkeypatch, paged_cls, plain_cls):
+    shapes = [(64, 129), (5000,), (33, 17), (4097,)]
+    page_bytes = 4096
+    eight_bit = paged_cls is PagedAdamW8bit
+    n_pages = 0
+    for shape in shapes:
+        numel = torch.Size(shape).numel()
+        n_pages += -(-numel // StateLayout(8 if eight_bit and numel >= 4096 else 32, page_bytes).chunk)
+    budget = n_pages * page_bytes // 4
+    checked = []
+    real_page_in = PagePool._page_in
+
+    def page_in_within_budget(self, pid, slot):
+        real_page_in(self, pid, slot)
+        assert self.resident_bytes <= self.budget_bytes, f"{self.resident_bytes} > {self.budget_bytes}"
+        checked.append(pid)
+
+    monkeypatch.setattr(PagePool, "_page_in", page_in_within_budget)
+    hyper = dict(lr=3e-3, weight_decay=0.05)
+    paged, opt = run(
+        lambda ps: paged_cls(ps, device_budget_bytes=budget, page_bytes=page_bytes, **hyper),
+        shapes, torch.float32, 11, 50,
+    )  # fmt: skip
+    plain, _ = run(lambda ps: plain_cls(ps, **hyper), shapes, torch.float32, 11, 50)
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b), f"{tuple(a.shape)}: rel {rel(a, b):.2e}"
+    stats = opt.pager_stats
+    assert n_pages == sum(len(opt.state[p]["pages"]) for p in paged)
+    capacity = budget // page_bytes
+    assert capacity < n_pages, "the budget must force eviction"
+    # Alternating sweeps: each step after the first misses the pages the previous one evicted.
+    assert stats.pages_in == 49 * (n_pages - capacity)
+    assert stats.peak_resident_bytes <= budget and len(checked) >= stats.pages_in
+
+
+def test_paged_idle_when_the_budget_holds_everything():
+    params, opt = run(lambda ps: PagedAdamW(ps, page_bytes=4096), [(64, 129), (7,)], torch.float32, 5, 5)
+    assert opt.pager_stats.pages_in == 0 and opt.pager_stats.pages_out == 0
+
+
+# -- resume -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit])
+def test_resume_is_bit_identical(cls):
+    shapes = [(64, 129), (33, 17)]
+    kwargs = dict(lr=5e-3, device_budget_bytes=8192, page_bytes=4096) if cls.__name__.startswith("Paged") else {}
+    g = torch.Generator().manual_seed(7)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(40)]
+
+    def steps(params, opt, rng):
+        for grad_set in grads[rng.start : rng.stop]:
+            for p, grad in zip(params, grad_set):
+                p.grad = grad.clone()
+            opt.step()
+
+    straight = make_params(shapes, torch.float32, 1)
+    opt = cls(straight, **kwargs)
+    steps(straight, opt, range(0, 40))
+
+    first = make_params(shapes, torch.float32, 1)
+    opt1 = cls(first, **kwargs)
+    steps(first, opt1, range(0, 20))
+    buffer = io.BytesIO()
+    torch.save(opt1.state_dict(), buffer)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = cls(resumed, **kwargs)
+    opt2.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    steps(resumed, opt2, range(20, 40))
+    for a, b in zip(resumed, straight):
+        assert torch.equal(a, b)
+    saved, want = opt2.state_dict()["state"], opt.state_dict()["state"]
+    for i in want:
+        assert saved[i].keys() == want[i].keys()
+        for key, value in want[i].items():
+            assert torch.equal(saved[i][key], value) if torch.is_tensor(value) else saved[i][key] == value
+
+
+def test_paged_and_unpaged_state_dicts_are_interchangeable():
+    params, opt = run(lambda ps: AdamW8bit(ps), [(64, 129)], torch.float32, 2, 3)
+    paged = PagedAdamW8bit([torch.nn.Parameter(p.detach().clone()) for p in params], page_bytes=4096,
+                           device_budget_bytes=4096)  # fmt: skip
+    paged.load_state_dict(opt.state_dict())
+    for key, value in opt.state_dict()["state"][0].items():
+        got = paged.state_dict()["state"][0][key]
+        assert torch.equal(got, value) if torch.is_tensor(value) else got == value
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def test_sparse_gradient_is_an_error():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        AdamW(emb.parameters()).step()
+
+
+@pytest.mark.parametrize("cls", [AdamW, PagedAdamW8bit])
+def test_nonfinite_gradient_skips_that_tensor(cls):
+    bad, good = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(300))
+    opt = cls([bad, good], page_bytes=4096) if cls is PagedAdamW8bit else cls([bad, good])
+    bad.grad, good.grad = torch.randn(5000), torch.randn(300)
+    opt.step()
+    before_bad, before_good = bad.detach().clone(), good.detach().clone()
+    state_before = opt.state_dict()["state"][0]
+    bad.grad[17] = float("nan")
+    bad.grad[4000] = float("inf")
+    good.grad = torch.randn(300)
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        opt.step()
+    assert torch.equal(bad, before_bad) and not torch.equal(good, before_good)
+    state_after = opt.state_dict()["state"][0]
+    assert state_after["step"] == 1 and state_after["nonfinite_skips"] == 1 and opt.nonfinite_skips == 1
+    assert torch.equal(state_after["state1"], state_before["state1"])
+    assert opt.state_dict()["state"][1]["step"] == 2
+    strict = cls([bad], nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        strict.step()
+
+
+def test_foreign_or_mismatched_state_dicts_are_rejected():
+    p = torch.nn.Parameter(torch.randn(64, 129))
+    p.grad = torch.randn(64, 129)
+    eight = AdamW8bit([p])
+    eight.step()
+    with pytest.raises(ValueError, match="8-bit states"):
+        AdamW([p]).load_state_dict(eight.state_dict())
+    torch_opt = torch.optim.AdamW([p])
+    torch_opt.step()
+    with pytest.raises(ValueError, match="not a fourbit AdamW state dict"):
+        AdamW([p]).load_state_dict(torch_opt.state_dict())
+    other = torch.nn.Parameter(torch.randn(64, 130))
+    with pytest.raises(ValueError, match="64, 130"):
+        AdamW8bit([other]).load_state_dict(eight.state_dict())
+    with pytest.raises(ValueError, match="parameter groups"):
+        AdamW8bit([{"params": [p]}, {"params": [other]}]).load_state_dict(eight.state_dict())
+
+
+def test_bad_hyperparameters_are_rejected():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="betas"):
+        AdamW(p, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="amsgrad"):
+        AdamW(p, amsgrad=True)
+    with pytest.raises(ValueError, match="leave optim_bits at 32"):
+        AdamW8bit(p, optim_bits=8)
+    with pytest.raises(ValueError, match="nonfinite"):
+        AdamW(p, nonfinite="zero")
