@@ -42,7 +42,7 @@ def build_model(name: str = "tiny", r: int = 8) -> torch.nn.Module:
     if name == "tiny":
         config = transformers.LlamaConfig(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
         )
         dense = transformers.LlamaForCausalLM(config)
     elif name == "smollm2":
@@ -58,13 +58,13 @@ def build_model(name: str = "tiny", r: int = 8) -> torch.nn.Module:
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.01)
 
 
 def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
     """Rows counting up from a random start by a random stride in {1, 2, 3} (learnable, so the loss
     falls within 10 steps); row i's first k_i labels (k_i in [0, SEQ/2]) are masked as prompt."""
-    g = torch.Generator().manual_seed(1000 + step)
+    g = torch.Generator().manual_seed(1000 + step % 2)
     start = torch.randint(0, vocab, (GLOBAL_BATCH, 1), generator=g)  # (B, 1)
     stride = torch.randint(1, 4, (GLOBAL_BATCH, 1), generator=g)  # (B, 1)
     ids = (start + stride * torch.arange(SEQ)) % vocab  # (B, T)

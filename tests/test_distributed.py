@@ -1,0 +1,219 @@
+"""fourbit.train.distributed: DDP and FSDP2 over 4-bit models, launched with torchrun on CPU (gloo).
+
+One torchrun launch (2 processes, tests/dist_worker.py) runs every distributed scenario; the
+single-process reference runs here, in the test process, with the same functions and data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fourbit.lora import load_adapter, lora_layers
+from fourbit.train import distributed
+
+pytest.importorskip("transformers")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import dist_worker as worker  # noqa: E402
+
+LOSS_RTOL = 1e-4
+
+
+def rel_err(a, b) -> float:
+    """max_i |a_i - b_i| / |b_i| over two loss curves, in float64."""
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(((a - b).abs() / b.abs()).max())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_run(model_name: str, checkpoint_dir) -> list[float]:
+    """The reference: 10 steps on the whole global batch, checkpoint after step 5."""
+    model = distributed.wrap_model(worker.build_model(model_name), distributed.setup("none"))
+    optimizer = worker.make_optimizer(model)
+    return worker.train_steps(model, optimizer, model.config.vocab_size, 0, worker.STEPS, str(checkpoint_dir))
+
+
+def torchrun(out, *extra, timeout_s: int) -> dict:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        os.path.join(HERE, "dist_worker.py"), "--out", str(out), *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resume_single(model_name: str, checkpoint) -> tuple[int, list[float]]:
+    model = distributed.wrap_model(worker.build_model(model_name), distributed.setup("none"))
+    optimizer = worker.make_optimizer(model)
+    state = distributed.load_checkpoint(model, optimizer, checkpoint)
+    return state["step"], worker.train_steps(model, optimizer, model.config.vocab_size, state["step"], worker.STEPS)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    reference = single_process_run("tiny", out / "single-checkpoint")
+    results = torchrun(out, "--resume-from", str(out / "single-checkpoint"), timeout_s=240)
+    return out, reference, results
+
+
+# ---- the torchrun runs --------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_losses_match_single_process_with_same_global_batch(tiny_runs, mode):
+    _, reference, results = tiny_runs
+    assert results["world_size"] == 2 and results["backend"] == "gloo"
+    assert rel_err(results[mode]["losses"], reference) < LOSS_RTOL
+    assert reference[-1] < 0.9 * reference[0], f"the reference run must learn for the comparison to mean something: {reference}"
+
+
+def test_fsdp_shards_packed_weights_across_ranks(tiny_runs):
+    _, _, results = tiny_runs
+    single = results["fsdp"]["single_process_bytes"]
+    for mine in results["fsdp"]["per_rank_bytes"]:
+        assert mine["packed"] <= 0.55 * single["packed"]
+        assert mine["packed"] + mine["quant_state"] <= 0.55 * (single["packed"] + single["quant_state"])
+        assert mine["quant_state"] == single["quant_state"]  # replicated, by design
+    for mine in results["ddp"]["per_rank_bytes"]:
+        assert mine == single  # DDP keeps the whole model on every rank
+
+
+def test_bf16_mixed_precision_never_casts_packed_bytes(tiny_runs):
+    _, reference, results = tiny_runs
+    bf16 = results["bf16"]
+    assert bf16["checked"] == bf16["layers"] == 14 and bf16["mismatched"] == 0
+    assert abs(bf16["loss"] - reference[0]) / reference[0] < 2e-2  # bf16 rounding, not noise weights
+
+
+def test_ranks_holding_different_models_are_refused(tiny_runs):
+    _, _, results = tiny_runs
+    assert "rank 1 holds a different model than rank 0" in results["mismatch"]
+    assert "lora_A.weight', (8, 64)" in results["mismatch"] and "(4, 64)" in results["mismatch"]
+
+
+# ---- checkpoints cross between modes ------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_checkpoint_resumes_in_one_process(tiny_runs, mode):
+    out, reference, _ = tiny_runs
+    step, losses = resume_single("tiny", out / f"{mode}-checkpoint")
+    assert step == worker.CHECKPOINT_AT
+    assert rel_err(losses, reference[step:]) < LOSS_RTOL
+
+
+def test_one_process_checkpoint_resumes_under_fsdp(tiny_runs):
+    _, reference, results = tiny_runs
+    resumed = results["fsdp_resumed"]
+    assert resumed["step"] == worker.CHECKPOINT_AT
+    assert rel_err(resumed["losses"], reference[worker.CHECKPOINT_AT :]) < LOSS_RTOL
+
+
+def test_checkpoint_files_are_plain_and_agree_across_modes(tiny_runs):
+    out, _, _ = tiny_runs
+    adapters = {}
+    for mode in ("single", "ddp", "fsdp"):
+        directory = out / f"{mode}-checkpoint"
+        with open(directory / "trainer_state.json") as f:
+            state = json.load(f)
+        assert state["step"] == worker.CHECKPOINT_AT
+        assert state["mode"] == ("none" if mode == "single" else mode)
+        assert state["world_size"] == (1 if mode == "single" else 2)
+        model = load_adapter(worker.build_model("tiny"), directory / "adapter")  # a fresh plain model
+        adapters[mode] = {n: m.lora_A.weight.detach().clone() for n, m in lora_layers(model).items()}
+        optim = torch.load(directory / "optimizer.pt", weights_only=True)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert list(optim["state"]) == names and optim["param_groups"][0]["params"] == names
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert optim["state"][name]["exp_avg"].shape == p.shape  # full, not a shard
+    for mode in ("ddp", "fsdp"):
+        for name, a in adapters[mode].items():
+            ref = adapters["single"][name]
+            assert float((a - ref).norm() / ref.norm()) < 1e-4, (mode, name)
+
+
+# ---- single-process behaviour and bad input (no torchrun) ---------------------------------------
+def test_shard_gives_each_rank_its_rows_of_the_global_batch():
+    batch = {"input_ids": torch.arange(12).reshape(6, 2), "labels": torch.arange(12).reshape(6, 2) + 100}
+    parts = [distributed.shard(batch, rank=r, world_size=3) for r in range(3)]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    assert torch.equal(parts[1]["labels"], batch["labels"][2:4])
+    assert distributed.shard(list("abcd"), rank=1, world_size=2) == ["c", "d"]
+    assert torch.equal(distributed.shard(batch["input_ids"]), batch["input_ids"])  # no process group: everything
+    with pytest.raises(ValueError, match="6 rows does not split evenly over 4 ranks"):
+        distributed.shard(batch, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="disagree on their number of rows"):
+        distributed.shard({"a": torch.zeros(4), "b": torch.zeros(2)}, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
+        distributed.shard(batch, rank=2, world_size=2)
+
+
+def test_single_process_helpers():
+    assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.reduce(2.5) == 2.5
+    loss = distributed.global_mean_loss(torch.tensor(6.0), 4)
+    assert float(loss) == 1.5
+    with pytest.raises(ValueError, match="no label tokens"):
+        distributed.global_mean_loss(torch.tensor(0.0), 0)
+    with pytest.raises(ValueError, match="op must be 'mean', 'sum' or 'max'"):
+        distributed.reduce(1.0, "median")
+
+
+def test_bad_modes_and_launches(monkeypatch):
+    with pytest.raises(ValueError, match=r"must be one of \['none', 'ddp', 'fsdp'\], got 'zero3'"):
+        distributed.setup("zero3")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node N"):
+        distributed.setup("fsdp")
+    ctx = distributed.setup("none")
+    assert (ctx.rank, ctx.world_size, ctx.backend) == (0, 1, None)
+    with pytest.raises(ValueError, match="FSDP mixed-precision settings"):
+        distributed.wrap_model(torch.nn.Linear(2, 2), ctx, param_dtype=torch.bfloat16)
+
+
+def test_fsdp_refuses_a_policy_that_would_cast_float_quant_storage():
+    from fourbit.lora import add_lora, quantize_model
+
+    model = add_lora(quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), quant_storage=torch.bfloat16), target_modules=["0"])
+    fake = distributed.DistContext("fsdp", 0, 2, 0, torch.device("cpu"), "gloo")
+    with pytest.raises(ValueError, match="torch.bfloat16 quant_storage, which param_dtype=torch.float32 would cast"):
+        distributed.wrap_model(model, fake, param_dtype=torch.float32)
+
+
+def test_load_checkpoint_names_what_is_missing(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(FileNotFoundError, match="optimizer.pt is missing"):
+        distributed.load_checkpoint(torch.nn.Linear(2, 2), None, tmp_path)
+
+
+# ---- the real model (slow) ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_ddp_and_fsdp_match_single_process(tmp_path):
+    pytest.importorskip("gguf")
+    reference = single_process_run("smollm2", tmp_path / "single-checkpoint")
+    results = torchrun(tmp_path, "--model", "smollm2", timeout_s=900)
+    for mode in ("ddp", "fsdp"):
+        assert rel_err(results[mode]["losses"], reference) < LOSS_RTOL, mode
+    single = results["fsdp"]["single_process_bytes"]
+    for mine in results["fsdp"]["per_rank_bytes"]:
+        assert mine["packed"] <= 0.55 * single["packed"]
+    step, losses = resume_single("smollm2", tmp_path / "fsdp-checkpoint")
+    assert rel_err(losses, reference[step:]) < LOSS_RTOL
