@@ -166,3 +166,16 @@ def test_compile_specs_cover_every_launch_config():
     gemv = {(s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps, s.num_stages)
             for s in specs if s.kernel is kern._gemv_kernel}
     assert gemv == set(kern._GEMV_CONFIGS)
+
+
+def test_bench_matmul_smoke(tmp_path):
+    """The benchmark still runs: correctness checks, one repetition per provider, JSON + table."""
+    import json
+
+    from benchmarks import bench_matmul
+
+    assert bench_matmul.main(["--smoke", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "matmul.json").read_text())
+    assert {r["provider"] for r in rows} == {"fourbit-reference", "bitsandbytes", "dense"}
+    assert {r["shape"] for r in rows} == {"1x96x128", "17x96x128"}
+    assert (tmp_path / "matmul.md").exists()
