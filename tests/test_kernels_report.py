@@ -27,6 +27,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fourbit.kernels.report", "--json", str(out)]
+    cmd += ["--module", "fourbit.kernels.quantize", "--module", "fourbit.kernels.dequantize"]
     for name in SPECS:
         cmd += ["--only", name]
     child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -83,7 +83,9 @@ def _quantize_4bit_kernel(
 
     absmax = tl.max(tl.abs(x), axis=1)  # (ROWS,)
     tl.store(absmax_ptr + rows, absmax, mask=rows < nb)
-    recip = tl.math.div_rn(1.0, tl.maximum(absmax, 1e-38))  # (ROWS,) correctly rounded
+    # 1e-38 is below float32's normal range, so a bare literal would become an fp64 constant
+    tiny = tl.full((ROWS,), 1e-38, tl.float32)
+    recip = tl.math.div_rn(1.0, tl.maximum(absmax, tiny))  # (ROWS,) correctly rounded
     s = x * recip[:, None]  # (ROWS, bs) in [-1, 1]
 
     compared = tl.abs(s) if FP4 else s

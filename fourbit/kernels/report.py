@@ -1,6 +1,6 @@
 """Compile report: build every fourbit kernel for real GPUs without one, and read what ptxas made.
 
-    python -m fourbit.kernels.report [--arch sm_80 sm_89 sm_90a] [--only NAME ...] [--json PATH]
+    python -m fourbit.kernels.report [--arch sm_80 sm_89 sm_90a] [--only NAME]... [--module M]... [--json PATH]
 
 For each `CompileSpec` of the kernel modules (`compile_specs()` in quantize, dequantize, matmul and
 optim8bit; a module that does not exist yet is skipped with a note) and each architecture:
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", choices=list(ARCHS), default=list(ARCHS), help="targets (default: all)")
     parser.add_argument("--only", action="append", default=[], help="keep specs whose name contains this (repeatable)")
+    parser.add_argument("--module", action="append", choices=MODULES, help="kernel modules to load (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows (and notes) as JSON")
     args = parser.parse_args(argv)
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if interpreting():
         parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
-    specs, notes, import_ok = collect_specs(only=args.only)
+    specs, notes, import_ok = collect_specs(args.module or MODULES, only=args.only)
     rows = [analyse(spec, arch) for spec in specs for arch in args.arch]
     print(format_table(rows))
     for note in notes:
