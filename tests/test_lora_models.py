@@ -63,7 +63,8 @@ def randomize_adapters(model: nn.Module) -> None:
 
 
 def bnb_twin(dense_model: nn.Module, ours: nn.Module) -> nn.Module:
-    """A copy of `dense_model` whose linears are bitsandbytes Linear4bit holding our exact bytes."""
+    """A copy of `dense_model` whose linears are bitsandbytes Linear4bit holding our exact bytes
+    (`dense_model` may also be a quantized copy without adapters: only the skeleton is used)."""
     twin = copy.deepcopy(dense_model)
     for name, base in ours.named_modules():
         if not isinstance(base, Linear4bit):
@@ -265,12 +266,14 @@ def test_smollm2_logits_equal_bitsandbytes_plus_peft(tmp_path):
     dense = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.rsplit("/", 1)[0]), gguf_file=path.rsplit("/", 1)[1], dtype=torch.float32
     ).train()
-    ours = add_lora(quantize_model(copy.deepcopy(dense)), r=8, alpha=16)
+    ours = quantize_model(dense)  # in place: no second dense copy of the 135M weights
+    quantized = copy.deepcopy(ours)  # the twin's skeleton (its Linear4bit layers get replaced)
+    add_lora(ours, r=8, alpha=16)
     randomize_adapters(ours)
-    ids = torch.randint(0, dense.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, ours.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours_logits = ours(ids).logits
-        theirs_logits = peft_twin(dense, ours, r=8, alpha=16)(ids).logits
+        theirs_logits = peft_twin(quantized, ours, r=8, alpha=16)(ids).logits
     assert rel(ours_logits, theirs_logits) < 1e-5
     ratio, weights = bytes_per_weight(ours)
     assert weights == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
