@@ -5,6 +5,7 @@
     print(trainable_parameters(model))                     # "trainable params: ... || all params: ..."
     save_adapter(model, "out/")                            # PEFT-format adapter directory
     load_adapter(model, "out/")
+    with adapters_disabled(model): ...                     # the base model alone, for evaluation
 
 `matmul_4bit` (fourbit.lora.functional) is the autograd op the layers run on.
 """
@@ -13,12 +14,13 @@ from .adapters import load_adapter, save_adapter
 from .functional import matmul_4bit
 from .layers import Linear4bit
 from .lora import LoRALinear
-from .surgery import ParameterCount, add_lora, lora_layers, quantize_model, trainable_parameters
+from .surgery import ParameterCount, adapters_disabled, add_lora, lora_layers, quantize_model, trainable_parameters
 
 __all__ = [
     "Linear4bit",
     "LoRALinear",
     "ParameterCount",
+    "adapters_disabled",
     "add_lora",
     "load_adapter",
     "lora_layers",

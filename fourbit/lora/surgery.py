@@ -9,6 +9,7 @@ name == t or name ends with "." + t; so "q_proj" selects "model.layers.3.self_at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Iterable
 
@@ -18,7 +19,15 @@ from torch import nn
 from .layers import Linear4bit
 from .lora import LoRALinear, check_lora_args
 
-__all__ = ["quantize_model", "add_lora", "trainable_parameters", "ParameterCount", "lora_layers", "name_matches"]
+__all__ = [
+    "ParameterCount",
+    "adapters_disabled",
+    "add_lora",
+    "lora_layers",
+    "name_matches",
+    "quantize_model",
+    "trainable_parameters",
+]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -125,6 +134,16 @@ def add_lora(
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Qualified name -> LoRALinear, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Context in which every LoRALinear of `model` computes its base layer only (evaluation of the
+    base model; PEFT's `disable_adapter()`). Each layer's previous state is restored on exit."""
+    with contextlib.ExitStack() as stack:
+        for layer in lora_layers(model).values():
+            stack.enter_context(layer.disabled())
+        yield model
 
 
 @dataclasses.dataclass(frozen=True)
