@@ -7,9 +7,11 @@
 #   1. bitsandbytes: installs a carried wheel (benchmarks/gpu/wheels/ or shared/wheels/) if present;
 #      without bitsandbytes the parity and bitsandbytes timings are skipped, the rest runs.
 #   2. records the GPU, driver and versions (session.txt).
-#   3. kernel tests on the GPU: Triton == reference bit for bit, bf16 output included   (<= 210 s)
-#   4. benchmarks/gpu/quant_gpu.py: copy bandwidth, parity with bitsandbytes CUDA, a tensor past
-#      2**31 elements, quantize/dequantize timings as GB/s and % of the copy bandwidth  (<= 200 s)
+#   3. kernel tests on the GPU (if pytest is installed): Triton == reference bit for bit,
+#      bf16 output included                                                            (<= 210 s)
+#   4. benchmarks/gpu/quant_gpu.py: copy bandwidth, Triton == reference on 8192 x 8192, parity with
+#      bitsandbytes CUDA, a tensor past 2**31 elements, quantize/dequantize timings as GB/s and
+#      % of the copy bandwidth                                                         (<= 200 s)
 #   5. the compile report with this machine's triton (informative)                     (<= 40 s)
 # Results: RESULTS_ROOT/<gpu-name>/{quant_gpu.json,.md,.png, quant_gpu_parity.json,
 #          compile_report.json, session.txt}. Exit status: number of failed steps.
@@ -52,7 +54,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome
   fi
 }
 
-step "kernel tests" 210 python3 -m pytest tests/test_kernels_quant.py -q -x -p no:cacheprovider
+if python3 -c "import pytest, hypothesis" 2>/dev/null; then
+  step "kernel tests" 210 python3 -m pytest tests/test_kernels_quant.py -q -x -p no:cacheprovider
+else  # quant_gpu.py repeats the bit-exactness checks that matter most, so the session still says it
+  echo "run.sh: kernel tests skipped (pytest/hypothesis not installed)" | tee -a "$out/session.txt"
+fi
 step "parity + timings" 200 python3 -m benchmarks.gpu.quant_gpu --out "$out"
 step "compile report" 40 python3 -m fourbit.kernels.report --arch sm_90a --only quantize --only dequantize --json "$out/compile_report.json"
 exit "$failed"
