@@ -214,7 +214,11 @@ def test_quantized_bytes_per_weight():
 
 
 # ---- bitsandbytes interop (their CPU backend; train mode avoids their in-place AVX512 repack) ----
-bnb = pytest.importorskip("bitsandbytes")
+try:
+    import bitsandbytes as bnb
+except ImportError:  # only the interop tests below skip
+    bnb = None
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes is in the test extra: pip install 'fourbit[test]'")
 
 
 def bnb_layer(lin: nn.Linear, **kw) -> "bnb.nn.Linear4bit":
@@ -228,6 +232,7 @@ def bnb_layer(lin: nn.Linear, **kw) -> "bnb.nn.Linear4bit":
 
 
 @pytest.mark.bnb
+@needs_bnb
 def test_state_dict_layout_equals_bitsandbytes():
     lin = dense(96, 128, dtype=torch.bfloat16)
     theirs = bnb_layer(lin).state_dict()
@@ -240,6 +245,7 @@ def test_state_dict_layout_equals_bitsandbytes():
 
 
 @pytest.mark.bnb
+@needs_bnb
 def test_bitsandbytes_checkpoint_loads_bit_identical(tmp_path):
     lin = dense(64, 192)  # K a multiple of 64: bnb's CPU dequant is wrong otherwise (SPEC §4)
     theirs = bnb_layer(lin, compute_dtype=torch.float32)
@@ -252,6 +258,7 @@ def test_bitsandbytes_checkpoint_loads_bit_identical(tmp_path):
 
 
 @pytest.mark.bnb
+@needs_bnb
 def test_our_checkpoint_loads_into_bitsandbytes(tmp_path):
     """The route transformers takes for a 4-bit checkpoint: Params4bit.from_prequantized."""
     ours = Linear4bit.from_linear(dense(64, 128), compute_dtype=torch.float32)
@@ -267,6 +274,7 @@ def test_our_checkpoint_loads_into_bitsandbytes(tmp_path):
 
 
 @pytest.mark.bnb
+@needs_bnb
 def test_the_bitsandbytes_eval_trap_is_real_and_ours_is_immune():
     """On AVX512-BF16 CPUs bnb repacks its weight in place on an eval/no-grad forward. If this CPU
     lacks the feature the trap cannot fire and only our half of the test runs."""
