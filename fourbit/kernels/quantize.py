@@ -28,9 +28,9 @@ detects an exact tie (then an odd count moves up by one, so ties land on the eve
 
 Configuration: no autotuning. Each program handles 4096 values (ROWS = 4096 // bs blocks, at least
 one) with 4 warps (32 values per thread, loaded 128 bits at a time), or 8 warps for bs >= 1024, where
-the compile report showed sm_80 spilling with 4. The same fixed choice runs under TRITON_INTERPRET=1, where autotune cannot run.
-Offsets are int64 (the program id is widened first), so tensors past 2**31 elements are addressed
-correctly.
+the compile report showed sm_80 spilling with 4. The same fixed choice runs under
+TRITON_INTERPRET=1, where autotune cannot run. Offsets are int64 (the program id is widened first),
+so tensors past 2**31 elements are addressed correctly.
 """
 
 from __future__ import annotations
