@@ -1,7 +1,8 @@
 """fourbit's AdamW / PagedAdamW (32-bit states) and the pager.
 
-* 32-bit parity: 100 steps on random problems equal bitsandbytes' CPU AdamW and PagedAdamW bit
-  for bit (fp32 and bf16 parameters) and torch.optim.AdamW within 1e-6 relative (fp32).
+* 32-bit parity: 100 steps on random problems match bitsandbytes' CPU AdamW and PagedAdamW and
+  torch.optim.AdamW within 1e-6 relative (fp32 parameters; bf16: one bf16 rounding). Not bit for
+  bit with bitsandbytes: its torch sqrt is inexact on CPU, fourbit's is correctly rounded.
 * The pager on its own: a random sequence of page operations against a plain dict of page
   contents (no lost or stale bytes), the budget after every operation, LRU eviction order.
 * Paged == unpaged: a budget of 25 % of the states evicts pages every step; 50 steps give the
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import pytest
@@ -21,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fourbit.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
-from fourbit.train.optim import PagePool, StateLayout
+from fourbit.train.optim import PagePool, StateLayout, adamw_update_32bit
+from fourbit.train.optim.functional import sqrt_rn
 
 SHAPES = [(1,), (7,), (63,), (65,), (33, 17), (4097,), (64, 129)]
 
@@ -80,10 +83,13 @@ def test_32bit_matches_bitsandbytes_and_torch(lr, beta1, beta2, eps, weight_deca
 
     hyper = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     ours, _ = run(lambda ps: AdamW(ps, **hyper), shapes, dtype, seed, 100, grad_scale)
+    # fp32: 1e-6. bf16: both round to bf16 every step, and bitsandbytes' inexact torch sqrt (see
+    # functional.py) flips a rounding now and then: one bf16 ulp (2^-8 relative) per tensor.
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
     for bnb_cls in (bnb.optim.AdamW, bnb.optim.PagedAdamW):
         theirs, _ = run(lambda ps: bnb_cls(ps, **hyper), shapes, dtype, seed, 100, grad_scale)
         for a, b in zip(ours, theirs):
-            assert torch.equal(a, b), f"{bnb_cls.__name__} {tuple(a.shape)} {dtype}: rel {rel(a, b):.2e}"
+            assert rel(a, b) <= tol, f"{bnb_cls.__name__} {tuple(a.shape)} {dtype}: rel {rel(a, b):.2e}"
     if dtype == torch.float32:
         ref, _ = run(lambda ps: torch.optim.AdamW(ps, **hyper), shapes, dtype, seed, 100, grad_scale)
         for a, b in zip(ours, ref):
@@ -100,7 +106,35 @@ def test_param_groups_match_bitsandbytes():
     shapes = [(33, 17), (65,)]
     ours, _ = run(lambda ps: AdamW(groups(ps), lr=1e-2), shapes, torch.float32, 3, 20)
     theirs, _ = run(lambda ps: bnb.optim.AdamW(groups(ps), lr=1e-2), shapes, torch.float32, 3, 20)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert all(rel(a, b) <= 1e-6 for a, b in zip(ours, theirs))
+    plain, _ = run(lambda ps: AdamW(ps, lr=1e-2), shapes, torch.float32, 3, 20)
+    assert not torch.equal(plain[0], ours[0]) and not torch.equal(plain[1], ours[1])
+
+
+def test_sqrt_rn_is_correctly_rounded():
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.cat([torch.rand(100_003, generator=g) * 10.0 ** torch.randint(-30, 30, (100_003,), generator=g),
+                   torch.tensor([0.0, 1e-45, 2.0**-126, 1.0, 4.0, 3.4e38])])  # fmt: skip
+    want = x.double().sqrt().float()  # correctly rounded: float64 has more than 2 * 24 + 2 bits
+    assert torch.equal(sqrt_rn(x), want)
+
+
+def test_update_is_independent_of_chunking_and_threads():
+    """Whole tensor with 2 threads (torch splits it mid-way) == 256-aligned chunks with 1 thread."""
+    n = 70_001
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    p, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    m, v = torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) * 0.01
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=7)
+    whole = [t.clone() for t in (p, m, v)]
+    torch.set_num_threads(2)
+    adamw_update_32bit(whole[0], grad, whole[1], whole[2], **hyper)
+    torch.set_num_threads(1)
+    chunked = [t.clone() for t in (p, m, v)]
+    for start in range(0, n, 4096):
+        end = min(n, start + 4096)
+        adamw_update_32bit(*(t[start:end] for t in (chunked[0], grad, chunked[1], chunked[2])), **hyper)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
 
 
 def test_defaults_zero_grad_and_min_8bit_size():

@@ -19,9 +19,15 @@ are first rounded to float32):
     a.addcmul_(b, c, value=s)   fma(fl(s b), c, a)
     a.addcdiv_(b, c, value=s)   fl(a + fl(fl(s b) / c))
 
-Every one is a function of its own element only (no vector-width or thread-split dependence), so
-updating a tensor chunk by chunk (the pager) gives the same bits as updating it whole. This is
-also bitsandbytes' CPU sequence, so parameters equal bitsandbytes' CPU AdamW bit for bit.
+    a / b, a * b, a + b         correctly rounded (IEEE)
+    a.sqrt()                    NOT correctly rounded: torch's CPU build (MKL) is one ulp off for
+                                ~0.6 % of float32 inputs in its vector body, and exact in its
+                                scalar tail, so the bits depend on the tensor's length and thread split
+
+`sqrt_rn` below repairs the square root, so every step here is a function of each element alone:
+updating a tensor chunk by chunk (the pager) gives the same bits as updating it whole, and the CPU,
+CUDA (whose sqrt is IEEE) and the Triton kernel agree. Otherwise this is bitsandbytes' CPU sequence;
+parameters match bitsandbytes' CPU AdamW to ~1e-7 relative (the square root is the only difference).
 
 8-bit states: m and v are stored as uint8 codes with one float32 absmax per 256-element block,
 m with the signed dynamic map and v with the unsigned one (SPEC §1.3, §7). The step dequantizes,
@@ -38,9 +44,29 @@ import torch
 
 from ...nf4 import dequantize_blockwise, quantize_blockwise
 
-__all__ = ["adamw_update_32bit", "adamw_update_8bit", "QBLOCK"]
+__all__ = ["adamw_update_32bit", "adamw_update_8bit", "sqrt_rn", "QBLOCK"]
 
 QBLOCK = 256
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root of x >= 0 (float32, any shape).
+
+    torch's CPU sqrt is within one ulp; pick whichever of s and its two float32 neighbours is the
+    rounding of the true root. The root rounds to s exactly when lo <= sqrt(x) <= hi for the midpoints
+    lo, hi between s and its neighbours, i.e. lo^2 <= x <= hi^2. The midpoints have 25 significant
+    bits and their squares 50, so float64 holds them exactly (and a root of a float32 is never exactly
+    a midpoint). CUDA's sqrt is already correctly rounded.
+    """
+    s = x.sqrt()
+    if x.is_cuda:
+        return s
+    up = torch.nextafter(s, torch.full_like(s, float("inf")))
+    down = torch.nextafter(s, torch.zeros_like(s))
+    x64, s64 = x.double(), s.double()
+    hi = (s64 + up.double()) * 0.5
+    lo = (s64 + down.double()) * 0.5
+    return torch.where(x64 > hi * hi, up, torch.where(x64 < lo * lo, down, s))
 
 
 def _corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
@@ -69,7 +95,7 @@ def adamw_update_32bit(
     c1, c2 = _corrections(beta1, beta2, step)
     if weight_decay > 0.0:
         param.mul_(1.0 - lr * weight_decay)
-    update = m / (v.sqrt() + eps * c2)
+    update = m / (sqrt_rn(v) + eps * c2)
     param.add_(update, alpha=-lr * c2 / c1)
     if param.data_ptr() != p.data_ptr():
         p.copy_(param)
@@ -104,7 +130,7 @@ def adamw_update_8bit(
     m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     c1, c2 = _corrections(beta1, beta2, step)
-    denom = (v.sqrt() / c2).add_(eps)
+    denom = (sqrt_rn(v) / c2).add_(eps)
     if weight_decay > 0.0:
         param.mul_(1.0 - lr * weight_decay)
     param.addcdiv_(m, denom, value=-lr / c1)
