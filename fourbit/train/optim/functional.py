@@ -20,14 +20,14 @@ are first rounded to float32):
     a.addcdiv_(b, c, value=s)   fl(a + fl(fl(s b) / c))
 
     a / b, a * b, a + b         correctly rounded (IEEE)
-    a.sqrt()                    NOT correctly rounded: torch's CPU build (MKL) is one ulp off for
-                                ~0.6 % of float32 inputs in its vector body, and exact in its
-                                scalar tail, so the bits depend on the tensor's length and thread split
+    a.sqrt()                    NOT correctly rounded on CPU: torch's CPU build is one ulp off for
+                                ~0.6 % of float32 inputs (per element, whatever the length)
 
-`sqrt_rn` below repairs the square root, so every step here is a function of each element alone:
-updating a tensor chunk by chunk (the pager) gives the same bits as updating it whole, and the CPU,
-CUDA (whose sqrt is IEEE) and the Triton kernel agree. Otherwise this is bitsandbytes' CPU sequence;
-parameters match bitsandbytes' CPU AdamW to ~1e-7 relative (the square root is the only difference).
+Every op is a function of its own element only (no vector-width or thread-split dependence), so
+updating a tensor chunk by chunk (the pager) gives the same bits as updating it whole. `sqrt_rn`
+below repairs the CPU square root so that the CPU reference, CUDA (whose sqrt is IEEE) and the
+Triton kernel (`sqrt_rn`) agree bit for bit. Otherwise this is bitsandbytes' CPU sequence; parameters
+match bitsandbytes' CPU AdamW to ~1e-7 relative (the square root is the only difference).
 
 8-bit states: m and v are stored as uint8 codes with one float32 absmax per 256-element block,
 m with the signed dynamic map and v with the unsigned one (SPEC §1.3, §7). The step dequantizes,
