@@ -155,6 +155,37 @@ def test_kernel_errors():
         kern.matmul(torch.randn(2, 64, device=DEVICE), packed, state, out=torch.empty(2, 8, dtype=torch.float16))
 
 
+REPORT_SPECS = ["matmul_gemm[bf16,bs64,dq,128x128x64,w8s4]", "matmul_backward[bf16,bs64,dq,64x128x64,w4s4]",
+                "matmul_gemv[bf16,bs64,dq,m1,32x128,w4s3]"]
+
+
+def test_compile_report_tensor_cores_no_spills(tmp_path):
+    """GPU builds without a GPU (child process: an interpreted triton cannot compile): the GEMM and
+    the backward use HGMMA on sm_90a and HMMA on sm_80, the GEMV reads W with 128-bit loads, none spill."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "fourbit.kernels.report", "--module", "fourbit.kernels.matmul", "--arch", "sm_80",
+           "sm_90a", "--json", str(out)]
+    for name in REPORT_SPECS:
+        cmd += ["--only", name]
+    child = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stdout + child.stderr
+    rows = {(r["kernel"], r["arch"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(name, arch) for name in REPORT_SPECS for arch in ("sm_80", "sm_90a")}
+    for (name, arch), r in rows.items():
+        assert r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        if "gemv" in name:
+            assert r["widest_ldg"] == 128
+        else:
+            assert r["hgmma" if arch == "sm_90a" else "hmma"] > 0
+
+
 def test_compile_specs_cover_every_launch_config():
     specs = kern.compile_specs()
     names = [s.name for s in specs]
