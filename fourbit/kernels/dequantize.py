@@ -22,8 +22,9 @@ Layout and configuration: one program decodes 2048 packed bytes = ROWS whole blo
 stores the 32 values they hold (fp32: eight 128-bit stores; fp16/bf16: four). Because blocks hold at
 least 32 values, all 32 values of a thread share one scale: the scale is one load per thread (plus,
 with double quantization, its code byte, the code8 entry and absmax2). The 16-entry code table is
-gathered from global memory: all 64 bytes sit in one L1 line, so each warp-wide gather is a single
-L1 wavefront, cheaper than a 15-select decision tree per value. No autotuning: the same config runs
+gathered from global memory: its 64 bytes share one L1 line, so a warp-wide gather should cost one L1
+wavefront, where a decision tree costs ~15 selects per value (an estimate, not yet measured on a
+GPU: benchmarks/gpu/run.sh times it against the copy roofline). No autotuning: the same config runs
 under TRITON_INTERPRET=1. Offsets are int64 (the program id is widened first).
 
 Interpreter note: Triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding to nearest
