@@ -41,13 +41,17 @@ def run(device: str = "cpu", smoke: bool = False) -> list[dict]:
             theirs_q = lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             packed, state = ours_q()
             ref, ref_state = theirs_q()
-            same = bool(torch.equal(packed, ref)) and bool(torch.equal(state.nested.absmax, ref_state.state2.absmax))
-            if not same:
+            mismatched = int((packed != ref).sum()) + int((state.nested.absmax != ref_state.state2.absmax).sum())
+            # On CPU the bytes must be identical. bitsandbytes' CUDA build normalises with an
+            # approximate reciprocal, which can flip a code sitting within an ulp of a threshold
+            # (SPEC §0), so on a GPU the count is recorded (benchmarks/gpu/quant_gpu.py explains each).
+            if mismatched and torch.device(device).type == "cpu":
                 raise AssertionError(f"fourbit and bitsandbytes bytes differ for {shape} {dtype}")
             for provider, fn in (("fourbit", ours_q), ("bitsandbytes", theirs_q)):
                 t = time_fn(fn, device=device, smoke=smoke)
                 rows.append(record("quantize", provider, shape, dtype, t, device=device,
-                                   bytes_moved=dense_bytes + packed_bytes, config={"blocksize": 64, "quant": "nf4+dq"}))
+                                   bytes_moved=dense_bytes + packed_bytes, config={"blocksize": 64, "quant": "nf4+dq"},
+                                   mismatched_bytes=mismatched))
             # dequantize the same bytes and scales on both sides (bitsandbytes' CPU 8-bit quantizer
             # picks a few different nested scale codes, SPEC §3, which would change whole blocks)
             state = QuantState.from_dict(ref_state.as_dict(packed=True)).to(device)
