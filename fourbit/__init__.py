@@ -8,4 +8,13 @@ Subpackages: `fourbit.nf4` (format + pure-PyTorch reference), `fourbit.kernels` 
 from .nf4 import QuantState, dequantize, quantize
 
 __version__ = "0.1.0"
-__all__ = ["QuantState", "dequantize", "quantize", "__version__"]
+__all__ = ["QuantState", "dequantize", "matmul_4bit", "quantize", "__version__"]
+
+
+def __getattr__(name):
+    """`fourbit.matmul_4bit` (bitsandbytes' top-level name), imported on first use."""
+    if name == "matmul_4bit":
+        from .functional import matmul_4bit
+
+        return matmul_4bit
+    raise AttributeError(f"module 'fourbit' has no attribute {name!r}")

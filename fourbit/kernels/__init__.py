@@ -11,4 +11,4 @@ from .dequantize import dequantize
 from .matmul import matmul
 from .quantize import quantize
 
-__all__ = ["dequantize", "quantize"]
+__all__ = ["dequantize", "matmul", "quantize"]
