@@ -356,3 +356,19 @@ def test_bad_hyperparameters_are_rejected():
         AdamW8bit(p, optim_bits=8)
     with pytest.raises(ValueError, match="nonfinite"):
         AdamW(p, nonfinite="zero")
+
+
+# -- benchmark smoke ----------------------------------------------------------------------------
+@pytest.mark.bnb
+def test_bench_optim_smoke(tmp_path):
+    import json
+
+    from benchmarks import bench_optim
+
+    assert bench_optim.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "optim.json").read_text())
+    assert {r["op"] for r in rows} == {"adamw32 step", "adamw8 step"}
+    assert {"fourbit", "fourbit-paged-idle", "fourbit-paged-25%", "bitsandbytes"} <= {r["provider"] for r in rows}
+    paged = [r for r in rows if r["provider"] == "fourbit-paged-25%"]
+    assert all(r["page_bytes_in_per_step"] > 0 and r["peak_mem_bytes"] <= r["config"]["budget_bytes"] for r in paged)
+    assert "vs bitsandbytes" in (tmp_path / "optim.md").read_text()
