@@ -4,7 +4,7 @@
         --out DIR [--model tiny|smollm2] [--resume-from SINGLE_PROCESS_CHECKPOINT]
 
 Under torchrun every rank runs, in one process group: DDP for 10 steps (checkpoint after step 5),
-FSDP2 the same, FSDP2 resumed from a single-process checkpoint, an FSDP2 forward under a bf16
+FSDP2 the same, DDP with fourbit's own AdamW, FSDP2 resumed from a single-process checkpoint, an FSDP2 forward under a bf16
 mixed-precision policy that records whether the gathered packed bytes are the original ones, and
 a deliberately mismatched model on rank 1 that wrap_model must refuse. Rank 0 writes
 DIR/results.json. The test imports the same functions to run the single-process reference.
@@ -31,6 +31,7 @@ from fourbit.lora import Linear4bit, add_lora, quantize_model  # noqa: E402
 from fourbit.train import distributed  # noqa: E402
 
 STEPS, CHECKPOINT_AT = 10, 5
+LR = {"tiny": 2e-2, "smollm2": 2e-4}  # the tiny model learns the sequences within 10 steps; SmolLM2 at a QLoRA lr
 GLOBAL_BATCH, SEQ = 4, 16
 
 
@@ -57,8 +58,15 @@ def build_model(name: str = "tiny", r: int = 8) -> torch.nn.Module:
     return add_lora(quantize_model(dense.train()), r=r, alpha=16)
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.01)
+def make_optimizer(model: torch.nn.Module, lr: float, kind: str = "torch") -> torch.optim.Optimizer:
+    """torch.optim.AdamW (works on FSDP's sharded DTensor parameters) or fourbit's own AdamW
+    (32-bit states; plain tensors only, so DDP or a single process)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "fourbit":
+        from fourbit.train.optim import AdamW
+
+        return AdamW(params, lr=lr, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
 
 def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -91,13 +99,13 @@ def train_steps(model, optimizer, vocab: int, start: int, stop: int, checkpoint_
     return losses
 
 
-def _run(ctx, name: str, out: str, tag: str) -> dict:
+def _run(ctx, name: str, out: str, tag: str, optimizer_kind: str = "torch") -> dict:
     model = build_model(name)
     vocab = model.config.vocab_size
     single = distributed.packed_weight_bytes(model)
     model = distributed.wrap_model(model, ctx)
     mine = distributed.packed_weight_bytes(model)
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, LR[name], optimizer_kind)
     losses = train_steps(model, optimizer, vocab, 0, STEPS, os.path.join(out, f"{tag}-checkpoint"))
     every = [None] * ctx.world_size
     torch.distributed.all_gather_object(every, mine)
@@ -106,7 +114,7 @@ def _run(ctx, name: str, out: str, tag: str) -> dict:
 
 def _resume(ctx, name: str, checkpoint: str) -> dict:
     model = distributed.wrap_model(build_model(name), ctx)
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, LR[name])
     state = distributed.load_checkpoint(model, optimizer, checkpoint)
     return {"step": state["step"], "losses": train_steps(model, optimizer, model.config.vocab_size, state["step"], STEPS)}
 
@@ -159,6 +167,7 @@ def main(argv=None) -> int:
     if args.resume_from:
         results["fsdp_resumed"] = _resume(fsdp, args.model, args.resume_from)
     if args.model == "tiny":
+        results["ddp_fourbit_adamw"] = _run(ctx, args.model, args.out, "ddp-fourbit-adamw", "fourbit")
         results["bf16"] = _bf16_forward(fsdp, args.model)
         results["mismatch"] = _mismatch(fsdp)
     if distributed.is_main():

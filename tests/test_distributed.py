@@ -41,10 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def single_process_run(model_name: str, checkpoint_dir) -> list[float]:
+def single_process_run(model_name: str, checkpoint_dir, optimizer_kind: str = "torch") -> list[float]:
     """The reference: 10 steps on the whole global batch, checkpoint after step 5."""
     model = distributed.wrap_model(worker.build_model(model_name), distributed.setup("none"))
-    optimizer = worker.make_optimizer(model)
+    optimizer = worker.make_optimizer(model, worker.LR[model_name], optimizer_kind)
     return worker.train_steps(model, optimizer, model.config.vocab_size, 0, worker.STEPS, str(checkpoint_dir))
 
 
@@ -61,9 +61,9 @@ def torchrun(out, *extra, timeout_s: int) -> dict:
         return json.load(f)
 
 
-def resume_single(model_name: str, checkpoint) -> tuple[int, list[float]]:
+def resume_single(model_name: str, checkpoint, optimizer_kind: str = "torch") -> tuple[int, list[float]]:
     model = distributed.wrap_model(worker.build_model(model_name), distributed.setup("none"))
-    optimizer = worker.make_optimizer(model)
+    optimizer = worker.make_optimizer(model, worker.LR[model_name], optimizer_kind)
     state = distributed.load_checkpoint(model, optimizer, checkpoint)
     return state["step"], worker.train_steps(model, optimizer, model.config.vocab_size, state["step"], worker.STEPS)
 
@@ -107,6 +107,16 @@ def test_ranks_holding_different_models_are_refused(tiny_runs):
     _, _, results = tiny_runs
     assert "rank 1 holds a different model than rank 0" in results["mismatch"]
     assert "lora_A.weight', (8, 64)" in results["mismatch"] and "(4, 64)" in results["mismatch"]
+
+
+def test_ddp_with_fourbit_adamw_matches_and_resumes_in_one_process(tiny_runs):
+    out, _, results = tiny_runs
+    reference = single_process_run("tiny", out / "single-fourbit-adamw-checkpoint", "fourbit")
+    assert rel_err(results["ddp_fourbit_adamw"]["losses"], reference) < LOSS_RTOL
+    step, losses = resume_single("tiny", out / "ddp-fourbit-adamw-checkpoint", "fourbit")
+    assert rel_err(losses, reference[step:]) < LOSS_RTOL
+    saved = torch.load(out / "ddp-fourbit-adamw-checkpoint" / "optimizer.pt", weights_only=True)
+    assert saved["fourbit"]["format"] == "fourbit-adamw"  # the optimizer's own saved form, renamed by parameter
 
 
 # ---- checkpoints cross between modes ------------------------------------------------------------

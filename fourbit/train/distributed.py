@@ -446,59 +446,67 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in unwrap(model).named_parameters()}
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state with full tensors on the CPU, keyed by parameter name (collective).
+def _ordered_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Parameters in the order `state_dict()` numbers them (group by group)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
-        {"state": {name: {key: tensor|number}}, "param_groups": [{hyper-parameters, "params": [names]}]}
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with full tensors on the CPU, keyed by parameter name (collective).
+
+        {"state": {name: {key: tensor|number}}, "param_groups": [{hyper-parameters, "params": [names]}],
+         ...any other top-level entries of the optimizer's own state_dict (format tags)}
 
     Names are those of the unwrapped model, so the dict loads into DDP, FSDP or a single process
-    alike. State tensors shaped like a sharded parameter are gathered; an optimizer that keeps a
-    differently shaped per-shard state (e.g. blockwise 8-bit moments) cannot be gathered this way.
+    alike, whatever the world size. Going through `state_dict()` keeps each optimizer's own saved
+    form (a paged optimizer gathers its pages there). Sharded (DTensor) state is gathered; a plain
+    tensor state of a sharded parameter is a per-shard layout (e.g. flat or blockwise 8-bit
+    moments of the local chunk) that cannot be reassembled here, and raises.
     """
     from torch.distributed.tensor import DTensor
 
     names = _param_names(model)
-    state, groups = {}, []
-    for group in optimizer.param_groups:
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        groups.append({**hyper, "params": [names[id(p)] for p in group["params"]]})
-        for p in group["params"]:
-            entries = {}
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, DTensor):
-                    value = value.full_tensor()
-                elif isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.dim() > 0:
-                    raise ValueError(
-                        f"optimizer state {key!r} of {names[id(p)]} is a plain per-shard tensor of shape "
-                        f"{tuple(value.shape)}; only state shaped like the parameter can be gathered"
-                    )
-                entries[key] = value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
-            if entries:
-                state[names[id(p)]] = entries
-    return {"state": state, "param_groups": groups}
+    order = [names[id(p)] for p in _ordered_params(optimizer)]
+    sharded = {names[id(p)] for p in _ordered_params(optimizer) if isinstance(p, DTensor)}
+    saved = optimizer.state_dict()
+    state = {}
+    for index, entries in saved["state"].items():
+        name, full = order[index], {}
+        for key, value in entries.items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            elif name in sharded and isinstance(value, torch.Tensor) and value.dim() > 0:
+                raise ValueError(
+                    f"optimizer state {key!r} of {name} is a plain per-shard tensor of shape {tuple(value.shape)}; "
+                    f"{type(optimizer).__name__} keeps a layout that cannot be gathered from FSDP shards "
+                    "(torch.optim.AdamW's states can)"
+                )
+            full[key] = value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+        state[name] = full
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+    rest = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
+    return {**rest, "state": state, "param_groups": groups}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
     """Load a dict from `optimizer_state` (written in any mode, any world size) into `optimizer`.
 
-    Every rank passes the full dict; with FSDP each keeps its own chunk of every state tensor.
-    The optimizer's parameter groups must name the same parameters in the same order.
+    Every rank passes the full dict; with FSDP each keeps its own chunk of every state tensor that
+    has its parameter's shape. The optimizer's parameter groups must name the same parameters in
+    the same order (they do when both runs build them from the same model the same way).
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     names = _param_names(model)
+    params = _ordered_params(optimizer)
     mine = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     theirs = [g["params"] for g in full["param_groups"]]
     if mine != theirs:
         raise ValueError(f"optimizer state is for parameter groups {theirs}, this optimizer has {mine}")
-    index, params = {}, {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            index[names[id(p)]] = len(index)
-            params[names[id(p)]] = p
+    index = {names[id(p)]: i for i, p in enumerate(params)}
     state = {}
     for name, entries in full["state"].items():
-        p = params[name]
+        p = params[index[name]]
         local = {}
         for key, value in entries.items():
             if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
@@ -506,7 +514,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ful
             local[key] = value
         state[index[name]] = local
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    rest = {k: v for k, v in full.items() if k not in ("state", "param_groups")}
+    optimizer.load_state_dict({**rest, "state": state, "param_groups": groups})
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, directory, *, step: int, extra: dict | None = None) -> None:
