@@ -186,6 +186,14 @@ def test_compile_report_tensor_cores_no_spills(tmp_path):
             assert r["hgmma" if arch == "sm_90a" else "hmma"] > 0
 
 
+def test_autotune_prune_keeps_tiles_that_divide_k():
+    import triton
+
+    configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": bk}) for bk in (64, 128, 256)]
+    assert [c.kwargs["BLOCK_K"] for c in kern._prune(None, configs, {"K": 192})] == [64]
+    assert [c.kwargs["BLOCK_K"] for c in kern._prune(None, configs, {"K": 4096})] == [64, 128, 256]
+
+
 def test_compile_specs_cover_every_launch_config():
     specs = kern.compile_specs()
     names = [s.name for s in specs]

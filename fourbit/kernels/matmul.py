@@ -50,8 +50,10 @@ __all__ = ["matmul", "matmul_backward", "compile_specs", "fused_shape_supported"
 
 GEMV_MAX_M = 4  # bitsandbytes also keeps its fused SIMT kernel to M <= 4
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). A shortlist per architecture: the sm_90 list
-# has the 128x256 tiles wgmma wants, the sm_80/89 list the 128x128 ones with more stages.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). A shortlist per architecture: sm_90 gets the
+# wide 128x256 tile wgmma likes, both get small-M tiles for M = 5..64. The compile report found
+# 128x128x64 with 4 warps spilling on sm_80/89 (255 registers, 8-16 B) and 128x256x64 with 8 warps
+# spilling there too, hence 8 warps for 128x128 and BLOCK_K = 32 for 128x256: all spill-free.
 _GEMM_CONFIGS = {
     "sm80": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
     "sm90": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4), (32, 128, 64, 4, 4)],
@@ -196,48 +198,34 @@ def fused_shape_supported(state: QuantState) -> bool:
     return len(state.shape) == 2 and k % state.blocksize == 0 and k % 64 == 0
 
 
-def _arch_shortlist(table: dict[str, list], configs, named_args, **kwargs):
-    """Keep the configs of this GPU's architecture whose BLOCK_K divides K."""
+def _prune(table: dict[str, list] | None, configs, named_args, **kwargs):
+    """Keep the configs whose BLOCK_K divides K and, given a table, those of this GPU's shortlist."""
+    fits = [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
+    if table is None:
+        return fits
     major, _ = torch.cuda.get_device_capability()
     wanted = set(table["sm90" if major >= 9 else "sm80"])
-    k = named_args["K"]
-    kept = [c for c in configs if _config_tuple(c) in wanted and k % c.kwargs["BLOCK_K"] == 0]
-    return kept or [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
-
-
-def _config_tuple(c: triton.Config) -> tuple:
-    kw = c.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages)
-
-
-def _mnk_configs(rows) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in dict.fromkeys(rows)]
+    kw = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)  # noqa: E731
+    return [c for c in fits if kw(c) in wanted] or fits
 
 
 _TUNED: dict[str, object] = {}
 
 
 def _tuned(name: str):
-    """The autotuned kernel `name`, built on first use (never under the interpreter)."""
+    """The autotuned kernel "gemv", "gemm" or "backward", built on first use (never under the
+    interpreter, where autotuning does not work). GEMM/backward tune per power-of-two bucket of M."""
     if name not in _TUNED:
-        key = ["M_BUCKET", "N", "K", "BLOCKSIZE", "NESTED"]
-        if name == "gemm":
-            table = _GEMM_CONFIGS
-            configs = _mnk_configs(table["sm80"] + table["sm90"])
-            kernel = _gemm_kernel
-        elif name == "backward":
-            table = {"sm80": _BACKWARD_CONFIGS, "sm90": _BACKWARD_CONFIGS}
-            configs = _mnk_configs(_BACKWARD_CONFIGS)
-            kernel = _backward_kernel
+        if name == "gemv":
+            kernel, table, key = _gemv_kernel, None, ["M", "N", "K", "BLOCKSIZE", "NESTED"]
+            configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _GEMV_CONFIGS]
         else:
-            configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                       for bn, bk, w, s in _GEMV_CONFIGS]
-            _TUNED[name] = triton.autotune(configs, key=["M", "N", "K", "BLOCKSIZE", "NESTED"], prune_configs_by={
-                "early_config_prune": lambda cs, named, **kw: [c for c in cs if named["K"] % c.kwargs["BLOCK_K"] == 0]})(_gemv_kernel)
-            return _TUNED[name]
-        _TUNED[name] = triton.autotune(configs, key=key, prune_configs_by={
-            "early_config_prune": lambda cs, named, **kw: _arch_shortlist(table, cs, named, **kw)})(kernel)
+            kernel, key = _gemm_kernel if name == "gemm" else _backward_kernel, ["M_BUCKET", "N", "K", "BLOCKSIZE", "NESTED"]
+            table = _GEMM_CONFIGS if name == "gemm" else {"sm80": _BACKWARD_CONFIGS, "sm90": _BACKWARD_CONFIGS}
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                       for bm, bn, bk, w, s in dict.fromkeys(table["sm80"] + table["sm90"])]
+        prune = lambda cs, named, **kw: _prune(table, cs, named, **kw)  # noqa: E731
+        _TUNED[name] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
     return _TUNED[name]
 
 
