@@ -69,7 +69,14 @@ def _adamw_8bit_kernel(
     qmap2_ptr,  # (256,) fp32 unsigned dynamic map
     mid1_ptr,  # (255,) fp32 midpoints of qmap1
     mid2_ptr,  # (255,) fp32 midpoints of qmap2
-    hyper_ptr,  # (8,) fp32: beta1, 1-beta1, beta2, 1-beta2, c2, eps, 1-lr*wd, -lr/c1
+    beta1,  # fp32 scalars, each the float32 rounding of the Python float (as torch rounds them)
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    c2,  # sqrt(1 - beta2^t)
+    eps,
+    decay,  # 1 - lr * weight_decay
+    step_size,  # -lr / (1 - beta1^t)
     n,
     nb,
     QBLOCK: tl.constexpr,
@@ -80,15 +87,6 @@ def _adamw_8bit_kernel(
     offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # (ROWS, 256)
     mask = offs < n
     row_mask = rows < nb
-
-    beta1 = tl.load(hyper_ptr + 0)
-    one_minus_beta1 = tl.load(hyper_ptr + 1)
-    beta2 = tl.load(hyper_ptr + 2)
-    one_minus_beta2 = tl.load(hyper_ptr + 3)
-    c2 = tl.load(hyper_ptr + 4)
-    eps = tl.load(hyper_ptr + 5)
-    decay = tl.load(hyper_ptr + 6)
-    step_size = tl.load(hyper_ptr + 7)
 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     param = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -158,15 +156,15 @@ def adamw_update_8bit(
         _check(name, t, (torch.float32,), 256)
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
-    device = check_launch_device(p=p, g=g, q1=q1, q2=q2, absmax1=absmax1, absmax2=absmax2, qmap1=qmap1, qmap2=qmap2)
+    check_launch_device(p=p, g=g, q1=q1, q2=q2, absmax1=absmax1, absmax2=absmax2, qmap1=qmap1, qmap2=qmap2)
     c1, c2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
     constants = [beta1, 1.0 - beta1, beta2, 1.0 - beta2, c2, eps, 1.0 - lr * weight_decay, -lr / c1]
-    hyper = torch.tensor(constants, dtype=torch.float32).to(device)  # each rounded once to fp32, like torch
+    scalars = torch.tensor(constants, dtype=torch.float32).tolist()  # each rounded once to fp32, like torch
     mid1 = (qmap1[:-1] + qmap1[1:]) * 0.5  # (255,) as the reference's nearest_code
     mid2 = (qmap2[:-1] + qmap2[1:]) * 0.5
     if n:
         _adamw_8bit_kernel[(triton.cdiv(nb, ROWS),)](
-            p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, mid1, mid2, hyper, n, nb,
+            p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, mid1, mid2, *scalars, n, nb,
             QBLOCK=QBLOCK, ROWS=ROWS, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
 
@@ -185,7 +183,9 @@ def compile_specs() -> list[KernelSpec]:
                 signature={
                     "p_ptr": ptr, "g_ptr": ptr, "q1_ptr": "*u8", "q2_ptr": "*u8", "absmax1_ptr": "*fp32",
                     "absmax2_ptr": "*fp32", "qmap1_ptr": "*fp32", "qmap2_ptr": "*fp32", "mid1_ptr": "*fp32",
-                    "mid2_ptr": "*fp32", "hyper_ptr": "*fp32", "n": "i32", "nb": "i32",
+                    "mid2_ptr": "*fp32", "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
+                    "one_minus_beta2": "fp32", "c2": "fp32", "eps": "fp32", "decay": "fp32", "step_size": "fp32",
+                    "n": "i32", "nb": "i32",
                     "QBLOCK": "constexpr", "ROWS": "constexpr",
                 },  # fmt: skip
                 constexprs={"QBLOCK": QBLOCK, "ROWS": ROWS},
