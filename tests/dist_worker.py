@@ -17,9 +17,11 @@ leading (prompt) tokens, so per-rank label-token counts differ and only a token-
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +105,11 @@ def _run(ctx, name: str, out: str, tag: str, optimizer_kind: str = "torch") -> d
     model = build_model(name)
     vocab = model.config.vocab_size
     single = distributed.packed_weight_bytes(model)
+    originals = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, Linear4bit)]
     model = distributed.wrap_model(model, ctx)
+    gc.collect()
     mine = distributed.packed_weight_bytes(model)
+    mine["full_packed_weights_alive"] = sum(ref() is not None for ref in originals)  # FSDP must free them
     optimizer = make_optimizer(model, LR[name], optimizer_kind)
     losses = train_steps(model, optimizer, vocab, 0, STEPS, os.path.join(out, f"{tag}-checkpoint"))
     every = [None] * ctx.world_size

@@ -92,8 +92,9 @@ def test_fsdp_shards_packed_weights_across_ranks(tiny_runs):
         assert mine["packed"] <= 0.55 * single["packed"]
         assert mine["packed"] + mine["quant_state"] <= 0.55 * (single["packed"] + single["quant_state"])
         assert mine["quant_state"] == single["quant_state"]  # replicated, by design
+        assert mine["full_packed_weights_alive"] == 0  # nothing keeps the unsharded bytes resident
     for mine in results["ddp"]["per_rank_bytes"]:
-        assert mine == single  # DDP keeps the whole model on every rank
+        assert mine["packed"] == single["packed"] and mine["full_packed_weights_alive"] == 14  # whole model per rank
 
 
 def test_bf16_mixed_precision_never_casts_packed_bytes(tiny_runs):
@@ -224,6 +225,6 @@ def test_smollm2_ddp_and_fsdp_match_single_process(tmp_path):
         assert rel_err(results[mode]["losses"], reference) < LOSS_RTOL, mode
     single = results["fsdp"]["single_process_bytes"]
     for mine in results["fsdp"]["per_rank_bytes"]:
-        assert mine["packed"] <= 0.55 * single["packed"]
+        assert mine["packed"] <= 0.55 * single["packed"] and mine["full_packed_weights_alive"] == 0
     step, losses = resume_single("smollm2", tmp_path / "fsdp-checkpoint")
     assert rel_err(losses, reference[step:]) < LOSS_RTOL

@@ -392,14 +392,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def packed_weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes this rank holds for the 4-bit base weights: "packed" (its chunks of the packed codes;
-    all of them without FSDP) and "quant_state" (absmax, offset, nested absmax; replicated). Code
-    tables are shared constants and not counted. Measured on the local tensors, not derived."""
+    """Bytes this rank holds for the 4-bit base weights: "packed" (the storage behind its chunks
+    of the packed codes, FSDP's padding included; all of them without FSDP) and "quant_state"
+    (absmax, offset, nested absmax; replicated). Code tables are shared constants and not counted.
+    Measured on the local tensors, not derived from shapes."""
     packed = state = 0
     for m in unwrap(model).modules():
         if isinstance(m, Linear4bit):
-            w = _local(m.weight)
-            packed += w.numel() * w.element_size()
+            packed += _local(m.weight).untyped_storage().nbytes()
             s = m.quant_state
             for t in [s.absmax] + ([s.offset, s.nested.absmax] if s.nested is not None else []):
                 state += t.numel() * t.element_size()
