@@ -218,6 +218,8 @@ def test_load_checkpoint_names_what_is_missing(tmp_path):
 # ---- the real model (slow) ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_ddp_and_fsdp_match_single_process(tmp_path):
+    """The real model (30 layers, tied embeddings). Resuming is covered on the tiny model: here
+    each extra GGUF load costs ~15 s of a suite that must stay short."""
     pytest.importorskip("gguf")
     reference = single_process_run("smollm2", tmp_path / "single-checkpoint")
     results = torchrun(tmp_path, "--model", "smollm2", timeout_s=900)
@@ -226,5 +228,3 @@ def test_smollm2_ddp_and_fsdp_match_single_process(tmp_path):
     single = results["fsdp"]["single_process_bytes"]
     for mine in results["fsdp"]["per_rank_bytes"]:
         assert mine["packed"] <= 0.55 * single["packed"] and mine["full_packed_weights_alive"] == 0
-    step, losses = resume_single("smollm2", tmp_path / "fsdp-checkpoint")
-    assert rel_err(losses, reference[step:]) < LOSS_RTOL
