@@ -205,8 +205,13 @@ def test_layout_chunks_are_whole_quantization_blocks():
     for bits in (8, 32):
         layout = StateLayout(bits, 10_000)
         assert layout.chunk % 256 == 0 and layout.chunk > 0
-        views = layout.views(torch.zeros(10_000, dtype=torch.uint8), layout.chunk)
-        assert sum(v.numel() * v.element_size() for v in views.values()) <= 10_000
+        page = torch.zeros(10_000, dtype=torch.uint8)
+        whole = layout.views(page, 0, layout.chunk)
+        assert sum(v.numel() * v.element_size() for v in whole.values()) <= 10_000
+        for key, view in layout.views(page, 256, layout.chunk - 256).items():  # a segment: a suffix
+            assert view.data_ptr() + view.numel() * view.element_size() == (
+                whole[key].data_ptr() + whole[key].numel() * whole[key].element_size()
+            ), key
 
 
 # -- paged == unpaged ---------------------------------------------------------------------------
@@ -215,10 +220,11 @@ def test_paged_equals_unpaged_under_forced_eviction(monkeypatch, paged_cls, plai
     shapes = [(64, 129), (5000,), (33, 17), (4097,)]
     page_bytes = 4096
     eight_bit = paged_cls is PagedAdamW8bit
-    n_pages = 0
+    space = {8: 0, 32: 0}  # elements of each state space: parameters start at multiples of 256
     for shape in shapes:
         numel = torch.Size(shape).numel()
-        n_pages += -(-numel // StateLayout(8 if eight_bit and numel >= 4096 else 32, page_bytes).chunk)
+        space[8 if eight_bit and numel >= 4096 else 32] += -(-numel // 256) * 256
+    n_pages = sum(-(-size // StateLayout(bits, page_bytes).chunk) for bits, size in space.items())
     budget = n_pages * page_bytes // 4
     checked = []
     real_page_in = PagePool._page_in
@@ -238,7 +244,7 @@ def test_paged_equals_unpaged_under_forced_eviction(monkeypatch, paged_cls, plai
     for a, b in zip(paged, plain):
         assert torch.equal(a, b), f"{tuple(a.shape)}: rel {rel(a, b):.2e}"
     stats = opt.pager_stats
-    assert n_pages == sum(len(opt.state[p]["pages"]) for p in paged)
+    assert n_pages == sum(len(space["pages"]) for space in opt._spaces.values())
     capacity = budget // page_bytes
     assert capacity < n_pages, "the budget must force eviction"
     # Alternating sweeps: each step after the first misses the pages the previous one evicted.
@@ -247,8 +253,10 @@ def test_paged_equals_unpaged_under_forced_eviction(monkeypatch, paged_cls, plai
 
 
 def test_paged_idle_when_the_budget_holds_everything():
-    params, opt = run(lambda ps: PagedAdamW(ps, page_bytes=4096), [(64, 129), (7,)], torch.float32, 5, 5)
+    shapes = [(64, 129)] + [(7,)] * 5  # small tensors share a page: 8448 + 5 * 256 elements, 512 a page
+    params, opt = run(lambda ps: PagedAdamW(ps, page_bytes=4096), shapes, torch.float32, 5, 5)
     assert opt.pager_stats.pages_in == 0 and opt.pager_stats.pages_out == 0
+    assert opt.pager_stats.peak_resident_bytes == 19 * 4096
 
 
 # -- resume -------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ class _AdamWBase(torch.optim.Optimizer):
         self.page_bytes = page_bytes
         self.pool: PagePool | None = None
         self._sweeps = 0  # paged steps taken; odd sweeps walk the pages backwards (see pager.py)
+        self._spaces: dict[int, dict] = {}  # state bits -> {"pages": [page ids], "size": elements used}
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- state ---------------------------------------------------------------------------------
@@ -136,10 +137,14 @@ class _AdamWBase(torch.optim.Optimizer):
         bits = self._bits_for(p)
         state.update(step=0, bits=bits, nonfinite_skips=0)
         n = p.numel()
-        if self.paged:
-            layout = StateLayout(bits, self.page_bytes)
+        if self.paged:  # the next 256-aligned range of the state space, pages added as needed
             pool = self._pool_for(p.device)
-            state["pages"] = [pool.new_page() for _ in range(-(-n // layout.chunk))]
+            space = self._spaces.setdefault(bits, {"pages": [], "size": 0})
+            state["offset"] = space["size"]
+            space["size"] += -(-n // functional.QBLOCK) * functional.QBLOCK
+            chunk = StateLayout(bits, self.page_bytes).chunk
+            while len(space["pages"]) * chunk < space["size"]:
+                space["pages"].append(pool.new_page())
         elif bits == 32:
             state["state1"] = torch.zeros(n, dtype=torch.float32, device=p.device)
             state["state2"] = torch.zeros(n, dtype=torch.float32, device=p.device)
@@ -150,6 +155,18 @@ class _AdamWBase(torch.optim.Optimizer):
             state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
             state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
         return state
+
+    def _segments(self, p: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+        """(page index, page id, first element in the page, count, first element in p) covering p."""
+        state = self.state[p]
+        chunk = StateLayout(state["bits"], self.page_bytes).chunk
+        pages = self._spaces[state["bits"]]["pages"]
+        begin, end = state["offset"], state["offset"] + p.numel()
+        out = []
+        for k in range(begin // chunk, -(-end // chunk)):
+            lo, hi = max(begin, k * chunk), min(end, (k + 1) * chunk)
+            out.append((k, pages[k], lo - k * chunk, hi - lo, lo - begin))
+        return out
 
     # -- the step ------------------------------------------------------------------------------
     def _update(self, p_flat, g_flat, views: dict[str, torch.Tensor], hyper: dict) -> None:
@@ -212,23 +229,21 @@ class _AdamWBase(torch.optim.Optimizer):
                 views = {k: state[k] for k in ("state1", "state2", "absmax1", "absmax2") if k in state}
                 self._update(p.view(-1), p.grad.reshape(-1), views, self._hyper(group, state["step"]))
             return loss
-        # Paged: one work item per page, prefetching the next page while the current one updates.
-        work = []  # (group, p, page id, first element, element count, layout)
+        # Paged: one work item per segment, grouped by page, prefetching the next page while the
+        # current one updates.
+        work = []  # (state bits, page index, page id, first element in page, count, group, p, first element in p)
         for group, p in ready:
-            state = self.state[p]
-            layout = StateLayout(state["bits"], self.page_bytes)
-            n = p.numel()
-            for k, pid in enumerate(state["pages"]):
-                start = k * layout.chunk
-                work.append((group, p, pid, start, min(layout.chunk, n - start), layout))
+            bits = self.state[p]["bits"]
+            work += [(bits, k, pid, at, count, group, p, start) for k, pid, at, count, start in self._segments(p)]
+        work.sort(key=lambda item: item[:2] + (item[3],))
         if self._sweeps % 2 == 1:
             work.reverse()
         self._sweeps += 1
-        for i, (group, p, pid, start, count, layout) in enumerate(work):
+        for i, (bits, _, pid, at, count, group, p, start) in enumerate(work):
             slot = self.pool.acquire(pid)
             if i + 1 < len(work):
                 self.pool.prefetch(work[i + 1][2])
-            views = layout.views(slot, count)
+            views = StateLayout(bits, self.page_bytes).views(slot, at, count)
             p_flat = p.view(-1)[start : start + count]
             g_flat = p.grad.reshape(-1)[start : start + count]
             self._update(p_flat, g_flat, views, self._hyper(group, self.state[p]["step"]))
@@ -242,11 +257,9 @@ class _AdamWBase(torch.optim.Optimizer):
         out = {"step": state["step"], "nonfinite_skips": state["nonfinite_skips"]}
         if self.paged:
             layout = StateLayout(state["bits"], self.page_bytes)
-            n = p.numel()
             parts: dict[str, list[torch.Tensor]] = {}
-            for k, pid in enumerate(state["pages"]):
-                count = min(layout.chunk, n - k * layout.chunk)
-                for key, view in layout.views(self.pool.read(pid), count).items():
+            for _, pid, at, count, _ in self._segments(p):
+                for key, view in layout.views(self.pool.read(pid), at, count).items():
                     parts.setdefault(key, []).append(view)
             tensors = {key: torch.cat(chunks) for key, chunks in parts.items()}
         else:
@@ -306,11 +319,9 @@ class _AdamWBase(torch.optim.Optimizer):
                     state[key].copy_(saved[key].reshape(-1))
             return
         layout = StateLayout(state["bits"], self.page_bytes)
-        n = p.numel()
-        for k, pid in enumerate(state["pages"]):
-            start, count = k * layout.chunk, min(layout.chunk, n - k * layout.chunk)
-            page = torch.zeros(self.page_bytes, dtype=torch.uint8)
-            for key, view in layout.views(page, count).items():
+        for _, pid, at, count, start in self._segments(p):  # pages are shared: read, modify, write
+            page = self.pool.read(pid)
+            for key, view in layout.views(page, at, count).items():
                 scale = 1 if key in ("state1", "state2") else functional.QBLOCK
                 view.copy_(saved[key].reshape(-1)[start // scale : start // scale + view.numel()])
             self.pool.write(pid, page)

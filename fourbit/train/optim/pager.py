@@ -12,11 +12,14 @@ by hand.
 
 Design
 ------
-* A **page** holds everything the update of one contiguous chunk of a parameter needs: for 32-bit
-  states `[m: E float32 | v: E float32]`, for 8-bit states `[q1: E uint8 | q2: E uint8 |
-  absmax1: E/256 float32 | absmax2: E/256 float32]` (`StateLayout`). E is a multiple of 256, so an
-  8-bit quantization block never straddles two pages, and the update of a parameter is exactly the
-  sequence of updates of its chunks (the optimizer's maths is elementwise, blockwise in 8 bits).
+* The states of all parameters with the same state width form one flat *state space*; each
+  parameter owns a range of it that starts at a multiple of 256 elements (small LoRA matrices share
+  pages instead of each wasting most of one). The space is cut into **pages** of E elements; a page
+  holds everything the update of its elements needs: for 32-bit states `[m: E float32 | v: E
+  float32]`, for 8-bit states `[q1: E uint8 | q2: E uint8 | absmax1: E/256 float32 | absmax2: E/256
+  float32]` (`StateLayout`). E is a multiple of 256, so an 8-bit quantization block never straddles
+  two pages, and the update of a parameter is exactly the sequence of updates of its segments (the
+  optimizer's maths is elementwise, blockwise in 8 bits).
 * The **pool** (`PagePool`) owns every page. A page is *resident* when it has a device slot (a
   `page_bytes` uint8 tensor on the compute device). At most `budget_bytes // page_bytes` slots
   exist; `resident_bytes <= budget_bytes` is checked at every page-in (RuntimeError if broken).
@@ -65,8 +68,8 @@ import torch
 
 __all__ = ["PagePool", "PagerStats", "StateLayout", "DEFAULT_PAGE_BYTES"]
 
-# 256 KiB: a LoRA matrix of a 7B model (16 x 4096 = 65536 elements, 512 KiB of 32-bit states)
-# fills two pages exactly; bigger pages waste memory on small tensors, smaller ones add launches.
+# 256 KiB (32768 elements of 32-bit states): a LoRA matrix of a 7B model (16 x 4096 elements) fills
+# two pages; smaller pages mean more segments (launches) per step, bigger ones coarser budgets.
 DEFAULT_PAGE_BYTES = 256 * 1024
 _QBLOCK = 256  # 8-bit states are quantized in blocks of 256 elements (SPEC §7)
 
@@ -94,20 +97,23 @@ class StateLayout:
         per_element = 8.0 if self.bits == 32 else 2.0 + 8.0 / _QBLOCK
         return int(self.page_bytes // per_element) // _QBLOCK * _QBLOCK
 
-    def views(self, page: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-        """Typed views of the first n elements' states in `page` (uint8, (page_bytes,))."""
-        e = self.chunk
+    def views(self, page: torch.Tensor, start: int, n: int) -> dict[str, torch.Tensor]:
+        """Typed views of the states of elements [start, start + n) of `page` (uint8, (page_bytes,)).
+
+        start is a multiple of 256, so the 8-bit absmax views cover whole blocks.
+        """
+        e, a = self.chunk, start
         if self.bits == 32:
             return {
-                "state1": page[: 4 * n].view(torch.float32),
-                "state2": page[4 * e : 4 * e + 4 * n].view(torch.float32),
+                "state1": page[4 * a : 4 * (a + n)].view(torch.float32),
+                "state2": page[4 * (e + a) : 4 * (e + a + n)].view(torch.float32),
             }
-        nb, eb = -(-n // _QBLOCK), e // _QBLOCK
+        b0, nb, eb = a // _QBLOCK, -(-n // _QBLOCK), e // _QBLOCK
         return {
-            "state1": page[:n],
-            "state2": page[e : e + n],
-            "absmax1": page[2 * e : 2 * e + 4 * nb].view(torch.float32),
-            "absmax2": page[2 * e + 4 * eb : 2 * e + 4 * eb + 4 * nb].view(torch.float32),
+            "state1": page[a : a + n],
+            "state2": page[e + a : e + a + n],
+            "absmax1": page[2 * e + 4 * b0 : 2 * e + 4 * (b0 + nb)].view(torch.float32),
+            "absmax2": page[2 * e + 4 * (eb + b0) : 2 * e + 4 * (eb + b0 + nb)].view(torch.float32),
         }
 
 
