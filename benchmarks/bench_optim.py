@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from fourbit.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+from fourbit.train.optim import DEFAULT_PAGE_BYTES
 
 from .harness import record, time_fn, write_results
 
@@ -30,7 +31,7 @@ from .harness import record, time_fn, write_results
 _HIDDEN, _KV, _MLP, _LAYERS, _R = 576, 192, 1536, 30, 16
 _TARGETS = {"q": (_HIDDEN, _HIDDEN), "k": (_HIDDEN, _KV), "v": (_HIDDEN, _KV), "o": (_HIDDEN, _HIDDEN),
             "gate": (_HIDDEN, _MLP), "up": (_HIDDEN, _MLP), "down": (_MLP, _HIDDEN)}  # fmt: skip
-PAGE_BYTES = 64 * 1024  # a LoRA matrix here is 9216-24576 elements: 2-3 pages of 32-bit states
+PAGE_BYTES = DEFAULT_PAGE_BYTES  # what PagedAdamW uses unless told otherwise
 
 
 def lora_shapes(layers: int) -> list[tuple[int, int]]:
@@ -116,7 +117,7 @@ def run(device: str = "cpu", smoke: bool = False) -> list[dict]:
             if _rel(delta, ref_delta) > tol:
                 raise AssertionError(f"{provider} {bits}-bit: update differs from torch by {_rel(delta, ref_delta):.2e}")
             stats = getattr(opt, "pager_stats", None)
-            before = (stats.bytes_in, stats.bytes_out) if stats else (0, 0)
+            before = (stats.bytes_in, stats.bytes_out, stats.wait_s) if stats else (0, 0, 0.0)
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -132,7 +133,7 @@ def run(device: str = "cpu", smoke: bool = False) -> list[dict]:
                 extra = {
                     "page_bytes_in_per_step": (stats.bytes_in - before[0]) / steps,
                     "page_bytes_out_per_step": (stats.bytes_out - before[1]) / steps,
-                    "pager_wait_s": stats.wait_s,
+                    "pager_ms_per_step": (stats.wait_s - before[2]) / steps * 1e3,
                 }
             per_element = 28 if bits == 32 else 14
             rows.append(

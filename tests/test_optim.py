@@ -192,6 +192,20 @@ def test_pager_keeps_every_byte_and_the_budget(capacity, ops):
     assert pool.stats.pages_out >= pool.stats.pages_in - len(pids)
 
 
+def test_budget_set_late_applies_to_every_page_in():
+    pool = PagePool("cpu", None, 64)
+    pids = [pool.new_page() for _ in range(4)]
+    pool.set_budget(128)
+    for pid in pids:
+        pool.acquire(pid)
+        pool.release(pid)
+    assert pool.resident_pages == pids[2:] and pool.stats.pages_out == 2
+    with pytest.raises(RuntimeError, match="no page is resident"):
+        pool.set_budget(256)
+    with pytest.raises(ValueError, match="smaller than one page"):
+        PagePool("cpu", None, 64).set_budget(32)
+
+
 def test_budget_smaller_than_a_page_is_rejected():
     with pytest.raises(ValueError, match="smaller than one page"):
         PagePool("cpu", 1000, 4096)

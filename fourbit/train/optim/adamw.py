@@ -122,12 +122,8 @@ class _AdamWBase(torch.optim.Optimizer):
         return 8 if self.optim_bits == 8 and p.numel() >= self.min_8bit_size else 32
 
     def _pool_for(self, device: torch.device) -> PagePool:
-        if self.pool is None:
-            budget = self.device_budget_bytes
-            if budget is None and device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                budget = max(int(free * _DEVICE_HEADROOM), self.page_bytes)
-            self.pool = PagePool(device, budget, self.page_bytes)
+        if self.pool is None:  # a default CUDA budget is measured at the first step (see step())
+            self.pool = PagePool(device, self.device_budget_bytes, self.page_bytes)
         elif self.pool.device != device:
             raise ValueError(f"a paged optimizer keeps one device; got parameters on {self.pool.device} and {device}")
         return self.pool
@@ -223,6 +219,12 @@ class _AdamWBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         ready = self._ready_params()
+        if self.paged and self.device_budget_bytes is None and self.pool is not None and self.pool.device.type == "cuda":
+            # "What fits after the model": measured now, with the weights, gradients and the
+            # allocator's cached activation blocks in place, not when the optimizer was built.
+            free, _ = torch.cuda.mem_get_info(self.pool.device)
+            self.device_budget_bytes = max(int(free * _DEVICE_HEADROOM), self.page_bytes)
+            self.pool.set_budget(self.device_budget_bytes)
         if not self.paged:
             for group, p in ready:
                 state = self.state[p]

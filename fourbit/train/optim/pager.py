@@ -55,7 +55,8 @@ one page out and one page in, so a step moves 2 (S - B) bytes over the host link
   8-bit states shrink S (and the traffic) by 3.9x.
 
 Counters (`PagerStats`): pages in/out, bytes in/out, prefetched page-ins, synchronous page-ins
-(the compute had to wait), seconds the host spent blocked in page-ins, and peak resident bytes.
+(the compute had to wait), host seconds spent paging (on CPU the copies themselves; on CUDA issuing
+them and waiting for pages not yet prefetched), and peak resident bytes.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class PagerStats:
     bytes_out: int = 0
     prefetched: int = 0  # page-ins issued ahead of use
     sync_page_ins: int = 0  # page-ins the update had to wait for
-    wait_s: float = 0.0  # host seconds blocked in acquire()
+    wait_s: float = 0.0  # host seconds in acquire() and prefetch(): every copy on CPU, issuing them on CUDA
     peak_resident_bytes: int = 0
 
 
@@ -168,6 +169,14 @@ class PagePool:
                 f"device_budget_bytes={budget_bytes} is smaller than one page ({page_bytes} bytes); "
                 f"give at least {page_bytes} bytes, or a smaller page_bytes"
             )
+
+    def set_budget(self, budget_bytes: int | None) -> None:
+        """Change the budget; only before any page is resident (the optimizer sets its default late)."""
+        self.check_budget(budget_bytes, self.page_bytes)
+        if self._lru:
+            raise RuntimeError("the budget can only be set while no page is resident")
+        self.budget_bytes = budget_bytes
+        self.capacity = None if budget_bytes is None else budget_bytes // self.page_bytes
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def new_page(self) -> int:
@@ -271,16 +280,17 @@ class PagePool:
         page.pinned = False
 
     def prefetch(self, pid: int) -> bool:
-        """Start making `pid` resident without blocking; False when no slot can be had now."""
+        """Start making `pid` resident (CUDA: without blocking); False when no slot can be had now."""
         page = self._pages[pid]
         if page.slot is not None:
             return True
+        t0 = time.perf_counter()
         slot = self._get_slot()
-        if slot is None:
-            return False
-        self._page_in(pid, slot)
-        self.stats.prefetched += 1
-        return True
+        if slot is not None:
+            self._page_in(pid, slot)
+            self.stats.prefetched += 1
+        self.stats.wait_s += time.perf_counter() - t0
+        return slot is not None
 
     def synchronize(self) -> None:
         """Wait for every copy in flight (before the host reads host buffers)."""
