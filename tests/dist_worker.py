@@ -4,7 +4,7 @@
         --out DIR [--model tiny|smollm2] [--resume-from SINGLE_PROCESS_CHECKPOINT]
 
 Under torchrun every rank runs, in one process group: DDP for 10 steps (checkpoint after step 5),
-FSDP2 the same, DDP with fourbit's own AdamW, FSDP2 resumed from a single-process checkpoint, an FSDP2 forward under a bf16
+FSDP2 the same, FSDP2 with gradient accumulation, DDP with fourbit's own AdamW, FSDP2 resumed from a single-process checkpoint, an FSDP2 forward under a bf16
 mixed-precision policy that records whether the gathered packed bytes are the original ones, and
 a deliberately mismatched model on rank 1 that wrap_model must refuse. Rank 0 writes
 DIR/results.json. The test imports the same functions to run the single-process reference.
@@ -83,22 +83,37 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def train_steps(model, optimizer, vocab: int, start: int, stop: int, checkpoint_dir: str | None = None) -> list[float]:
-    """Steps start..stop-1 on this rank's shard of each global batch; returns the global losses."""
+def train_steps(
+    model, optimizer, vocab: int, start: int, stop: int, checkpoint_dir: str | None = None, micro_batches: int = 1
+) -> list[float]:
+    """Steps start..stop-1 on this rank's shard of each global batch, in `micro_batches`
+    accumulated pieces, with the gradient norm clipped to 1; returns the global loss per step."""
     losses = []
     for step in range(start, stop):
         batch = distributed.shard(global_batch(step, vocab))
-        logits = model(input_ids=batch["input_ids"]).logits  # (b, T, V)
         labels = batch["labels"][:, 1:]  # (b, T-1): token t+1 is predicted at position t
-        token_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        loss = distributed.global_mean_loss(token_sum, int((labels != -100).sum()))
-        loss.backward()
+        n_tokens = int((labels != -100).sum())  # this rank's label tokens in the whole step
+        loss = 0.0
+        for ids, lab in zip(batch["input_ids"].chunk(micro_batches), labels.chunk(micro_batches)):
+            logits = model(input_ids=ids).logits  # (b/m, T, V)
+            token_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab.flatten(), ignore_index=-100, reduction="sum")
+            part = distributed.global_mean_loss(token_sum, n_tokens)
+            part.backward()
+            loss += float(distributed.reduce(part.detach()))
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(distributed.reduce(loss.detach())))
+        losses.append(loss)
         if checkpoint_dir is not None and step + 1 == CHECKPOINT_AT:
             distributed.save_checkpoint(model, optimizer, checkpoint_dir, step=step + 1)
     return losses
+
+
+def _accumulated(ctx, name: str) -> dict:
+    """FSDP2 with each rank's rows in two micro-batches: the same steps as one big batch."""
+    model = distributed.wrap_model(build_model(name), ctx)
+    optimizer = make_optimizer(model, LR[name])
+    return {"losses": train_steps(model, optimizer, model.config.vocab_size, 0, STEPS, micro_batches=2)}
 
 
 def _run(ctx, name: str, out: str, tag: str, optimizer_kind: str = "torch") -> dict:
@@ -172,6 +187,7 @@ def main(argv=None) -> int:
     if args.resume_from:
         results["fsdp_resumed"] = _resume(fsdp, args.model, args.resume_from)
     if args.model == "tiny":
+        results["fsdp_accumulated"] = _accumulated(fsdp, args.model)
         results["ddp_fourbit_adamw"] = _run(ctx, args.model, args.out, "ddp-fourbit-adamw", "fourbit")
         results["bf16"] = _bf16_forward(fsdp, args.model)
         results["mismatch"] = _mismatch(fsdp)

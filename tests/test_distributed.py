@@ -85,6 +85,11 @@ def test_losses_match_single_process_with_same_global_batch(tiny_runs, mode):
     assert reference[-1] < 0.9 * reference[0], f"the reference run must learn for the comparison to mean something: {reference}"
 
 
+def test_fsdp_with_gradient_accumulation_matches_one_big_batch(tiny_runs):
+    _, reference, results = tiny_runs
+    assert rel_err(results["fsdp_accumulated"]["losses"], reference) < LOSS_RTOL
+
+
 def test_fsdp_shards_packed_weights_across_ranks(tiny_runs):
     _, _, results = tiny_runs
     single = results["fsdp"]["single_process_bytes"]

@@ -259,6 +259,12 @@ def global_mean_loss(loss_sum: torch.Tensor, n_tokens: int | torch.Tensor) -> to
     DDP and FSDP average gradients over the N ranks: (1/N) sum_r grad l_r = grad(sum_r s_r) / T =
     grad L. The mean of the l_r is L itself, so `reduce(l_r.detach())` is the logged loss. In a
     single process this is s / n.
+
+    With gradient accumulation pass, for every micro-batch, that micro-batch's loss sum and this
+    rank's label-token count over the *whole* optimizer step: the accumulated gradients then add
+    up to grad L of the step, and the step's loss is the sum over micro-batches of
+    `reduce(l_r.detach())`. (Under DDP, `model.no_sync()` around all but the last micro-batch
+    saves the intermediate all-reduces; the result is the same.)
     """
     total = reduce(torch.as_tensor(n_tokens, dtype=torch.float64), "sum")
     if float(total) <= 0:
