@@ -212,6 +212,8 @@ def test_fsdp_refuses_a_policy_that_would_cast_float_quant_storage():
     fake = distributed.DistContext("fsdp", 0, 2, 0, torch.device("cpu"), "gloo")
     with pytest.raises(ValueError, match="torch.bfloat16 quant_storage, which param_dtype=torch.float32 would cast"):
         distributed.wrap_model(model, fake, param_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"needs a process group: get the context from distributed.setup\('fsdp'\)"):
+        distributed.wrap_model(model, fake, param_dtype=torch.bfloat16)  # bf16 codes, bf16 policy: no cast
 
 
 def test_load_checkpoint_names_what_is_missing(tmp_path):

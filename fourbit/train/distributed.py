@@ -373,6 +373,8 @@ def wrap_model(
                 f"{name} keeps its packed 4-bit codes in a {storage} quant_storage, which param_dtype={param_dtype} "
                 f"would cast (turning the codes into noise); use param_dtype={storage} or None, or quant_storage=torch.uint8"
             )
+    if not dist.is_initialized():
+        raise RuntimeError(f"mode {ctx.mode!r} needs a process group: get the context from distributed.setup({ctx.mode!r}) under torchrun")
     _sync_replicas(model)
     if ctx.mode == "ddp":
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
