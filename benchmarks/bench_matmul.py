@@ -1,6 +1,7 @@
 """4-bit matmul y = x @ dequantize(W).T: fourbit vs bitsandbytes vs a dense bf16/fp32 matmul.
 
-    python -m benchmarks.bench_matmul [--device cpu|cuda] [--dtype bfloat16 float32] [--smoke] [--full] [--out DIR]
+    python -m benchmarks.bench_matmul [--device cpu|cuda] [--dtype bfloat16 float32] [--threads N]
+                                      [--smoke] [--full] [--out DIR]
 
 Providers: fourbit-reference (the chunked PyTorch path, what CPU training runs), fourbit-triton and
 fourbit-triton-nodq (fused kernels with and without double-quantized scales; CUDA only),
@@ -115,7 +116,7 @@ def run(device: str = "cpu", smoke: bool = False, full: bool = False, dtypes=(to
                     "matmul", name, (m, n, k), dtype, t, device=device, bytes_moved=w_bytes + io_bytes,
                     flops=2 * m * n * k, ceiling_gbs=ceiling,
                     peak_mem_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                    config={"blocksize": 64, "quant": "nf4+dq" if dq else "nf4",
+                    config={"blocksize": 64, "quant": "nf4+dq" if dq else "nf4", "threads": torch.get_num_threads(),
                             "cuda_graph": cuda and m <= 16},
                     copy_gbs=ceiling,
                 ))
@@ -131,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["float32", "float16", "bfloat16"],
                         help="activation dtypes (x, y and the dense weight)")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 is "
+                             "the stable choice: each multi-threaded torch op then waits on descheduled threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args.device, args.smoke, args.full, [getattr(torch, d) for d in args.dtype])
     path = write_results("matmul", rows, out_dir=args.out)
     print(path.with_suffix(".md").read_text())

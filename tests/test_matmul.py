@@ -26,6 +26,7 @@ kern = importlib.import_module("fourbit.kernels.matmul")
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # interpreter: no bf16 math
 needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
                                   reason="triton was imported without TRITON_INTERPRET=1 and there is no GPU")
 
@@ -107,7 +108,7 @@ CASES = [
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("xshape,n,k,bs,dq,has_bias", CASES)
 def test_kernel_forward_against_float64(xshape, n, k, bs, dq, has_bias, dtype):
     packed, state, w64 = weight(n, k, bs, dq, device=DEVICE)
@@ -122,7 +123,7 @@ def test_kernel_forward_against_float64(xshape, n, k, bs, dq, has_bias, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("xshape,n,k,bs,dq", [c[:5] for c in CASES[:4] + CASES[6:7]])
 def test_kernel_backward_against_float64(xshape, n, k, bs, dq, dtype):
     packed, state, w64 = weight(n, k, bs, dq, device=DEVICE)
