@@ -266,6 +266,44 @@ def test_paged_equals_unpaged_under_forced_eviction(monkeypatch, paged_cls, plai
     assert stats.peak_resident_bytes <= budget and len(checked) >= stats.pages_in
 
 
+@settings(max_examples=12)
+@given(
+    shapes=st.lists(st.sampled_from([(1,), (255,), (257,), (300, 20), (4096,), (4099,), (2, 3000)]), min_size=1,
+                    max_size=5),
+    eight_bit=st.booleans(),
+    page_bytes=st.sampled_from([2048, 4096, 10_000]),
+    budget_pages=st.integers(1, 4),
+)  # fmt: skip
+def test_paged_equals_unpaged_for_any_layout(shapes, eight_bit, page_bytes, budget_pages):
+    paged_cls, plain_cls = (PagedAdamW8bit, AdamW8bit) if eight_bit else (PagedAdamW, AdamW)
+    budget = budget_pages * page_bytes
+    paged, opt = run(lambda ps: paged_cls(ps, lr=1e-2, device_budget_bytes=budget, page_bytes=page_bytes),
+                     shapes, torch.float32, 5, 6)  # fmt: skip
+    plain, plain_opt = run(lambda ps: plain_cls(ps, lr=1e-2), shapes, torch.float32, 5, 6)
+    assert all(torch.equal(a, b) for a, b in zip(paged, plain))
+    assert opt.pager_stats.peak_resident_bytes <= budget
+    got, want = opt.state_dict(), plain_opt.state_dict()
+    assert got["param_groups"] == want["param_groups"] and got["state"].keys() == want["state"].keys()
+    for i, entry in want["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(got["state"][i][key], value) if torch.is_tensor(value) else got["state"][i][key] == value
+
+
+def test_lr_scheduler_drives_the_paged_optimizer():
+    params, opt = run(lambda ps: PagedAdamW(ps, lr=1e-2, page_bytes=4096), [(33, 17)], torch.float32, 4, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    for _ in range(3):
+        params[0].grad = torch.randn(33, 17)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 1e-2 * 0.5**3
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["initial_lr"] == 1e-2
+    fresh = PagedAdamW([torch.nn.Parameter(params[0].detach().clone())], lr=1.0, page_bytes=4096)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] == 1e-2 * 0.5**3
+
+
 def test_paged_idle_when_the_budget_holds_everything():
     shapes = [(64, 129)] + [(7,)] * 5  # small tensors share a page: 8448 + 5 * 256 elements, 512 a page
     params, opt = run(lambda ps: PagedAdamW(ps, page_bytes=4096), shapes, torch.float32, 5, 5)
