@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 
 from ..nf4.matmul import check_matmul_args, pair_table
+from ..nf4.matmul import matmul as _reference_matmul
+from ..nf4.matmul import matmul_backward as _reference_backward
 from ..nf4.quant import check_packed
 from ..nf4.state import QuantState
 from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device, interpreting
@@ -263,10 +265,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         raise TypeError(f"the Triton matmul takes float32/float16/bfloat16 x, got {x.dtype} (use the reference)")
     check_launch_device(x=x, packed=packed, absmax=state.absmax, bias=bias)
     n, k = (int(d) for d in state.shape)
-    if not fused_shape_supported(state):
-        from ..nf4.matmul import matmul as reference  # documented fallback: dequantize + matmul
-
-        y = reference(x, packed, state, bias)
+    if not fused_shape_supported(state):  # the documented fallback: dequantize (in chunks) + matmul
+        y = _reference_matmul(x, packed, state, bias)
         return y if out is None else out.copy_(y)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -277,7 +277,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         return y
     args = _state_args(packed, state)
     nested, has_bias = state.nested is not None, bias is not None
-    bias_arg = bias if has_bias else y
+    bias_arg = bias.to(x.dtype) if has_bias else y  # rounded to x's dtype first, as the reference
     if m <= GEMV_MAX_M:
         block_m = triton.next_power_of_2(m)
         common = dict(BLOCKSIZE=state.blocksize, NESTED=nested, HAS_BIAS=has_bias, BLOCK_M=block_m)
@@ -297,7 +297,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         if split > 1:  # (split, M, N) fp32 partials -> y
             total = target.sum(0)
             if has_bias:
-                total += bias.float()
+                total += bias_arg.float()
             y.view(m, n).copy_(total)
         return y
     common = dict(BLOCKSIZE=state.blocksize, NESTED=nested, HAS_BIAS=has_bias, PRECISION=_DOT_PRECISION[x.dtype])
@@ -325,10 +325,8 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
     if grad_y.dtype not in _DOT_PRECISION:
         raise TypeError(f"grad_y must be float32/float16/bfloat16, got {grad_y.dtype}")
     check_launch_device(grad_y=grad_y, packed=packed, absmax=state.absmax)
-    if not fused_shape_supported(state):
-        from ..nf4.matmul import matmul_backward as reference  # documented fallback
-
-        g = reference(grad_y, packed, state)
+    if not fused_shape_supported(state):  # the documented fallback
+        g = _reference_backward(grad_y, packed, state)
         return g if out is None else out.copy_(g)
     dy = grad_y.reshape(-1, n)
     if dy.stride(-1) != 1:
