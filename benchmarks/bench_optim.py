@@ -115,7 +115,7 @@ def run(device: str = "cpu", smoke: bool = False) -> list[dict]:
             delta = torch.cat([(p.detach() - w).view(-1) for p, w in zip(params, start)])
             tol = 1e-5 if bits == 32 else 5e-2
             if _rel(delta, ref_delta) > tol:
-                raise AssertionError(f"{provider} {bits}-bit: update differs from torch by {_rel(delta, ref_delta):.2e}")
+                raise AssertionError(f"{provider} {bits}-bit: update off torch's by {_rel(delta, ref_delta):.2e}")
             stats = getattr(opt, "pager_stats", None)
             before = (stats.bytes_in, stats.bytes_out, stats.wait_s) if stats else (0, 0, 0.0)
             if device == "cuda":

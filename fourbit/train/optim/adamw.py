@@ -219,7 +219,8 @@ class _AdamWBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         ready = self._ready_params()
-        if self.paged and self.device_budget_bytes is None and self.pool is not None and self.pool.device.type == "cuda":
+        pool = self.pool
+        if self.paged and self.device_budget_bytes is None and pool is not None and pool.device.type == "cuda":
             # "What fits after the model": measured now, with the weights, gradients and the
             # allocator's cached activation blocks in place, not when the optimizer was built.
             free, _ = torch.cuda.mem_get_info(self.pool.device)
@@ -340,7 +341,9 @@ class _AdamWBase(torch.optim.Optimizer):
             )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}")
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
+            )
         pairs = []
         for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
@@ -377,7 +380,9 @@ class AdamW(_AdamWBase):
         args=None, min_8bit_size=4096, is_paged=False, *, device_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES,
         nonfinite="skip",
     ):
-        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        common = _common(
+            lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite
+        )
         super().__init__(params, optim_bits=optim_bits, paged=is_paged, **common)
 
 
@@ -391,7 +396,9 @@ class AdamW8bit(_AdamWBase):
     ):
         if optim_bits != 32:  # bitsandbytes' signature keeps optim_bits=32 as a placeholder here
             raise ValueError(f"AdamW8bit always keeps 8-bit states; leave optim_bits at 32, got {optim_bits}")
-        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        common = _common(
+            lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite
+        )
         super().__init__(params, optim_bits=8, paged=is_paged, **common)
 
 
@@ -405,7 +412,9 @@ class PagedAdamW(_AdamWBase):
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, optim_bits=32,
         args=None, min_8bit_size=4096, *, device_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES, nonfinite="skip",
     ):
-        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        common = _common(
+            lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite
+        )
         super().__init__(params, optim_bits=optim_bits, paged=True, **common)
 
 
@@ -418,5 +427,7 @@ class PagedAdamW8bit(_AdamWBase):
     ):
         if optim_bits != 32:
             raise ValueError(f"PagedAdamW8bit always keeps 8-bit states; leave optim_bits at 32, got {optim_bits}")
-        common = _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite)
+        common = _common(
+            lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite
+        )
         super().__init__(params, optim_bits=8, paged=True, **common)
