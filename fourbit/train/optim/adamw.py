@@ -177,7 +177,7 @@ class _AdamWBase(torch.optim.Optimizer):
 
     def _ready_params(self) -> list[tuple[dict, torch.Tensor]]:
         """(group, p) for every parameter to update now; initialises states, skips non-finite grads."""
-        ready = []
+        candidates = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -186,23 +186,33 @@ class _AdamWBase(torch.optim.Optimizer):
                     raise RuntimeError("AdamW does not support sparse gradients; use torch.optim.SparseAdam")
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} differs from parameter {tuple(p.shape)}")
-                state = self.state[p] if p in self.state else self._init_state(p)
-                if not bool(torch.isfinite(p.grad).all()):
-                    if self.nonfinite == "raise":
-                        raise FloatingPointError(f"non-finite gradient for a parameter of shape {tuple(p.shape)}")
-                    state["nonfinite_skips"] += 1
-                    self.nonfinite_skips += 1
-                    warnings.warn(
-                        f"skipped the AdamW step of a parameter of shape {tuple(p.shape)}: its gradient has NaN or "
-                        f"inf ({self.nonfinite_skips} skips so far; nonfinite='raise' makes this an error)",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                    continue
-                if not p.is_contiguous():
-                    p.data = p.data.contiguous()
-                state["step"] += 1
-                ready.append((group, p))
+                candidates.append((group, p))
+        # One device-to-host transfer per device for all the finiteness flags, not one per tensor.
+        finite = [True] * len(candidates)
+        for device in {p.grad.device for _, p in candidates}:
+            index = [i for i, (_, p) in enumerate(candidates) if p.grad.device == device]
+            flags = torch.stack([torch.isfinite(candidates[i][1].grad).all() for i in index]).tolist()
+            for i, ok in zip(index, flags):
+                finite[i] = ok
+        ready = []
+        for (group, p), ok in zip(candidates, finite):
+            state = self.state[p] if p in self.state else self._init_state(p)
+            if not ok:
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(f"non-finite gradient for a parameter of shape {tuple(p.shape)}")
+                state["nonfinite_skips"] += 1
+                self.nonfinite_skips += 1
+                warnings.warn(
+                    f"skipped the AdamW step of a parameter of shape {tuple(p.shape)}: its gradient has NaN or "
+                    f"inf ({self.nonfinite_skips} skips so far; nonfinite='raise' makes this an error)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            state["step"] += 1
+            ready.append((group, p))
         return ready
 
     @staticmethod
