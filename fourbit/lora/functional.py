@@ -35,9 +35,21 @@ __all__ = ["matmul_4bit"]
 _MODULES = {"reference": "fourbit.nf4.matmul", "triton": "fourbit.kernels.matmul"}
 
 
+_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _code(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16-entry table on `device`, copied there once (no host-to-device copy per call, which
+    would also break CUDA-graph capture)."""
+    key = (quant_type, device)
+    if key not in _CODES:
+        _CODES[key] = code_for(quant_type).to(device)
+    return _CODES[key]
+
+
 def _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype) -> QuantState:
     state = QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
-                       quant_type=quant_type, code=code_for(quant_type).to(absmax.device))
+                       quant_type=quant_type, code=_code(quant_type, absmax.device))
     if nested_absmax is not None:
         state.offset = offset
         state.nested = QuantState(absmax=nested_absmax, shape=torch.Size([absmax.numel()]), dtype=torch.float32,
