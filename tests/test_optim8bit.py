@@ -147,7 +147,8 @@ def test_100_steps_within_1e3_of_bitsandbytes():
         results[name] = params
     for a, b in zip(results["ours"], results["bnb"]):
         assert rel(a, b) <= 1e-3, f"{tuple(a.shape)}: rel {rel(a, b):.2e} (seed {seed})"
-    assert torch.equal(results["ours"][2], results["bnb"][2])
+    small = rel(results["ours"][2], results["bnb"][2])  # float32 states: the 32-bit bound
+    assert small <= 1e-6, f"(33, 17): rel {small:.2e} (seed {seed})"
 
 
 def test_regression_converges_like_32bit():
