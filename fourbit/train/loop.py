@@ -1,0 +1,306 @@
+"""The QLoRA training loop: `train(config)` or `Trainer(config).train()`.
+
+One optimizer step (grad_accum micro-batches of batch_size examples):
+
+    n    = number of answer tokens (labels != -100) in all micro-batches of the step
+    loss = sum over micro-batches of  sum_t CE(logits[t], label[t+1]) / n      # mean per answer token
+    g    = d loss / d lora params        (accumulated across micro-batches by autograd)
+    g   *= min(1, clip_norm / ||g||)      (clip_grad_norm_)
+    lr   = lr_at(step)                    (linear warmup from 0, then cosine/linear decay or constant)
+    optimizer.step()                      (paged AdamW by default)
+
+Dividing by the step's total token count (not each micro-batch's) makes grad_accum=k with batch b
+the same objective as one batch of k*b examples.
+
+Determinism: the seed fixes the LoRA init (torch's global RNG right before `add_lora`), the batch
+at each step (`data.batch_at`), and dropout (the RNG state, saved in checkpoints). Ctrl-C does not
+kill a step halfway: the first SIGINT sets a flag, the loop finishes the current step, writes a
+checkpoint and returns; a second SIGINT interrupts at once. `resume=True` reloads that checkpoint
+and continues with the same numbers an uninterrupted run would produce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import IGNORE, batch_at, encode_all, read_jsonl
+from .task import date_task, exact_match
+
+__all__ = ["Trainer", "train", "lr_at", "RunDirExists"]
+
+RUN_FILES = ("metrics.jsonl", "checkpoint", "summary.json", "adapter")
+
+
+class RunDirExists(FileExistsError):
+    pass
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / (config.warmup + 1)
+    if config.schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup) / max(1, total_steps - config.warmup)  # in [0, 1)
+    if config.schedule == "linear":
+        return config.lr * (1.0 - progress)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _build_optimizer(config: TrainConfig, params):
+    from . import optim
+
+    cls = {
+        "paged_adamw": optim.PagedAdamW,
+        "adamw": optim.AdamW,
+        "paged_adamw8bit": optim.PagedAdamW8bit,
+        "adamw8bit": optim.AdamW8bit,
+    }[config.optimizer]
+    kwargs = dict(lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    if config.optimizer.startswith("paged") and config.paging_budget_mb is not None:
+        kwargs["device_budget_bytes"] = int(config.paging_budget_mb * 2**20)
+    return cls(params, **kwargs)
+
+
+def _logical_parameters(model) -> int:
+    from ..lora import trainable_parameters
+
+    return trainable_parameters(model).total
+
+
+class Trainer:
+    """Holds the model, data and optimizer of one run directory.
+
+    `resume`: continue from `<output_dir>/checkpoint`. `overwrite`: delete an existing run first.
+    Without either, an output directory that already holds a run is refused.
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        self.config = config
+        self.run_dir = config.output_dir
+        self.progress = progress
+        self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
+        self._prepare_run_dir(resume, overwrite)
+        self.resume = resume
+        self.metrics: list[dict] = []
+        self._setup()
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        present = [f for f in RUN_FILES if os.path.exists(os.path.join(self.run_dir, f))]
+        if resume:
+            if not checkpoint.exists(self.run_dir):
+                raise FileNotFoundError(f"--resume: {self.run_dir!r} has no checkpoint to continue from")
+        elif present:
+            if not overwrite:
+                raise RunDirExists(
+                    f"{self.run_dir!r} already holds a run ({', '.join(present)}); pass --resume to continue it "
+                    "or --overwrite to replace it"
+                )
+            for f in present + [".checkpoint-new", ".checkpoint-old", "loss.png"]:
+                path = os.path.join(self.run_dir, f)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        os.makedirs(self.run_dir, exist_ok=True)
+
+    def _setup(self) -> None:
+        from ..lora import add_lora, trainable_parameters
+        from .models import load_quantized
+
+        c = self.config
+        if c.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(c.device)
+        self.autocast = (c.precision == "bf16") or (c.precision == "auto" and self.device.type == "cuda")
+        compute = torch.bfloat16 if self.autocast else torch.float32
+
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        model, tokenizer, self.source = load_quantized(c.model, compute_dtype=compute)
+        self.tokenizer = tokenizer
+        torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
+        add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
+        model.to(self.device)
+        self.model = model
+        self.param_summary = str(trainable_parameters(model))
+        n_params = _logical_parameters(model)
+        self.checkpointing = c.grad_checkpointing == "on" or (c.grad_checkpointing == "auto" and n_params > c.checkpointing_above)
+        if self.checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        if c.data == "dates":
+            train_records, self.eval_records = date_task(n_eval=c.eval_examples)
+        else:
+            records = read_jsonl(c.data, on_bad_line=c.on_bad_line)
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed)).tolist()
+            records = [records[i] for i in order]
+            n_eval = min(c.eval_examples, len(records) // 10)
+            self.eval_records, train_records = records[:n_eval], records[n_eval:]
+        self.data = encode_all(tokenizer, train_records, c.max_length)
+        per_epoch = len(train_records) // c.batch_size
+        if per_epoch == 0:
+            raise ValueError(f"batch_size={c.batch_size} exceeds the {len(train_records)} training examples")
+        self.total_steps = c.steps or max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = _build_optimizer(c, self.params)
+        self.step = 0
+        if self.resume:
+            state = checkpoint.load(self.run_dir, model=model, optimizer=self.optimizer)
+            if state["config"] != c.to_dict():
+                changed = sorted(k for k in c.to_dict() if state["config"].get(k) != c.to_dict()[k])
+                raise ValueError(f"--resume with a different config (fields {changed}); resume with the original settings")
+            self.step, self.metrics = state["step"], state["metrics"]
+            self._rewrite_metrics()
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def _rewrite_metrics(self) -> None:
+        from ..nf4.files import atomic_write
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                for row in self.metrics:
+                    f.write(json.dumps(row) + "\n")
+
+        atomic_write(os.path.join(self.run_dir, "metrics.jsonl"), write)
+
+    def _log(self, row: dict) -> None:
+        self.metrics.append(row)
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def evaluate(self) -> float | None:
+        if not self.eval_records:
+            return None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device)
+
+    def save_checkpoint(self) -> str:
+        return checkpoint.save(
+            self.run_dir, model=self.model, optimizer=self.optimizer, step=self.step,
+            config=self.config.to_dict(), metrics=self.metrics, source=self.source,
+        )
+
+    # ---- one step ----------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        c, t0 = self.config, time.perf_counter()
+        pad = self.tokenizer.pad_token_id
+        batches = [batch_at(self.data, self.step * c.grad_accum + i, c.batch_size, c.seed, pad) for i in range(c.grad_accum)]
+        n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        self.model.train()
+        total = 0.0
+        for b in batches:
+            ids, mask, labels = (b[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+            ) / n_answer
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm if c.clip_norm > 0 else float("inf"))
+        lr = lr_at(self.step, c, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        return {
+            "step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": n_tokens, "tokens_per_s": n_tokens / seconds, "step_s": seconds,
+            "peak_mem_mb": _peak_memory_mb(self.device),
+        }
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from ..lora import save_adapter
+        from .plot import plot_metrics
+
+        c = self.config
+        interrupted = False
+
+        def on_sigint(signum, frame):
+            nonlocal interrupted
+            if interrupted:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            interrupted = True
+
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+        try:
+            if self.step == 0 and not any("exact_match" in r for r in self.metrics):
+                before = self.evaluate()
+                if before is not None:
+                    self._log({"step": 0, "exact_match": before})
+            bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="finetune")
+            while self.step < self.total_steps and not interrupted:
+                row = self.train_step()
+                self._log(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mem_mb=f"{row['peak_mem_mb']:.0f}")
+                if c.eval_interval and self.step % c.eval_interval == 0 and self.step < self.total_steps:
+                    self._log({"step": self.step, "exact_match": self.evaluate()})
+                if c.checkpoint_interval and self.step % c.checkpoint_interval == 0:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self, self.step)
+            bar.close()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
+
+        if interrupted:
+            path = self.save_checkpoint()
+            print(f"interrupted after step {self.step}: checkpoint in {path}; continue with --resume")
+            return {"interrupted": True, "step": self.step, "checkpoint": path}
+        after = self.evaluate()
+        if after is not None:
+            self._log({"step": self.step, "exact_match": after})
+        self.save_checkpoint()
+        save_adapter(self.model, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
+        plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
+        em = [r["exact_match"] for r in self.metrics if "exact_match" in r]
+        steps = [r for r in self.metrics if "loss" in r]
+        summary = {
+            "interrupted": False, "step": self.step, "run_dir": self.run_dir,
+            "exact_match_before": em[0] if em else None, "exact_match_after": em[-1] if em else None,
+            "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
+            "params": self.param_summary, "grad_checkpointing": self.checkpointing, "config": c.to_dict(),
+        }
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) a QLoRA fine-tune; returns the summary written to summary.json."""
+    return Trainer(config, resume=resume, overwrite=overwrite, progress=progress).train()
