@@ -9,7 +9,7 @@ state bytes (pages move every step). Before timing, each provider takes 3 steps 
 and its update is checked against torch.optim.AdamW (32-bit: 1e-5 relative, 8-bit: 5e-2).
 
 GB/s counts the bytes an ideal fused step must move per element: 32-bit reads p, g, m, v and writes
-p, m, v (28 B); 8-bit reads p, g and two codes and writes p and two codes (14 B), plus the scales.
+p, m, v (28 B); 8-bit reads p, g and two codes and writes p and two codes (16 B), plus the scales.
 Paging traffic is not counted in it: the pager's own bytes in/out per step are in each row.
 "peak MiB" is the optimizer state resident on the device (CPU: the "device" pool), measured as
 torch.cuda.max_memory_allocated growth on CUDA and counted from the state tensors on CPU.
@@ -135,7 +135,7 @@ def run(device: str = "cpu", smoke: bool = False) -> list[dict]:
                     "page_bytes_out_per_step": (stats.bytes_out - before[1]) / steps,
                     "pager_ms_per_step": (stats.wait_s - before[2]) / steps * 1e3,
                 }
-            per_element = 28 if bits == 32 else 14
+            per_element = 28 if bits == 32 else 16
             rows.append(
                 record(
                     f"adamw{bits} step", provider, f"lora-smollm2 {len(shapes)}x ({n / 1e6:.2f}M)", "float32", timing,

@@ -1,9 +1,11 @@
-"""Triton fused AdamW step with 8-bit blockwise states: dequantize, update, requantize in one pass.
+"""Triton fused AdamW steps: 8-bit blockwise states (dequantize, update, requantize in one pass),
+and the same step with 32-bit states.
 
-Must equal `fourbit.train.optim.functional.adamw_update_8bit` bit for bit (same name, same
+Each must equal its namesake in `fourbit.train.optim.functional` bit for bit (same name, same
 signature). Per element i of block b (256 elements), with fl = one float32 rounding and every
 constant rounded to float32 first, exactly as torch's CPU ops round (see functional.py):
 
+  8-bit, `adamw_update_8bit`:
     m  = fl(qmap1[q1[i]] * absmax1[b]);  v = fl(qmap2[q2[i]] * absmax2[b])      dequantize
     m  = fma(g, 1 - beta1, fl(m * beta1))                                       first moment
     v  = fma(fl((1 - beta2) * g), g, fl(v * beta2))                            second moment
@@ -12,19 +14,22 @@ constant rounded to float32 first, exactly as torch's CPU ops round (see functio
     absmax1[b] = max |m|, q1[i] = nearest(qmap1, fl(m * fl(1 / absmax1[b])))    requantize (signed map)
     absmax2[b] = max |v|, q2[i] = nearest(qmap2, fl(v * fl(1 / absmax2[b])))    (unsigned map)
 
+  32-bit, `adamw_update_32bit`: m and v as above, read and written as float32, then
+    P  = fl(P * (1 - lr wd));   P = fma(fl(m / fl(sqrt(v) + fl(eps c2))), -lr c2 / c1, P)
+
 `nearest` is the nearest code with exact ties going to the even index (bitsandbytes' CUDA search):
 eight binary-search probes into the 255 float32 midpoints count those strictly below s, a ninth
 probe detects a tie. An all-zero block gets absmax 0 and codes 0.
 
-Memory traffic per element: read g and p (2-4 bytes each), q1 and q2 (1 byte each), write p, q1,
-q2; the absmax reads/writes and the 2 KiB of maps (cached) are negligible. For fp32 p and g that
-is 12 bytes per element against 16 + 16 for 32-bit states, so the kernel is bandwidth bound and
-should run near the HBM ceiling. Division and square root are the correctly rounded `div_rn` /
-`sqrt_rn` (not CUDA's fast-math approximations), and no multiply-add is contracted into an FMA
-(LAUNCH_OPTIONS), so the GPU gives the CPU reference's bits.
+Memory traffic per element with fp32 p and g: 8-bit reads p, g, q1, q2 (10 bytes) and writes p, q1,
+q2 (6): 16 bytes, against 28 for 32-bit states (reads p, g, m, v; writes p, m, v). The absmax
+scales and the 2 KiB of maps (cached) are negligible. Both kernels are bandwidth bound. Division
+and square root are the correctly rounded `div_rn` / `sqrt_rn` (not CUDA's fast-math
+approximations), and no multiply-add is contracted into an FMA (LAUNCH_OPTIONS), so the GPU gives
+the CPU reference's bits. One launch per state segment replaces the ~13 torch ops of the reference.
 
-Configuration: one program per ROWS = 4 quantization blocks (1024 elements, 4 warps: 8 per thread).
-No autotuning, so the same choice runs under TRITON_INTERPRET=1.
+Configuration: one program per 1024 elements (8-bit: ROWS = 4 quantization blocks), 4 warps, 8
+elements per thread. No autotuning, so the same choice runs under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ import triton.language as tl
 from ..nf4.checks import FLOAT_DTYPES
 from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device
 
-__all__ = ["adamw_update_8bit", "compile_specs"]
+__all__ = ["adamw_update_8bit", "adamw_update_32bit", "compile_specs"]
 
 QBLOCK = 256
 ROWS = 4
+BLOCK_32 = 1024
 NUM_WARPS = 4
 
 
@@ -118,6 +124,37 @@ def _adamw_8bit_kernel(
     tl.store(absmax2_ptr + rows, new_a2, mask=row_mask)
 
 
+@triton.jit
+def _adamw_32bit_kernel(
+    p_ptr,  # (n,) fp32 / fp16 / bf16, updated in place
+    g_ptr,  # (n,) gradient, any float dtype
+    m_ptr,  # (n,) fp32 first moment, in place
+    v_ptr,  # (n,) fp32 second moment, in place
+    beta1,  # fp32 scalars, as in the 8-bit kernel
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps_c2,  # eps * sqrt(1 - beta2^t)
+    decay,  # 1 - lr * weight_decay
+    step_size,  # -lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+    n,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    param = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = tl.fma(g, one_minus_beta1, m * beta1)
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    update = tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps_c2)
+    param = tl.fma(update, step_size, param * decay)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(p_ptr + offs, param.to(p_ptr.dtype.element_ty), mask=mask)
+
+
 def _check(name: str, t: torch.Tensor, dtype: tuple[torch.dtype, ...], numel: int) -> None:
     if t.dtype not in dtype or t.numel() != numel or not t.is_contiguous():
         raise ValueError(
@@ -169,11 +206,42 @@ def adamw_update_8bit(
         )  # fmt: skip
 
 
+def adamw_update_32bit(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """One AdamW step in place on p and the float32 states m, v (flat tensors; see the docstring)."""
+    n = p.numel()
+    _check("p", p, FLOAT_DTYPES, n)
+    _check("g", g, FLOAT_DTYPES, n)
+    for name, t in (("m", m), ("v", v)):
+        _check(name, t, (torch.float32,), n)
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    check_launch_device(p=p, g=g, m=m, v=v)
+    c1, c2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+    constants = [beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps * c2, 1.0 - lr * weight_decay, -lr * c2 / c1]
+    scalars = torch.tensor(constants, dtype=torch.float32).tolist()
+    if n:
+        _adamw_32bit_kernel[(triton.cdiv(n, BLOCK_32),)](
+            p, g, m, v, *scalars, n, BLOCK=BLOCK_32, num_warps=NUM_WARPS, **LAUNCH_OPTIONS
+        )
+
+
 _P_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def compile_specs() -> list[KernelSpec]:
-    """The kernel for fp32 / bf16 / fp16 parameters (gradient in the parameter's dtype)."""
+    """Both kernels for fp32 / bf16 / fp16 parameters (gradient in the parameter's dtype)."""
     specs = []
     for dtype, ptr in _P_TYPES.items():
         specs.append(
@@ -190,6 +258,20 @@ def compile_specs() -> list[KernelSpec]:
                 },  # fmt: skip
                 constexprs={"QBLOCK": QBLOCK, "ROWS": ROWS},
                 num_warps=NUM_WARPS,
+            )
+        )
+        specs.append(
+            KernelSpec(
+                name=f"adamw_32bit[{str(dtype)[6:]}]",
+                kernel=_adamw_32bit_kernel,
+                signature={
+                    "p_ptr": ptr, "g_ptr": ptr, "m_ptr": "*fp32", "v_ptr": "*fp32", "beta1": "fp32",
+                    "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps_c2": "fp32",
+                    "decay": "fp32", "step_size": "fp32", "n": "i32", "BLOCK": "constexpr",
+                },  # fmt: skip
+                constexprs={"BLOCK": BLOCK_32},
+                num_warps=NUM_WARPS,
+                expect_vector_bits=128 if dtype == torch.float32 else None,
             )
         )
     return specs

@@ -46,13 +46,13 @@ _NONFINITE = ("skip", "raise")
 _DEVICE_HEADROOM = 0.9  # default budget: this share of the device memory free at the first step
 
 
-def _update_8bit_for(p: torch.Tensor):
-    """The 8-bit update for p's device: the Triton kernel on CUDA, the reference elsewhere."""
+def _update_for(name: str, p: torch.Tensor):
+    """`functional.<name>` or its Triton twin, as FOURBIT_BACKEND chooses for p (auto: Triton on CUDA)."""
     if backend_for(p) == "triton":
-        from ...kernels.optim8bit import adamw_update_8bit
+        from ...kernels import optim8bit
 
-        return adamw_update_8bit
-    return functional.adamw_update_8bit
+        return getattr(optim8bit, name)
+    return getattr(functional, name)
 
 
 class _AdamWBase(torch.optim.Optimizer):
@@ -168,12 +168,12 @@ class _AdamWBase(torch.optim.Optimizer):
     def _update(self, p_flat, g_flat, views: dict[str, torch.Tensor], hyper: dict) -> None:
         if "absmax1" in views:
             qmap1, qmap2 = self._qmaps_on(p_flat.device)
-            _update_8bit_for(p_flat)(
+            _update_for("adamw_update_8bit", p_flat)(
                 p_flat, g_flat, views["state1"], views["state2"], views["absmax1"], views["absmax2"], qmap1, qmap2,
                 **hyper,
             )
         else:
-            functional.adamw_update_32bit(p_flat, g_flat, views["state1"], views["state2"], **hyper)
+            _update_for("adamw_update_32bit", p_flat)(p_flat, g_flat, views["state1"], views["state2"], **hyper)
 
     def _ready_params(self) -> list[tuple[dict, torch.Tensor]]:
         """(group, p) for every parameter to update now; initialises states, skips non-finite grads."""
