@@ -195,6 +195,13 @@ def test_autotune_prune_keeps_tiles_that_divide_k():
     assert [c.kwargs["BLOCK_K"] for c in kern._prune(None, configs, {"K": 4096})] == [64, 128, 256]
 
 
+def test_split_k_only_when_n_gives_too_few_programs():
+    cpu = torch.device("cpu")  # counts as 4 SMs: the (2, 1024) x 9 case in CASES runs 4 K slices
+    assert kern._splits(9, 1024, 16, 64, cpu) == 4
+    assert kern._splits(4096, 4096, 32, 128, cpu) == 1
+    assert kern._splits(9, 128, 16, 64, cpu) == 1  # too few K tiles to share
+
+
 def test_compile_specs_cover_every_launch_config():
     specs = kern.compile_specs()
     names = [s.name for s in specs]
