@@ -56,12 +56,16 @@ def read_jsonl(path: str | os.PathLike, *, on_bad_line: str = "stop") -> list[Re
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist (give a JSONL file or 'dates' for the embedded task)")
     records, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:

@@ -1,0 +1,260 @@
+"""The training loop on a tiny random Llama: config checks, data, schedule, evaluator, resume, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+
+import pytest
+import safetensors.torch
+import torch
+
+from fourbit.train import TrainConfig, Trainer, lr_at
+from fourbit.train import checkpoint as ckpt
+from fourbit.train.data import IGNORE, Record, batch_at, encode, encode_all, read_jsonl
+from fourbit.train.loop import RunDirExists
+from fourbit.train.models import load_dense
+from fourbit.train.task import date_task, exact_match
+
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llama_dir(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny)
+
+
+def small(tiny, out, **kw):
+    base = dict(model=tiny, output_dir=str(out), steps=6, batch_size=4, eval_examples=8, max_length=80, lr=1e-2, warmup=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_llama_dir(root: str) -> str:
+    """Write a 2-layer, 64-wide Llama (random init, seed 0) + the SmolLM2 tokenizer into root/tiny."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fourbit.train.models import smollm2_dir
+
+    path = os.path.join(root, "tiny")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ---- config and schedule ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field,value,word",
+    [("r", 0, "r must"), ("dropout", 1.0, "dropout"), ("optimizer", "sgd", "optimizer"), ("schedule", "step", "schedule"),
+     ("max_length", 2, "max_length"), ("on_bad_line", "ignore", "on_bad_line")],
+)
+def test_config_rejects_bad_values(field, value, word):
+    with pytest.raises(ValueError, match=word):
+        TrainConfig(**{field: value})
+
+
+def test_config_round_trip():
+    c = TrainConfig(targets=("q_proj",), lr=3e-4)
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_schedule_warmup_then_cosine():
+    c = TrainConfig(lr=1.0, warmup=3, steps=13)
+    lrs = [lr_at(s, c, 13) for s in range(13)]
+    assert lrs[:3] == [0.25, 0.5, 0.75]
+    assert lrs[3] == 1.0
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))  # decays monotonically
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    lin = TrainConfig(lr=1.0, warmup=0, steps=4, schedule="linear")
+    assert [lr_at(s, lin, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def test_jsonl_bad_lines_named_or_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"prompt": "a", "response": "b"}\n'
+        '{"prompt": "no response"}\n'
+        'not json\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
+    with pytest.raises(ValueError, match=r"d.jsonl:2"):
+        read_jsonl(path)
+    with pytest.warns(UserWarning, match="skipped 2 bad line"):
+        records = read_jsonl(path, on_bad_line="skip")
+    assert records == [Record("a", "b"), Record([{"role": "user", "content": "hi"}], "yo")]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "bin.jsonl").write_bytes(b"\x00\xff\xfe garbage\n")
+    with pytest.raises(ValueError, match="bin.jsonl:1"):
+        read_jsonl(tmp_path / "bin.jsonl")
+
+
+def test_prompt_masked_and_truncation_counted(tokenizer):
+    rec = Record("Write the date 1 May 2000 in ISO 8601 format (YYYY-MM-DD).", "2000-05-01")
+    ids, labels, cut = encode(tokenizer, rec, 200)
+    answer = tokenizer("2000-05-01", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    n_prompt = len(ids) - len(answer)
+    assert not cut and labels[:n_prompt] == [IGNORE] * n_prompt and labels[n_prompt:] == answer == ids[n_prompt:]
+    with pytest.warns(UserWarning, match="truncated 2 of 2"):
+        enc = encode_all(tokenizer, [rec, rec], n_prompt + 3)
+    assert enc.truncated == 2 and all(len(x) == n_prompt + 3 for x in enc.input_ids)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        encode_all(tokenizer, [rec], n_prompt)
+
+
+def test_batches_are_seeded_epoch_permutations(tokenizer):
+    train, _ = date_task(n_train=12, n_eval=1)
+    enc = encode_all(tokenizer, train, 96)
+    first = [batch_at(enc, i, 4, seed=7, pad_id=0)["input_ids"] for i in range(3)]
+    again = [batch_at(enc, i, 4, seed=7, pad_id=0)["input_ids"] for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    rows = {tuple(r[r != 0].tolist()) for b in first for r in b}
+    assert len(rows) == 12  # one epoch visits every example once
+    other = batch_at(enc, 0, 4, seed=8, pad_id=0)["input_ids"]
+    assert not torch.equal(first[0], other)
+
+
+def test_date_task_splits_are_disjoint_and_fixed():
+    train, ev = date_task()
+    assert len(train) == 2000 and len(ev) == 48
+    assert not {r.prompt for r in train} & {r.prompt for r in ev}
+    assert date_task()[1] == ev
+
+
+# ---- exact match ------------------------------------------------------------------------------------
+class Oracle(torch.nn.Module):
+    """Predicts the next token of a fixed set of sequences (or a wrong token where told)."""
+
+    def __init__(self, sequences, vocab, wrong=()):
+        super().__init__()
+        self.next = {}
+        for seq in sequences:
+            for t in range(len(seq) - 1):
+                self.next[tuple(seq[: t + 1])] = seq[t + 1]
+        self.vocab, self.wrong, self.w = vocab, set(wrong), torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, self.vocab)
+        for i in range(b):
+            row = input_ids[i].tolist()
+            for j in range(t):
+                nxt = self.next.get(tuple(row[: j + 1]), 0)
+                logits[i, j, (nxt + 1) % self.vocab if (tuple(row[: j + 1]) in self.wrong) else nxt] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_exact_match_counts_whole_answers(tokenizer):
+    from fourbit.train.data import answer_ids, prompt_ids
+
+    _, ev = date_task(n_eval=5)
+    seqs = [prompt_ids(tokenizer, r.prompt) + answer_ids(tokenizer, r.response) for r in ev]
+    assert exact_match(Oracle(seqs, len(tokenizer)), tokenizer, ev, batch_size=2) == 1.0
+    # one wrong answer digit in record 1, and a wrong end-of-turn in record 3: 3/5 remain exact
+    wrong = {tuple(seqs[1][:-3]), tuple(seqs[3][:-1])}
+    assert exact_match(Oracle(seqs, len(tokenizer), wrong), tokenizer, ev, batch_size=2) == pytest.approx(3 / 5)
+    # a wrong prediction inside the prompt does not count
+    wrong_prompt = {tuple(seqs[0][:3])}
+    assert exact_match(Oracle(seqs, len(tokenizer), wrong_prompt), tokenizer, ev) == 1.0
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def test_training_lowers_loss_and_writes_the_run(tiny, tmp_path):
+    summary = Trainer(small(tiny, tmp_path / "run"), progress=False).train()
+    assert summary["last_loss"] < summary["first_loss"]
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_model.safetensors", "checkpoint/optimizer.pt"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    assert "exact_match" in rows[0] and "exact_match" in rows[-1]
+
+
+def test_kill_and_resume_is_bit_identical(tiny, tmp_path):
+    kw = dict(dropout=0.1, grad_accum=2, optimizer="paged_adamw")
+    full = Trainer(small(tiny, tmp_path / "full", **kw), progress=False)
+    full.train()
+
+    cut = Trainer(small(tiny, tmp_path / "cut", **kw), progress=False)
+    cut.on_step = lambda trainer, step: os.kill(os.getpid(), signal.SIGINT) if step == 3 else None
+    assert cut.train()["interrupted"]  # the SIGINT handler saved a checkpoint after step 3
+    with pytest.raises(RunDirExists, match="--resume"):
+        Trainer(small(tiny, tmp_path / "cut", **kw), progress=False)
+    resumed = Trainer(small(tiny, tmp_path / "cut", **kw), resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.train()
+
+    losses = lambda t: [(r["step"], r["loss"]) for r in t.metrics if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(full)  # exact float equality, every step
+    a = safetensors.torch.load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "cut/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_config(tiny, tmp_path):
+    t = Trainer(small(tiny, tmp_path / "run", steps=2), progress=False)
+    t.train()
+    with pytest.raises(ValueError, match=r"different config \(fields \['lr'\]\)"):
+        Trainer(small(tiny, tmp_path / "run", steps=2, lr=5e-3), resume=True, progress=False)
+    Trainer(small(tiny, tmp_path / "run", steps=2), overwrite=True, progress=False)  # overwrite clears it
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    t = Trainer(small(tiny, tmp_path / "run", steps=2), progress=False)
+    t.train()
+    before = (tmp_path / "run/checkpoint/optimizer.pt").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    t.step = 99
+    with pytest.raises(OSError, match="No space"):
+        t.save_checkpoint()
+    monkeypatch.undo()
+    assert (tmp_path / "run/checkpoint/optimizer.pt").read_bytes() == before
+    assert json.loads((tmp_path / "run/checkpoint/trainer_state.json").read_text())["step"] == 2
+    assert not (tmp_path / "run/.checkpoint-new").exists()
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(ValueError, match="neither"):
+        load_dense(str(tmp_path / "nothing"))
+    (tmp_path / "w.bin").write_bytes(b"PK\x03\x04rest")
+    with pytest.raises(ValueError, match="not a GGUF"):
+        load_dense(str(tmp_path / "w.bin"))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        load_dense(str(tmp_path / "d"))
+
+
+def test_jsonl_data_trains(tiny, tmp_path):
+    path = tmp_path / "d.jsonl"
+    with open(path, "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": f"Say {i}.", "response": str(i)}) + "\n")
+    t = Trainer(small(tiny, tmp_path / "run", data=str(path), steps=2), progress=False)
+    assert len(t.eval_records) == 3 and len(t.data.input_ids) == 27
+    assert t.train()["exact_match_after"] is not None
