@@ -153,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # bench/report pass their arguments through; argparse's REMAINDER misses a leading "--flag"
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("bench", "report"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.rest = args.rest + extra
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
