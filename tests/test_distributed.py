@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,8 +56,21 @@ def torchrun(out, *extra, timeout_s: int) -> dict:
         os.path.join(HERE, "dist_worker.py"), "--out", str(out), *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    log_path = os.path.join(out, "torchrun.log")  # a file, not a pipe: workers outliving the launcher cannot block us
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes SIGTERM on to its workers and stops them
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    with open(log_path) as f:
+        text = f.read()
+    assert proc.returncode == 0, f"torchrun failed or timed out after {timeout_s} s (exit {proc.returncode}):\n{text[-8000:]}"
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         return json.load(f)
 
