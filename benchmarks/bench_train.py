@@ -1,0 +1,201 @@
+"""A QLoRA training step, fourbit vs bitsandbytes + PEFT: tokens/s and peak memory.
+
+    python -m benchmarks.bench_train [--smoke] [--out DIR] [--steps N] [--batch-size B] [--threads T]
+
+Both sides train the same model with the same adapter init, batches, loss and optimizer settings:
+    fourbit       quantize_model + add_lora (fourbit.lora.Linear4bit / LoRALinear) + fourbit PagedAdamW
+    bnb+peft      bitsandbytes Linear4bit holding the *same packed bytes and quant state* + PEFT LoRA
+                  (adapter values copied from ours) + bitsandbytes.optim.PagedAdamW
+so the only differences are the implementations. On CPU: SmolLM2-135M-Instruct (embedded), fp32,
+the date task's batches (about 70 tokens per example), r=16 on all seven projections.
+
+Each provider runs in its own subprocess, so "peak MiB" is that process's peak RSS (CPU) or
+torch.cuda.max_memory_allocated (GPU) and one side's allocations never count against the other.
+Before timing, two warm-up steps run (allocator, lazy imports); then `--steps` steps are timed one by
+one and the median is reported. Tokens/s counts every non-padding token of a step.
+
+bitsandbytes' CPU Linear4bit repacks its weight in place on an eval-mode no-grad forward (SPEC §6);
+the twin is kept in train mode and has `support_avx512bf16_for_cpu = False`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+PROVIDERS = ("fourbit", "bnb+peft")
+
+
+def build_pair(spec: str = "smollm2", *, r: int = 16, alpha: float = 32, targets=None, seed: int = 0, which=PROVIDERS):
+    """{provider: model} trained from identical starting points, and the tokenizer.
+
+    fourbit's model is quantized by `fourbit.train.models.load_quantized`; the bitsandbytes twin gets
+    a deep copy of that skeleton with each Linear4bit swapped for a `bnb.nn.Linear4bit` built from our
+    packed bytes (`Params4bit.from_prequantized`), then PEFT LoRA with our initial A/B values.
+    """
+    from fourbit.lora import Linear4bit, add_lora, lora_layers
+    from fourbit.train.config import DEFAULT_TARGETS
+    from fourbit.train.models import load_quantized
+
+    targets = tuple(targets or DEFAULT_TARGETS)
+    ours, tokenizer, _ = load_quantized(spec)
+    skeleton = copy.deepcopy(ours) if "bnb+peft" in which else None
+    torch.manual_seed(seed)
+    add_lora(ours, r=r, alpha=alpha, dropout=0.0, target_modules=targets)
+    models = {"fourbit": ours.train()}
+    if skeleton is not None:
+        import bitsandbytes as bnb
+        import peft
+
+        for name, base in list(skeleton.named_modules()):
+            if not isinstance(base, Linear4bit):
+                continue
+            layer = bnb.nn.Linear4bit(
+                base.in_features, base.out_features, bias=base.bias is not None, quant_type="nf4",
+                compute_dtype=torch.float32, device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit.from_prequantized(
+                base.weight.detach().clone(), base.quant_state.to_dict(), device="cpu", module=layer
+            )
+            if base.bias is not None:
+                layer.bias = torch.nn.Parameter(base.bias.detach().clone())
+            layer.support_avx512bf16_for_cpu = False
+            parent, _, child = name.rpartition(".")
+            setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
+        twin = peft.get_peft_model(
+            skeleton, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+        )
+        inner = twin.base_model.model
+        with torch.no_grad():
+            for name, layer in lora_layers(ours).items():
+                inner.get_submodule(name).lora_A["default"].weight.copy_(layer.lora_A.weight)
+                inner.get_submodule(name).lora_B["default"].weight.copy_(layer.lora_B.weight)
+        models["bnb+peft"] = twin.train()
+    if "fourbit" not in which:
+        del models["fourbit"]
+    return models, tokenizer
+
+
+def make_optimizer(provider: str, params, lr: float):
+    if provider == "fourbit":
+        from fourbit.train.optim import PagedAdamW
+    else:
+        from bitsandbytes.optim import PagedAdamW
+    return PagedAdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def train_step(model, optimizer, params, batch: dict, *, lr: float, clip_norm: float = 1.0) -> float:
+    """One step of the fourbit loop's objective (mean CE over answer tokens), any model."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def date_batches(tokenizer, batch_size: int, seed: int = 0):
+    from fourbit.train.data import batch_at, encode_all
+    from fourbit.train.task import date_task
+
+    train, _ = date_task(n_train=512, n_eval=1)
+    data = encode_all(tokenizer, train, 96)
+    return lambda i: batch_at(data, i, batch_size, seed, tokenizer.pad_token_id)
+
+
+def _peak_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_provider(provider: str, model_spec: str, steps: int, batch_size: int, r: int) -> dict:
+    """Time `steps` training steps of one provider in this process."""
+    models, tokenizer = build_pair(model_spec, r=r, alpha=2 * r, which=(provider,))
+    model = models[provider]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(provider, params, 1e-4)
+    batches = date_batches(tokenizer, batch_size)
+    losses, times, tokens = [], [], []
+    for i in range(steps + 2):
+        b = batches(i)
+        t0 = time.perf_counter()
+        losses.append(train_step(model, opt, params, b, lr=1e-4))
+        if i >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(b["attention_mask"].sum()))
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return {
+        "median_ms": med * 1e3, "p20_ms": q[1] * 1e3, "p80_ms": q[7] * 1e3, "reps": len(times),
+        "tokens_per_step": statistics.mean(tokens), "tokens_per_s": statistics.mean(tokens) / med,
+        "peak_mib": _peak_mib(), "losses": losses,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="one timed step, batch 1 (for the test suite)")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per provider (0: torch's default)")
+    p.add_argument("--provider", choices=PROVIDERS, help=argparse.SUPPRESS)  # internal: one provider, JSON to stdout
+    args = p.parse_args(argv)
+    steps, batch = (1, 1) if args.smoke else (args.steps, args.batch_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.provider:
+        print(json.dumps(run_provider(args.provider, args.model, steps, batch, args.r)))
+        return 0
+
+    from .harness import record, write_results
+
+    rows, results = [], {}
+    for provider in PROVIDERS:
+        cmd = [sys.executable, "-m", "benchmarks.bench_train", "--provider", provider, "--model", args.model,
+               "--steps", str(steps), "--batch-size", str(batch), "--r", str(args.r), "--threads", str(args.threads)]
+        if args.smoke:
+            cmd.append("--smoke")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+        if done.returncode != 0:
+            raise RuntimeError(f"{provider} run failed:\n{done.stderr[-3000:]}")
+        results[provider] = res = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(record(
+            "qlora_step", provider, (batch, round(res["tokens_per_step"] / batch)), "float32", res,
+            peak_mem_bytes=int(res["peak_mib"] * 2**20), tokens_per_s=res["tokens_per_s"],
+            config={"model": args.model, "r": args.r, "batch_size": batch, "optimizer": "PagedAdamW", "threads": args.threads},
+        ))
+    ours, theirs = results["fourbit"], results["bnb+peft"]
+    # Same bytes, same adapters, same batches: the first warm-up loss must agree (fp32, different kernels).
+    first = abs(ours["losses"][0] - theirs["losses"][0]) / abs(theirs["losses"][0])
+    if first > 1e-3:
+        raise RuntimeError(f"first-step losses differ: fourbit {ours['losses'][0]} vs bnb+peft {theirs['losses'][0]}")
+    speedup = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_bnb_peft"] = speedup if row["provider"] == "fourbit" else 1.0
+    out = write_results("train", rows, out_dir=args.out)
+    print(f"fourbit {ours['tokens_per_s']:.0f} tok/s, {ours['peak_mib']:.0f} MiB | bnb+peft {theirs['tokens_per_s']:.0f} tok/s, "
+          f"{theirs['peak_mib']:.0f} MiB | speedup {speedup:.2f}x -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Smoke runs of the training benchmarks (one step / a few tokens) so they never rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.bnb
+def test_bench_train_smoke(tmp_path):
+    from benchmarks import bench_train
+
+    assert bench_train.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert {r["provider"] for r in rows} == {"fourbit", "bnb+peft"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_quality_smoke(tmp_path):
+    from benchmarks import bench_quality
+
+    assert bench_quality.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["provider"] for r in rows] == ["fp32", "nf4+dq"]
+    assert rows[0]["weight_rel_error"] == 0 and 0 < rows[1]["weight_rel_error"] < 0.2
+    assert "| nf4+dq |" in (tmp_path / "quality.md").read_text()
+
+
+def test_int4_absmax_round_trip():
+    import torch
+
+    from benchmarks.bench_quality import int4_absmax
+
+    w = torch.randn(8, 128, dtype=torch.float64)
+    w_hat = int4_absmax(w)
+    blocks, hat = w.reshape(-1, 64), w_hat.reshape(-1, 64)
+    step = blocks.abs().amax(1, keepdim=True) / 7
+    assert torch.all((hat - blocks).abs() <= step / 2 + 1e-12)  # nearest of 15 levels
+    assert torch.allclose(hat.abs().amax(1), blocks.abs().amax(1))  # the block maximum is exact
