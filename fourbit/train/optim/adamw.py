@@ -187,12 +187,14 @@ class _AdamWBase(torch.optim.Optimizer):
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} differs from parameter {tuple(p.shape)}")
                 candidates.append((group, p))
-        # One device-to-host transfer per device for all the finiteness flags, not one per tensor.
+        # sum(0 * g) is 0 when every element of g is finite and NaN otherwise (0 * inf = NaN), and costs
+        # a fifth of isfinite(g).all() (5.6 vs 32 us for 11k floats). One device-to-host transfer per
+        # device for all the flags, not one synchronization per tensor.
         finite = [True] * len(candidates)
         for device in {p.grad.device for _, p in candidates}:
             index = [i for i, (_, p) in enumerate(candidates) if p.grad.device == device]
-            flags = torch.stack([torch.isfinite(candidates[i][1].grad).all() for i in index]).tolist()
-            for i, ok in zip(index, flags):
+            sums = torch.stack([candidates[i][1].grad.mul(0).sum(dtype=torch.float32) for i in index])
+            for i, ok in zip(index, (sums == 0).tolist()):
                 finite[i] = ok
         ready = []
         for (group, p), ok in zip(candidates, finite):
