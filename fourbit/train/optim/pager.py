@@ -55,9 +55,10 @@ one page out and one page in, so a step moves 2 (S - B) bytes over the host link
   8-bit states shrink S (and the traffic) by 3.9x.
 
   Measured on CPU (benchmarks/results/cpu/optim.md; SmolLM2-135M LoRA, 4.9 M parameters, 37 MiB of
-  32-bit states, one thread): unpaged 48.6 ms, paged with the budget idle 64.8 ms (more, shorter
-  segments: tensors split at page boundaries), paged at a 25 % budget 81.2 ms with 28 MiB in and
-  28 MiB out per step (10.4 ms of copies; here "device" and host are the same RAM).
+  32-bit states, one thread, a shared 2-core machine whose timings moved +-30 % between runs): with
+  the budget idle a step takes 1.25-1.45x the unpaged one (tensors split at page boundaries give
+  more, shorter segments); at a 25 % budget 1.5-1.8x, moving 28 MiB in and 28 MiB out per step
+  (10-14 ms of copies; here "device" and host are the same RAM).
 
 Counters (`PagerStats`): pages in/out, bytes in/out, prefetched page-ins, synchronous page-ins
 (the compute had to wait), host seconds spent paging (on CPU the copies themselves; on CUDA issuing
