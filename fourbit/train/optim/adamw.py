@@ -5,15 +5,17 @@
 
 | class           | states                                  | paged | bitsandbytes equivalent   |
 |-----------------|-----------------------------------------|-------|---------------------------|
-| AdamW           | float32 m, v (optim_bits=8: as AdamW8bit) | no    | bnb.optim.AdamW           |
+| AdamW           | float32 m, v (optim_bits=8: as AdamW8bit)| no    | bnb.optim.AdamW           |
 | AdamW8bit       | uint8 m, v + absmax per 256 elements    | no    | bnb.optim.AdamW8bit       |
 | PagedAdamW      | float32                                 | yes   | bnb.optim.PagedAdamW      |
 | PagedAdamW8bit  | uint8                                   | yes   | bnb.optim.PagedAdamW8bit  |
 
 Defaults follow bitsandbytes: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, and in
 8-bit optimizers tensors with fewer than `min_8bit_size` = 4096 elements keep float32 states.
-The maths is in `functional.py`; the paging in `pager.py`. Paged and unpaged optimizers give the
-same bits: the pager only decides where the states live.
+The maths is in `functional.py` (the reference); on CUDA each step runs as one fused Triton launch
+per state segment (`fourbit.kernels.optim8bit`, bit-identical; FOURBIT_BACKEND picks). The paging is
+in `pager.py`. Paged and unpaged optimizers give the same bits: the pager only decides where the
+states live.
 
 Choices where bitsandbytes gives none or differs:
 * A gradient with a NaN or an infinity skips that parameter's step entirely (parameter, states and
