@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import sysconfig
+import time
 
 import torch
 import torch.nn.functional as F
@@ -98,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for n, m in linears.items():
                 m.weight.copy_(round_trip(dense[n], variant))
+        t0 = time.perf_counter()
         ppl = perplexity(model, ids, window)
+        ms = (time.perf_counter() - t0) * 1e3  # one scoring pass over the text, for the record
         err = sum(float((linears[n].weight - w).norm() ** 2) for n, w in dense.items()) ** 0.5 / sum(
             float(w.norm() ** 2) for w in dense.values()
         ) ** 0.5
-        timing = {"median_ms": 0.0, "p20_ms": 0.0, "p80_ms": 0.0, "reps": 0}
+        timing = {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": 1}
         rows.append(record(
             "perplexity", variant, (ids.numel(),), "float32", timing, perplexity=ppl, weight_rel_error=err,
             config={"model": args.model, "text": "CPython LICENSE.txt", "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
