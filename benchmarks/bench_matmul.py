@@ -1,7 +1,7 @@
 """4-bit matmul y = x @ dequantize(W).T: fourbit vs bitsandbytes vs a dense bf16/fp32 matmul.
 
     python -m benchmarks.bench_matmul [--device cpu|cuda] [--dtype bfloat16 float32] [--threads N]
-                                      [--smoke] [--full] [--out DIR]
+                                      [--ms 1 16 ...] [--shapes 4096x14336 ...] [--smoke] [--full] [--out DIR]
 
 Providers: fourbit-reference (the chunked PyTorch path, what CPU training runs), fourbit-triton and
 fourbit-triton-nodq (fused kernels with and without double-quantized scales; CUDA only),
@@ -68,13 +68,15 @@ def _graphed(fn):
     return graph.replay
 
 
-def run(device: str = "cpu", smoke: bool = False, full: bool = False, dtypes=(torch.bfloat16,)) -> list[dict]:
+def run(device: str = "cpu", smoke: bool = False, full: bool = False, dtypes=(torch.bfloat16,), ms=None,
+        shapes=None) -> list[dict]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
     cuda = torch.device(device).type == "cuda"
     ref_mm = importlib.import_module("fourbit.nf4.matmul").matmul
-    shapes, ms = (SMOKE_SHAPES, SMOKE_MS) if smoke else (SHAPES, MS) if (full or cuda) else (CPU_SHAPES, CPU_MS)
+    grid_shapes, grid_ms = (SMOKE_SHAPES, SMOKE_MS) if smoke else (SHAPES, MS) if (full or cuda) else (CPU_SHAPES, CPU_MS)
+    shapes, ms = shapes or grid_shapes, ms or grid_ms
     ceiling = None if smoke else copy_bandwidth(device)
     rows = []
     for dtype, (n, k) in itertools.product(dtypes, shapes):
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the whole shape x M grid, also on CPU")
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["float32", "float16", "bfloat16"],
                         help="activation dtypes (x, y and the dense weight)")
+    parser.add_argument("--ms", type=int, nargs="+", default=None, help="rows of x to run (default: the grid)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="NxK", help="weight shapes, e.g. 4096x14336")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 is "
@@ -138,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.device, args.smoke, args.full, [getattr(torch, d) for d in args.dtype])
+    shapes = None
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in text.lower().split("x")) for text in args.shapes]
+        except ValueError:
+            parser.error(f"--shapes takes NxK pairs such as 4096x14336, got {args.shapes}")
+        if any(len(shape) != 2 for shape in shapes):
+            parser.error(f"--shapes takes NxK pairs such as 4096x14336, got {args.shapes}")
+    rows = run(args.device, args.smoke, args.full, [getattr(torch, d) for d in args.dtype], args.ms, shapes)
     path = write_results("matmul", rows, out_dir=args.out)
     print(path.with_suffix(".md").read_text())
     return 0

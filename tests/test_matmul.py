@@ -225,4 +225,9 @@ def test_bench_matmul_smoke(tmp_path):
     rows = json.loads((tmp_path / "matmul.json").read_text())
     assert {r["provider"] for r in rows} == {"fourbit-reference", "bitsandbytes", "dense"}
     assert {r["shape"] for r in rows} == {"1x96x128", "17x96x128"}
+    assert bench_matmul.main(["--smoke", "--dtype", "float32", "--ms", "3", "--shapes", "40x64", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "matmul.json").read_text())
+    assert {(r["shape"], r["dtype"]) for r in rows} == {("3x40x64", "float32")}
+    with pytest.raises(SystemExit):
+        bench_matmul.main(["--smoke", "--shapes", "40by64"])
     assert (tmp_path / "matmul.md").exists()
