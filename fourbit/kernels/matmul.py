@@ -18,9 +18,10 @@ roundings instead of one FMA: the decoded W is bit-identical to `fourbit.nf4.deq
 Decoding. A byte indexes a 256-entry int64 table (`fourbit.nf4.matmul.pair_table`) whose two 32-bit
 halves are the float32 codes of its high and low nibble: one gather per byte, not one per nibble.
 The two halves are interleaved back into k order ([BN, BK/2] x 2 -> [BN, BK]) and scaled. The
-launcher requires K % blocksize == 0, so blocks never cross rows; a tile of BK columns then holds
-one scale per row (BK <= blocksize) or BK/blocksize of them (BK > blocksize, applied on a
-[BN, BK/bs, bs] view). Other shapes take the reference (dequantize + torch.matmul): blocks that
+launcher requires K % blocksize == 0, so blocks never cross rows, and K % 64 == 0, so K splits
+into whole tiles and every row of bytes starts 16-byte aligned (128-bit loads). A tile of BK
+columns then holds one scale per row (BK <= blocksize) or BK/blocksize of them (BK > blocksize,
+applied on a [BN, BK/bs, bs] view). Other shapes take the reference (dequantize + torch.matmul): blocks that
 cross rows would need a scale per element, and such layers are rare (bitsandbytes falls back too).
 
 Three kernels, each reading W in the same row-major [BN rows x BK/2 bytes] tiles:
