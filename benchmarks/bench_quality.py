@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         timing = {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": 1}
         rows.append(record(
             "perplexity", variant, (ids.numel(),), "float32", timing, perplexity=ppl, weight_rel_error=err,
-            config={"model": args.model, "text": "CPython LICENSE.txt", "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            config={"model": args.model, "text": "CPython LICENSE.txt",
+                    "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
                     "tokens": int(ids.numel()), "window": window, "blocksize": 64},
         ))
         print(f"{variant:>12}: perplexity {ppl:.4f}  weight relative error {err:.4f}")
@@ -143,7 +144,8 @@ def render_quality(rows: list[dict], json_path) -> None:
         "|---|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['provider']} | {r['perplexity']:.4f} | {100 * (r['perplexity'] / ref - 1):+.2f} % | {r['weight_rel_error']:.4f} |")
+        change = 100 * (r["perplexity"] / ref - 1)
+        lines.append(f"| {r['provider']} | {r['perplexity']:.4f} | {change:+.2f} % | {r['weight_rel_error']:.4f} |")
     lines.append(
         "\nThe source weights are the GGUF's Q4_1 values (already on a uniform 4-bit grid per 32 elements), "
         "which favours the uniform Int4 code; see the module docstring before comparing with the QLoRA paper."

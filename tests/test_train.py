@@ -20,7 +20,6 @@ from fourbit.train.models import load_dense
 from fourbit.train.task import date_task, exact_match
 
 
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_llama_dir(str(tmp_path_factory.mktemp("tiny")))
