@@ -16,12 +16,11 @@ in float32, which is exactly what a Linear4bit computes with fp32 compute (y = x
     int4-absmax  symmetric integers: q = round(7 W / absmax) in [-7, 7], W_hat = q absmax / 7, blocksize 64
 The QLoRA paper (Dettmers et al. 2023, Table 2 and Fig. 3) finds NF4 < FP4 < Int4 in perplexity.
 
-Caveat that decides the result here: the only SmolLM2 weights available offline are the GGUF's
-Q4_1 values, i.e. each 32-element block already lies on a uniform 16-level grid (scale * q + min).
-Re-quantizing such weights favours a uniform code (Int4) over NF4's normal-quantile code, whose
-levels do not line up with that grid; measured on CPU (benchmarks/results/cpu/quality.md):
-Int4 16.49 < FP4 17.15 < NF4 17.25 < NF4+DQ 17.31 (fp32 11.72), the reverse of the paper's
-order, while NF4 still has the smallest weight error (0.0935 vs 0.1127 Int4, 0.1251 FP4).
+Measured on CPU (benchmarks/results/cpu/quality.md): Int4 16.49 < FP4 17.15 < NF4 17.25 <
+NF4+DQ 17.31 (fp32 11.72) -- the reverse of the paper's order -- although NF4 has the smallest
+weight error (0.0935 vs 0.1127 Int4, 0.1251 FP4). Not explained yet; two untested suspects: the only
+SmolLM2 weights available offline are the GGUF's Q4_1 values (each 32-element block already on a
+uniform 16-level grid), and a 135M model on 2048 tokens of license text is a small, narrow sample.
 """
 
 from __future__ import annotations
@@ -147,8 +146,8 @@ def render_quality(rows: list[dict], json_path) -> None:
         change = 100 * (r["perplexity"] / ref - 1)
         lines.append(f"| {r['provider']} | {r['perplexity']:.4f} | {change:+.2f} % | {r['weight_rel_error']:.4f} |")
     lines.append(
-        "\nThe source weights are the GGUF's Q4_1 values (already on a uniform 4-bit grid per 32 elements), "
-        "which favours the uniform Int4 code; see the module docstring before comparing with the QLoRA paper."
+        "\nThe source weights are the GGUF's Q4_1 values (already on a uniform 4-bit grid per 32 elements), not "
+        "full-precision weights; Int4 beating NF4 here is not explained yet (see the module docstring)."
     )
     lines.append(f"\nVersions: {rows[0].get('versions')}; git {rows[0].get('git_sha')}.\n")
     with open(base + ".md.tmp", "w") as f:
