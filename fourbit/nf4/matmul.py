@@ -97,9 +97,6 @@ def _decoded_chunks(packed: torch.Tensor, state: QuantState, dtype: torch.dtype)
     table = pair_table(state.quant_type, data.device)
     rows = _chunk_rows(n_out, k, bs)
     buf = torch.empty(-(-rows * k // bs) * bs, dtype=torch.float32, device=data.device)  # whole blocks
-    # fp16/bf16: the scale multiply writes straight into the narrow dtype (computed in float32, then
-    # rounded once: bit-identical to dequantize), one pass fewer over the chunk (-7 % decode time)
-    narrow = buf.new_empty(buf.numel(), dtype=dtype) if dtype in (torch.float16, torch.bfloat16) else None
     for r0 in range(0, n_out, rows):
         r1 = min(r0 + rows, n_out)
         e0, e1 = r0 * k, r1 * k  # flat element range of this chunk; e0 % bs == 0
@@ -108,12 +105,10 @@ def _decoded_chunks(packed: torch.Tensor, state: QuantState, dtype: torch.dtype)
         pairs = buf[: 2 * (b1 - b0)].view(torch.int64)  # (b1 - b0,) two float32 codes each
         torch.index_select(table, 0, data[b0:b1].int(), out=pairs)  # int32 indices: 16 vs 22 ms with int64
         vals = buf[: nblk * bs].view(nblk, bs)  # (nblk, bs); entries past 2*(b1-b0) are unused
-        chunk_scales = scales[e0 // bs : e0 // bs + nblk].unsqueeze(1)  # (nblk, 1)
-        if narrow is None:
-            w = vals.mul_(chunk_scales).view(-1)[: e1 - e0].to(dtype)
-        else:
-            w = torch.mul(vals, chunk_scales, out=narrow[: nblk * bs].view(nblk, bs)).view(-1)[: e1 - e0]
-        yield r0, r1, w.view(r1 - r0, k)  # (R, K)
+        # in place, then a separate cast: 16 ms for 4096 x 4096 to bf16, against 23-28 ms for a
+        # mixed-dtype torch.mul(..., out=bf16) (not vectorised on this CPU)
+        vals.mul_(scales[e0 // bs : e0 // bs + nblk].unsqueeze(1))
+        yield r0, r1, vals.view(-1)[: e1 - e0].view(r1 - r0, k).to(dtype)  # (R, K)
 
 
 def matmul(
