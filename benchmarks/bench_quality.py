@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ppl = perplexity(model, ids, window)
         ms = (time.perf_counter() - t0) * 1e3  # one scoring pass over the text, for the record
-        err = sum(float((linears[n].weight - w).norm() ** 2) for n, w in dense.items()) ** 0.5 / sum(
+        err = sum(float((linears[n].weight.detach() - w).norm() ** 2) for n, w in dense.items()) ** 0.5 / sum(
             float(w.norm() ** 2) for w in dense.values()
-        ) ** 0.5
+        ) ** 0.5  # relative Frobenius error over all round-tripped weights
         timing = {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": 1}
         rows.append(record(
             "perplexity", variant, (ids.numel(),), "float32", timing, perplexity=ppl, weight_rel_error=err,

@@ -33,7 +33,7 @@ def tokenizer(tiny):
 
 
 def small(tiny, out, **kw):
-    base = dict(model=tiny, output_dir=str(out), steps=6, batch_size=4, eval_examples=8, max_length=80, lr=1e-2, warmup=1)
+    base = dict(model=tiny, output_dir=str(out), steps=4, batch_size=4, eval_examples=4, max_length=80, lr=1e-2, warmup=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -187,7 +187,7 @@ def test_training_lowers_loss_and_writes_the_run(tiny, tmp_path):
     for name in ("metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_model.safetensors", "checkpoint/optimizer.pt"):
         assert (run / name).exists(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 5))
     assert "exact_match" in rows[0] and "exact_match" in rows[-1]
 
 
@@ -197,12 +197,12 @@ def test_kill_and_resume_is_bit_identical(tiny, tmp_path):
     full.train()
 
     cut = Trainer(small(tiny, tmp_path / "cut", **kw), progress=False)
-    cut.on_step = lambda trainer, step: os.kill(os.getpid(), signal.SIGINT) if step == 3 else None
-    assert cut.train()["interrupted"]  # the SIGINT handler saved a checkpoint after step 3
+    cut.on_step = lambda trainer, step: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None
+    assert cut.train()["interrupted"]  # the SIGINT handler saved a checkpoint after step 2
     with pytest.raises(RunDirExists, match="--resume"):
         Trainer(small(tiny, tmp_path / "cut", **kw), progress=False)
     resumed = Trainer(small(tiny, tmp_path / "cut", **kw), resume=True, progress=False)
-    assert resumed.step == 3
+    assert resumed.step == 2
     resumed.train()
 
     losses = lambda t: [(r["step"], r["loss"]) for r in t.metrics if "loss" in r]  # noqa: E731
