@@ -191,8 +191,9 @@ def test_training_lowers_loss_and_writes_the_run(tiny, tmp_path):
     assert "exact_match" in rows[0] and "exact_match" in rows[-1]
 
 
-def test_kill_and_resume_is_bit_identical(tiny, tmp_path):
-    kw = dict(dropout=0.1, grad_accum=2, optimizer="paged_adamw")
+@pytest.mark.parametrize("optimizer", ["paged_adamw", "adamw8bit", "torch_adamw"])
+def test_kill_and_resume_is_bit_identical(tiny, tmp_path, optimizer):
+    kw = dict(dropout=0.1, grad_accum=2, optimizer=optimizer)
     full = Trainer(small(tiny, tmp_path / "full", **kw), progress=False)
     full.train()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "DEFAULT_TARGETS"]
 
-OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw8bit", "adamw8bit")
+OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw8bit", "adamw8bit", "torch_adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINTING = ("auto", "on", "off")

@@ -69,6 +69,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _build_optimizer(config: TrainConfig, params):
     from . import optim
 
+    if config.optimizer == "torch_adamw":  # PyTorch's own, e.g. for parameters another engine shards
+        return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     cls = {
         "paged_adamw": optim.PagedAdamW,
         "adamw": optim.AdamW,
