@@ -49,6 +49,7 @@ class TrainConfig:
     grad_checkpointing: str = "auto"  # auto: on for models above `checkpointing_above` parameters
     checkpointing_above: int = 500_000_000
     device: str = "auto"  # auto: cuda if available, else cpu
+    distributed: str = "none"  # "ddp" or "fsdp" under torchrun (see docs/distributed.md)
     # bookkeeping
     seed: int = 0
     eval_interval: int = 0  # optimizer steps between exact-match evaluations; 0 = only before and after
@@ -83,6 +84,10 @@ class TrainConfig:
         need(
             self.grad_checkpointing in CHECKPOINTING,
             f"grad_checkpointing must be one of {CHECKPOINTING}, got {self.grad_checkpointing!r}",
+        )
+        need(
+            self.distributed in ("none", "ddp", "fsdp"),
+            f"distributed must be 'none', 'ddp' or 'fsdp', got {self.distributed!r}",
         )
         need(self.eval_interval >= 0, f"eval_interval must be >= 0, got {self.eval_interval}")
         need(self.eval_examples > 0, f"eval_examples must be > 0, got {self.eval_examples}")

@@ -17,6 +17,12 @@ at each step (`data.batch_at`), and dropout (the RNG state, saved in checkpoints
 kill a step halfway: the first SIGINT sets a flag, the loop finishes the current step, writes a
 checkpoint and returns; a second SIGINT interrupts at once. `resume=True` reloads that checkpoint
 and continues with the same numbers an uninterrupted run would produce.
+
+Under torchrun (`distributed="ddp"|"fsdp"`, see docs/distributed.md) the same loop runs on every
+rank with `fourbit.train.distributed`: the model is wrapped after add_lora, each global micro-batch
+is sharded by rows, the loss is scaled with `global_mean_loss` so the averaged gradient is that of
+the global token mean, checkpoints use `distributed.save_checkpoint` (collective, rank 0 writes), and
+only rank 0 writes metrics, the adapter, the plot and the summary.
 """
 
 from __future__ import annotations
@@ -101,8 +107,14 @@ class Trainer:
             raise ValueError("resume and overwrite exclude each other")
         self.config = config
         self.run_dir = config.output_dir
-        self.progress = progress
         self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
+        self.ctx = None  # a distributed.DistContext under torchrun (config.distributed != "none")
+        if config.distributed != "none":
+            from . import distributed
+
+            self.ctx = distributed.setup(config.distributed)
+        self.is_main = self.ctx is None or self.ctx.is_main  # only rank 0 writes files
+        self.progress = progress and self.is_main
         self._prepare_run_dir(resume, overwrite)
         self.resume = resume
         self.metrics: list[dict] = []
@@ -120,20 +132,30 @@ class Trainer:
                     f"{self.run_dir!r} already holds a run ({', '.join(present)}); pass --resume to continue it "
                     "or --overwrite to replace it"
                 )
-            for f in present + [".checkpoint-new", ".checkpoint-old", "loss.png"]:
+            for f in (present + [".checkpoint-new", ".checkpoint-old", "loss.png"]) if self.is_main else ():
                 path = os.path.join(self.run_dir, f)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
                 elif os.path.exists(path):
                     os.unlink(path)
-        os.makedirs(self.run_dir, exist_ok=True)
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.ctx is not None:
+            from . import distributed
+
+            distributed.barrier()
 
     def _setup(self) -> None:
         from ..lora import add_lora, trainable_parameters
         from .models import load_quantized
 
         c = self.config
-        if c.device == "auto":
+        if self.ctx is not None:
+            self.device = self.ctx.device
+        elif c.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(c.device)
@@ -146,14 +168,19 @@ class Trainer:
         self.tokenizer = tokenizer
         torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
         add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
-        model.to(self.device)
-        self.model = model
         self.param_summary = str(trainable_parameters(model))
         n_params = _logical_parameters(model)
         self.checkpointing = c.grad_checkpointing == "on" or (c.grad_checkpointing == "auto" and n_params > c.checkpointing_above)
         if self.checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.ctx is not None:
+            from . import distributed
+
+            model = distributed.wrap_model(model, self.ctx)  # DDP or FSDP2; moves to ctx.device
+        else:
+            model.to(self.device)
+        self.model = model
 
         if c.data == "dates":
             train_records, self.eval_records = date_task(n_eval=c.eval_examples)
@@ -173,12 +200,19 @@ class Trainer:
         self.optimizer = _build_optimizer(c, self.params)
         self.step = 0
         if self.resume:
-            state = checkpoint.load(self.run_dir, model=model, optimizer=self.optimizer)
+            if self.ctx is not None:
+                from . import distributed
+
+                state = distributed.load_checkpoint(model, self.optimizer, os.path.join(self.run_dir, checkpoint.CHECKPOINT))
+            else:
+                state = checkpoint.load(self.run_dir, model=model, optimizer=self.optimizer)
             if state["config"] != c.to_dict():
                 changed = sorted(k for k in c.to_dict() if state["config"].get(k) != c.to_dict()[k])
                 raise ValueError(f"--resume with a different config (fields {changed}); resume with the original settings")
             self.step, self.metrics = state["step"], state["metrics"]
-            self._rewrite_metrics()
+            if self.is_main:
+                self._rewrite_metrics()
+            self._barrier()
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _rewrite_metrics(self) -> None:
@@ -193,6 +227,8 @@ class Trainer:
 
     def _log(self, row: dict) -> None:
         self.metrics.append(row)
+        if not self.is_main:
+            return
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -203,6 +239,13 @@ class Trainer:
             return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device)
 
     def save_checkpoint(self) -> str:
+        if self.ctx is not None:  # collective: every rank gathers, rank 0 writes
+            from . import distributed
+
+            path = os.path.join(self.run_dir, checkpoint.CHECKPOINT)
+            extra = {"config": self.config.to_dict(), "metrics": self.metrics, "source": self.source}
+            distributed.save_checkpoint(self.model, self.optimizer, path, step=self.step, extra=extra)
+            return path
         return checkpoint.save(
             self.run_dir, model=self.model, optimizer=self.optimizer, step=self.step,
             config=self.config.to_dict(), metrics=self.metrics, source=self.source,
@@ -213,20 +256,31 @@ class Trainer:
         c, t0 = self.config, time.perf_counter()
         pad = self.tokenizer.pad_token_id
         batches = [batch_at(self.data, self.step * c.grad_accum + i, c.batch_size, c.seed, pad) for i in range(c.grad_accum)]
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # of the global batches
+        if self.ctx is not None:
+            from . import distributed
+
+            batches = [distributed.shard(b) for b in batches]  # this rank's rows
         n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self.model.train()
         total = 0.0
         for b in batches:
             ids, mask, labels = (b[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            loss = F.cross_entropy(
+            loss_sum = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-            ) / n_answer
+            )
+            if self.ctx is None:
+                loss = loss_sum / n_answer
+                total += loss.item()
+            else:  # scaled so the ranks' averaged gradients are those of the global token mean
+                loss = distributed.global_mean_loss(loss_sum, n_answer)
+                total += distributed.reduce(loss.item())
             loss.backward()
-            total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm if c.clip_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+            grad_norm = grad_norm.full_tensor()
         lr = lr_at(self.step, c, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -288,8 +342,24 @@ class Trainer:
         if after is not None:
             self._log({"step": self.step, "exact_match": after})
         self.save_checkpoint()
-        save_adapter(self.model, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
-        plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
+        if self.ctx is not None:
+            from . import distributed
+
+            with distributed.full_lora_weights(self.model) as plain:  # collective
+                if self.is_main:
+                    save_adapter(plain, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
+        else:
+            save_adapter(self.model, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
+        summary = self._summary()
+        if self.is_main:
+            plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        self._barrier()
+        return summary
+
+    def _summary(self) -> dict:
+        c = self.config
         em = [r["exact_match"] for r in self.metrics if "exact_match" in r]
         steps = [r for r in self.metrics if "loss" in r]
         summary = {
@@ -298,8 +368,6 @@ class Trainer:
             "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
             "params": self.param_summary, "grad_checkpointing": self.checkpointing, "config": c.to_dict(),
         }
-        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
         return summary
 
 
