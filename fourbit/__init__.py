@@ -12,9 +12,15 @@ __all__ = ["QuantState", "dequantize", "matmul_4bit", "quantize", "__version__"]
 
 
 def __getattr__(name):
-    """`fourbit.matmul_4bit` (bitsandbytes' top-level name), imported on first use."""
+    """bitsandbytes' top-level names, imported on first use: `fourbit.matmul_4bit` and the
+    submodules `fourbit.functional`, `fourbit.nn`, `fourbit.optim` (so `import fourbit as bnb`
+    followed by `bnb.optim.PagedAdamW(...)` works without importing them one by one)."""
     if name == "matmul_4bit":
         from .functional import matmul_4bit
 
         return matmul_4bit
+    if name in ("functional", "nn", "optim"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fourbit' has no attribute {name!r}")

@@ -1,4 +1,13 @@
+"""Test configuration. Before anything imports triton (bitsandbytes does, at import), pick the Triton
+mode for this process: with no CUDA device the kernels run in Triton's CPU interpreter. Triton fixes
+interpreted-or-compiled at its first import, so this has to happen here, not in a test module."""
+
 import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings
 

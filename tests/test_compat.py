@@ -160,3 +160,24 @@ def test_dequantize_4bit_without_quant_state_and_out_buffers():
     assert result is dense and torch.equal(dense, FF.dequantize_4bit(packed, state))
     with pytest.raises(ValueError, match="both absmax and out"):
         FF.dequantize_4bit(packed, absmax=absmax)
+
+
+def test_import_fourbit_as_bnb_reaches_every_compatible_name():
+    """`import fourbit as bnb` in place of `import bitsandbytes as bnb`: the attribute paths research
+    code uses resolve, and the optimizer signatures match bitsandbytes'."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fourbit as bnb\n"
+        "names = [bnb.matmul_4bit, bnb.functional.quantize_4bit, bnb.functional.dequantize_4bit,\n"
+        "         bnb.nn.Linear4bit, bnb.nn.Params4bit, bnb.optim.PagedAdamW, bnb.optim.AdamW8bit]\n"
+        "print(len(names))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "7", child.stderr[-2000:]
+    import fourbit.optim as fopt
+
+    for name in ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"):
+        theirs, ours = _params(getattr(bnb.optim, name).__init__), _params(getattr(fopt, name).__init__)
+        assert ours[: len(theirs)] == theirs, (name, ours, theirs)  # ours only adds pager knobs after them

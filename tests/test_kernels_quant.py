@@ -2,10 +2,10 @@
 
 Where the kernels run:
   * on a CUDA device when there is one (and TRITON_INTERPRET is off): every test runs here;
-  * otherwise under Triton's CPU interpreter. Triton fixes interpreted-or-compiled when
-    `@triton.jit` runs, i.e. at the first `import triton`, which another test module may already have
-    done in this process. So `test_grid_under_interpreter` reruns this file in a child Python with
-    TRITON_INTERPRET=1, and the kernel tests here skip in the parent with a pointer to it.
+  * otherwise under Triton's CPU interpreter. Triton fixes interpreted-or-compiled at its first
+    import, so tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton when there
+    is no CUDA device. If triton was imported compiled anyway (TRITON_INTERPRET=0 given explicitly,
+    no GPU), `test_grid_under_interpreter` reruns this file in a child Python with the interpreter.
 
 bf16 output: Triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding to nearest even.
 The kernel keeps the native cast; under the interpreter each bf16 value must equal either rounding
@@ -40,7 +40,7 @@ BLOCKSIZES = (32, 64, 256, 4096)
 
 @pytest.mark.skipif(INTERPRETED or ON_GPU, reason="the kernel tests run in this process")
 def test_grid_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FOURBIT_TEST_CHILD": "1"}
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
     child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     tail = child.stdout[-8000:] + child.stderr[-4000:]
@@ -224,14 +224,44 @@ def test_dispatch_routes_triton_backend(monkeypatch):
 
 
 def test_cpu_tensor_without_interpreter_says_how_to_run():
-    if INTERPRETED:
-        pytest.skip("the interpreter is on in this process")
-    x = torch.randn(64, 64)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        triton_ops().quantize(x)
-    packed, state = reference.quantize(x)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        triton_ops().dequantize(packed, state)
+    """Compiled triton (no interpreter) given CPU tensors: a clear error, checked in a child Python
+    that imports triton without TRITON_INTERPRET (this process has the interpreter on)."""
+    code = (
+        "import torch, fourbit.nf4 as ref, fourbit.kernels as k\n"
+        "x = torch.randn(64, 64)\n"
+        "packed, state = ref.quantize(x)\n"
+        "for call in (lambda: k.quantize(x), lambda: k.dequantize(packed, state)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        "        assert 'TRITON_INTERPRET=1' in str(e) and 'reference' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "print('refused')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the child would not refuse CPU tensors for the reason tested here")
+    assert child.returncode == 0 and child.stdout.strip() == "refused", child.stdout + child.stderr[-3000:]
+
+
+def test_interpreter_switched_on_after_triton_import_is_named():
+    """TRITON_INTERPRET=1 set after triton was imported compiled: the launcher says so instead of
+    failing deep inside the interpreter."""
+    code = (
+        "import os, torch, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import fourbit.kernels as k\n"
+        "try:\n"
+        "    k.quantize(torch.randn(64, 64))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'before anything imports triton' in str(e), e\n"
+        "    print('named')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "named", child.stdout + child.stderr[-3000:]
 
 
 def test_device_mix_is_refused():
@@ -268,7 +298,7 @@ def test_argument_errors_name_the_problem():
 
 # ---- the GPU session script (benchmarks/gpu/run.sh): what can be checked without a GPU -------
 
-in_parent = pytest.mark.skipif(INTERPRETED, reason="runs once, in the parent process")
+in_parent = pytest.mark.skipif(os.environ.get("FOURBIT_TEST_CHILD") == "1", reason="runs once, in the parent process")
 
 
 @in_parent

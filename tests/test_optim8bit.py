@@ -6,9 +6,9 @@ scales match exactly), and every differing code is proven to be that quirk: bits
 equals a model of the lookup-table quantizer written here from SPEC §3 (for every element), ours
 is a nearest code, and the two differ exactly where the table and the nearest code disagree.
 
-The Triton kernel tests run on a GPU when there is one, otherwise in a child Python with
-TRITON_INTERPRET=1 (Triton fixes interpreted-or-compiled at its first import, which another test
-module may already have done in this process).
+The Triton kernel tests run on a GPU when there is one, otherwise under Triton's interpreter
+(tests/conftest.py turns it on before anything imports triton); if triton was imported compiled
+anyway (TRITON_INTERPRET=0 given explicitly, no GPU), a child Python reruns them interpreted.
 """
 
 from __future__ import annotations

@@ -12,9 +12,13 @@
 #   4. benchmarks/gpu/quant_gpu.py: copy bandwidth, Triton == reference on 8192 x 8192, parity with
 #      bitsandbytes CUDA, a tensor past 2**31 elements, quantize/dequantize timings as GB/s and
 #      % of the copy bandwidth                                                         (<= 200 s)
-#   5. the compile report with this machine's triton (informative)                     (<= 40 s)
+#   5. fused matmul tests on the GPU (forward, backward, autograd op vs float64)          (<= 150 s)
+#   6. benchmarks/bench_matmul.py on the GPU: fourbit Triton vs bitsandbytes matmul_4bit vs
+#      cuBLAS on the dense bf16 weight; Llama-3 projection shapes, M from 1 to 8192; weights
+#      rotated out of L2, CUDA graphs for M <= 16                                        (<= 200 s)
+#   7. the compile report with this machine's triton (informative)                     (<= 40 s)
 # Results: RESULTS_ROOT/<gpu-name>/{quant_gpu.json,.md,.png, quant_gpu_parity.json,
-#          compile_report.json, session.txt}. Exit status: number of failed steps.
+#          matmul.json,.md,.png, compile_report.json, session.txt}. Exit status: number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -60,5 +64,10 @@ else  # quant_gpu.py repeats the bit-exactness checks that matter most, so the s
   echo "run.sh: kernel tests skipped (pytest/hypothesis not installed)" | tee -a "$out/session.txt"
 fi
 step "parity + timings" 200 python3 -m benchmarks.gpu.quant_gpu --out "$out"
+if python3 -c "import pytest, hypothesis" 2>/dev/null; then
+  step "matmul tests" 150 python3 -m pytest tests/test_matmul.py tests/test_functional.py -q -x -p no:cacheprovider
+fi
+step "matmul timings" 200 python3 -m benchmarks.bench_matmul --device cuda --dtype bfloat16 \
+  --shapes 4096x4096 14336x4096 4096x14336 8192x8192 --ms 1 4 16 64 128 2048 8192 --out "$out"
 step "compile report" 40 python3 -m fourbit.kernels.report --arch sm_90a --only quantize --only dequantize --json "$out/compile_report.json"
 exit "$failed"

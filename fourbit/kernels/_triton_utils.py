@@ -29,12 +29,18 @@ LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": False}
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its Python interpreter (TRITON_INTERPRET=1 at import time)."""
-    import triton
+    """True when Triton runs kernels in its Python interpreter.
 
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
+    Triton fixes the mode when `@triton.jit` runs, so the environment variable alone can lie (it may
+    have been set after triton was imported). We ask triton.language itself: its own jit helpers
+    (`tl.cdiv`) are interpreted functions exactly when kernels decorated alongside them are."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.cdiv, InterpretedFunction)
+
+
+def _interpreter_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -42,6 +48,12 @@ def check_launch_device(**tensors: torch.Tensor | None) -> torch.device:
     """The one device of `tensors`; raises if they are split across devices or if the kernels
     cannot run there (CPU tensors need the interpreter, CUDA tensors need it off)."""
     device = check_same_device(**tensors)
+    if _interpreter_env() != interpreting():
+        raise RuntimeError(
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} but triton was imported "
+            f"{'with' if interpreting() else 'without'} its interpreter: Triton fixes the mode at its first import, "
+            "so set (or unset) TRITON_INTERPRET before anything imports triton (bitsandbytes and torch.compile do)"
+        )
     if device.type == "cuda":
         if interpreting():
             raise RuntimeError(

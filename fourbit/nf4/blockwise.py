@@ -23,11 +23,11 @@ __all__ = ["quantize_blockwise", "dequantize_blockwise", "nearest_code"]
 
 def nearest_code(s: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of the sorted `code` for each float32 s; ties to the even index."""
-    midpoints = (code[:-1] + code[1:]) * 0.5
+    midpoints = (code[:-1] + code[1:]) * 0.5  # (len(code) - 1,)
     below = torch.bucketize(s, midpoints, right=False)  # midpoints strictly below s
-    at_or_below = torch.bucketize(s, midpoints, right=True)  # midpoints <= s
-    tie = below != at_or_below
-    return torch.where(tie & (below % 2 == 1), at_or_below, below)
+    # s sits exactly on a midpoint when the first midpoint >= s equals it (one gather, not a second search)
+    tie = (below < midpoints.numel()) & (midpoints[below.clamp(max=midpoints.numel() - 1)] == s)
+    return torch.where(tie & (below % 2 == 1), below + 1, below)
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

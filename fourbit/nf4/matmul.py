@@ -7,10 +7,11 @@ equal. The math is bitsandbytes' fallback, element for element:
     y       = F.linear(x, w, bias.to(x.dtype))           computed in x's dtype, like bitsandbytes
 
 What makes it fast on CPU is never holding the whole dense W. The output features are walked in
-chunks of R rows (R*K about 2**20 values, a 4 MiB float32 buffer that stays in cache):
+chunks of R rows (R*K about 2**20 values, a 4 MiB float32 buffer that stays in cache), decoded by
+`fourbit.nf4.quant.decoded_chunks` (the same decoder `dequantize` uses):
 
     bytes   packed[r0*K/2 : r1*K/2]            (R*K/2,)  uint8
-    pairs   PAIR_TABLE[bytes]                  (R*K/2,)  int64, each two float32 codes (one gather
+    pairs   pair_table[bytes]                  (R*K/2,)  int64, each two float32 codes (one gather
                                                           per byte instead of two nibble lookups)
     scaled  pairs.view(float32) * absmax_hat   (R*K,)    one float32 rounding, as dequantize
     y[..., r0:r1] = x @ scaled.to(x.dtype).T   (M, R)
@@ -21,11 +22,11 @@ chunks instead, so the sum over N is not split into separately rounded partial p
 A chunk starts on a quantization-block boundary, so blocks that cross rows (K not a multiple of
 the blocksize) need no special case. Measured on this 2-core machine, one thread, 4096 x 4096 NF4
 weight: decoded to bfloat16 in 64- or 256-row chunks 16 ms (bitsandbytes' native CPU kernel 15 ms)
-against 70 ms for `dequantize` (65536 x 4 table, one 64 MiB float32 buffer); the whole matmul for M = 1 / 16 / 512 in float32 40 / 67 / 234 ms
-against 94 / 134 / 392 ms for dequantize + linear. The gain is cache residency, no page faults on a
-fresh 64 MiB buffer, and the byte-sized table (2 KiB, in L1). Chunks are 2**20 values rather than
-fewer: each chunk is a handful of multi-threaded torch calls, and on a busy machine every one of them
-pays a thread synchronisation.
+against 70 ms for a whole-tensor decode through a 65536 x 4 table into one 64 MiB float32 buffer;
+the whole matmul for M = 1 / 16 / 512 in float32 40 / 67 / 234 ms against 94 / 134 / 392 ms for
+that decode + linear. The gain is cache residency, no page faults on a fresh 64 MiB buffer, and the
+byte-sized table (2 KiB, in L1). Chunks are 2**20 values rather than fewer: each chunk is a handful
+of multi-threaded torch calls, and on a busy machine every one of them pays a thread synchronisation.
 """
 
 from __future__ import annotations
@@ -34,28 +35,10 @@ import math
 
 import torch
 
-from .codes import code_for
-from .quant import check_packed
+from .quant import _CHUNK_VALUES, decoded_chunks, pair_table
 from .state import QuantState
 
 __all__ = ["matmul", "matmul_backward", "pair_table", "check_matmul_args"]
-
-_CHUNK_VALUES = 1 << 20  # weight values decoded per chunk: 4 MiB of float32
-_PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def pair_table(quant_type: str, device: torch.device | str) -> torch.Tensor:
-    """(256,) int64: entry b holds the two float32 codes of byte b, high nibble first in memory
-    (the low 32 bits on a little-endian machine), so `table[bytes].view(float32)` is the decoded
-    pair sequence. The Triton kernels read the same table: one gather per byte."""
-    key = (quant_type, torch.device(device))
-    if key not in _PAIR_TABLES:
-        code = code_for(quant_type)
-        b = torch.arange(256)
-        pairs = torch.stack([code[b >> 4], code[b & 15]], dim=1).contiguous()  # (256, 2) float32
-        _PAIR_TABLES[key] = pairs.view(torch.int64).view(256).to(device)
-    return _PAIR_TABLES[key]
-
 
 def check_matmul_args(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> None:
     """Shape/dtype/device checks shared by the reference and the Triton launcher."""
@@ -88,27 +71,12 @@ def _chunk_rows(n_out: int, k: int, blocksize: int) -> int:
 
 
 def _decoded_chunks(packed: torch.Tensor, state: QuantState, dtype: torch.dtype):
-    """Yield (r0, r1, w) with w = dequantize(W)[r0:r1] in `dtype`, (r1 - r0, K). w may share a
-    reused buffer: consume it before asking for the next chunk."""
-    data = check_packed(packed, state)  # (ceil(N*K/2),) uint8
+    """Yield (r0, r1, w) with w = dequantize(W)[r0:r1] in `dtype`, (r1 - r0, K), in chunks of whole
+    rows that start on block boundaries. w may share a reused buffer: consume it first."""
     n_out, k = (int(d) for d in state.shape)
-    bs = state.blocksize
-    scales = state.dequantized_absmax()  # (nb,) float32
-    table = pair_table(state.quant_type, data.device)
-    rows = _chunk_rows(n_out, k, bs)
-    buf = torch.empty(-(-rows * k // bs) * bs, dtype=torch.float32, device=data.device)  # whole blocks
-    for r0 in range(0, n_out, rows):
-        r1 = min(r0 + rows, n_out)
-        e0, e1 = r0 * k, r1 * k  # flat element range of this chunk; e0 % bs == 0
-        b0, b1 = e0 // 2, -(-e1 // 2)  # its bytes (the last may hold a padding nibble)
-        nblk = -(-(e1 - e0) // bs)
-        pairs = buf[: 2 * (b1 - b0)].view(torch.int64)  # (b1 - b0,) two float32 codes each
-        torch.index_select(table, 0, data[b0:b1].int(), out=pairs)  # int32 indices: 16 vs 22 ms with int64
-        vals = buf[: nblk * bs].view(nblk, bs)  # (nblk, bs); entries past 2*(b1-b0) are unused
-        # in place, then a separate cast: 16 ms for 4096 x 4096 to bf16, against 23-28 ms for a
-        # mixed-dtype torch.mul(..., out=bf16) (not vectorised on this CPU)
-        vals.mul_(scales[e0 // bs : e0 // bs + nblk].unsqueeze(1))
-        yield r0, r1, vals.view(-1)[: e1 - e0].view(r1 - r0, k).to(dtype)  # (R, K)
+    rows = _chunk_rows(n_out, k, state.blocksize)
+    for e0, e1, w in decoded_chunks(packed, state, dtype, range(0, n_out * k, rows * k)):
+        yield e0 // k, e1 // k, w.view(-1, k)
 
 
 def matmul(
