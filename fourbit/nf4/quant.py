@@ -96,11 +96,12 @@ def quantize(
     n = x.numel()
     nbytes = (n + 1) // 2
     itemsize = check_storage(quant_storage, nbytes)
-    check_finite(x)
 
     flat = x.reshape(-1).float()  # (n,) fp16/bf16 widen exactly
     padded = blocks(flat, blocksize)  # (nb, bs)
     absmax = padded.abs().amax(dim=1) if n else flat.new_empty(0)  # (nb,)
+    if not bool(torch.isfinite(absmax).all()):  # amax propagates NaN and inf: one check per block
+        check_finite(x)  # raises, naming how many and where the first is
     recip = 1.0 / absmax.clamp(min=1e-38)  # (nb,) float32, correctly rounded
     scaled = (padded * recip.unsqueeze(1)).view(-1)[: nbytes * 2]  # zero pad -> code of 0.0
     packed = pack(encode(scaled, quant_type))  # (nbytes, 1) uint8
@@ -121,7 +122,11 @@ def quantize(
 
 
 _PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-_CHUNK_VALUES = 1 << 20  # weight values decoded per chunk: a 4 MiB float32 buffer that stays in cache
+_CHUNK_VALUES = 1 << 20  # matmul: weight values decoded per chunk, a 4 MiB float32 buffer
+# dequantize writes a whole tensor anyway: bigger chunks mean fewer thread synchronisations. Measured
+# for 4096 x 4096 on 2 cores, chunks of 2**16 / 2**18 / 2**20 / 2**22 values: float32 41 / 35 / 33 /
+# 30 ms, bfloat16 31 / 26 / 25 / 22 ms.
+_DEQUANTIZE_CHUNK_VALUES = 1 << 22
 
 
 def pair_table(quant_type: str, device: torch.device | str) -> torch.Tensor:
@@ -138,10 +143,13 @@ def pair_table(quant_type: str, device: torch.device | str) -> torch.Tensor:
     return _PAIR_TABLES[key]
 
 
-def decoded_chunks(packed: torch.Tensor, state: QuantState, dtype: torch.dtype, starts):
+def decoded_chunks(packed: torch.Tensor, state: QuantState, dtype: torch.dtype, starts, out: torch.Tensor | None = None):
     """Yield (e0, e1, w): w = dequantize(packed, state).view(-1)[e0:e1] in `dtype`, for the flat
     element ranges [starts[i], starts[i+1]) (the last ends at numel). Every start must be a multiple
-    of the blocksize. w may live in a reused buffer: consume it before asking for the next chunk.
+    of the blocksize. Without `out`, w may live in a reused buffer: consume it before asking for the
+    next chunk. With `out` (a flat tensor of numel values in `dtype`), w is out[e0:e1], cast and
+    stored in one pass from the cache-resident chunk buffer (decoding straight into a float32 `out`
+    measured slower: 38 vs 31 ms for 4096 x 4096, the gather and the multiply then miss the cache).
 
         bytes   data[e0/2 : ceil(e1/2)]                    uint8
         pairs   pair_table[bytes]                          int64, two float32 codes each
@@ -166,7 +174,10 @@ def decoded_chunks(packed: torch.Tensor, state: QuantState, dtype: torch.dtype, 
         # in place, then a separate cast: 16 ms for 4096 x 4096 to bf16, against 23-28 ms for a
         # mixed-dtype torch.mul(..., out=bf16) (not vectorised on this CPU)
         vals.mul_(scales[e0 // bs : e0 // bs + nblk].unsqueeze(1))
-        yield e0, e1, vals.view(-1)[: e1 - e0].to(dtype)
+        if out is not None:
+            yield e0, e1, out[e0:e1].copy_(vals.view(-1)[: e1 - e0])  # cast and store in one pass
+        else:
+            yield e0, e1, vals.view(-1)[: e1 - e0].to(dtype)
 
 
 def check_packed(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
@@ -192,7 +203,7 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     dtype = dtype or state.dtype
     n, bs = state.numel, state.blocksize
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    step = max(bs, _CHUNK_VALUES // bs * bs)
-    for e0, e1, w in decoded_chunks(packed, state, dtype, range(0, n, step)):
-        out[e0:e1] = w
+    step = max(bs, _DEQUANTIZE_CHUNK_VALUES // bs * bs)
+    for _ in decoded_chunks(packed, state, dtype, range(0, n, step), out=out):
+        pass  # each chunk is written into out
     return out.view(state.shape)
