@@ -310,6 +310,11 @@ def test_gpu_script_parses_and_refuses_without_gpu(tmp_path):
     child = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert child.returncode == 1 and "no CUDA device" in child.stderr
     assert not any(tmp_path.iterdir())
+    for parts in (["matmul", "train"], ["quant"]):
+        child = subprocess.run(["bash", str(script), str(tmp_path), *parts], capture_output=True, text=True, timeout=120)
+        assert child.returncode == 1 and "no CUDA device" in child.stderr
+    child = subprocess.run(["bash", str(script), str(tmp_path), "quant", "bogus"], capture_output=True, text=True)
+    assert child.returncode == 2 and "unknown part 'bogus'" in child.stderr
 
 
 @in_parent

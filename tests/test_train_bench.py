@@ -21,6 +21,19 @@ def test_bench_train_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bnb
+def test_bench_train_random_llama_stack_smoke(tmp_path):
+    """The GPU benchmark's model (random Llama-shaped decoder layers, random tokens) at toy size on
+    CPU: both providers build, train a step from the same bytes and agree on the first loss."""
+    from benchmarks import bench_train
+
+    assert bench_train.main(["--smoke", "--model", "tiny-llama:2", "--seq-len", "32", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert {r["provider"] for r in rows} == {"fourbit", "bnb+peft"}
+    assert all(r["config"]["seq_len"] == 32 and r["shape"] == "1x32" for r in rows)
+
+
+@pytest.mark.slow
 def test_bench_quality_smoke(tmp_path):
     from benchmarks import bench_quality
 

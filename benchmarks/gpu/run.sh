@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# One GPU session for fourbit's Triton quantize/dequantize kernels; under 8 minutes on one GPU.
+# One GPU session for fourbit's Triton kernels, in up to three parts of at most ~8 minutes each.
 #
-#   bash benchmarks/gpu/run.sh [RESULTS_ROOT]        (default RESULTS_ROOT: benchmarks/results)
+#   bash benchmarks/gpu/run.sh [RESULTS_ROOT] [PART...]
+#        RESULTS_ROOT default benchmarks/results; PART one or more of quant, matmul, train
+#        (default: all three). A device tool that limits one command to 10 minutes runs one part
+#        per call: `run.sh benchmarks/results quant`, then `... matmul`, then `... train`.
 #
 # Needs a CUDA GPU with torch and triton (3.6 or newer) installed; no internet.
-#   1. bitsandbytes: installs a carried wheel (benchmarks/gpu/wheels/ or shared/wheels/) if present;
-#      without bitsandbytes the parity and bitsandbytes timings are skipped, the rest runs.
-#   2. records the GPU, driver and versions (session.txt).
-#   3. kernel tests on the GPU (if pytest is installed): Triton == reference bit for bit,
+#   bitsandbytes: installs a carried wheel (benchmarks/gpu/wheels/ or shared/wheels/) if present;
+#   without bitsandbytes the parity and bitsandbytes timings are skipped, the rest runs.
+#   The GPU, driver and versions go to session.txt.
+# quant:
+#   1. kernel tests on the GPU (if pytest is installed): Triton == reference bit for bit,
 #      bf16 output included                                                            (<= 210 s)
-#   4. benchmarks/gpu/quant_gpu.py: copy bandwidth, Triton == reference on 8192 x 8192, parity with
+#   2. benchmarks/gpu/quant_gpu.py: copy bandwidth, Triton == reference on 8192 x 8192, parity with
 #      bitsandbytes CUDA, a tensor past 2**31 elements, quantize/dequantize timings as GB/s and
 #      % of the copy bandwidth                                                         (<= 200 s)
-#   5. fused matmul tests on the GPU (forward, backward, autograd op vs float64)          (<= 150 s)
-#   6. benchmarks/bench_matmul.py on the GPU: fourbit Triton vs bitsandbytes matmul_4bit vs
-#      cuBLAS on the dense bf16 weight; Llama-3 projection shapes, M from 1 to 8192; weights
-#      rotated out of L2, CUDA graphs for M <= 16                                        (<= 200 s)
-#   7. the compile report with this machine's triton (informative)                     (<= 40 s)
+#   3. the compile report with this machine's triton (informative)                     (<= 40 s)
+# matmul:
+#   4. fused matmul tests on the GPU (forward, backward, autograd op vs float64)          (<= 150 s)
+#   5. benchmarks/bench_matmul.py on the GPU: fourbit Triton vs bitsandbytes matmul_4bit vs
+#      cuBLAS on the dense bf16 weight; Llama-3 projection shapes, M from 1 to 8192; cold
+#      weights (L2 flushed before each call), CUDA graphs for M <= 16                   (<= 240 s)
+# train (needs transformers and peft):
+#   6. benchmarks/bench_train.py: a QLoRA step on 4 Llama-3-8B-shaped decoder layers, seq 2048,
+#      r=16, bf16: fourbit vs bitsandbytes + PEFT, tokens/s and peak memory              (<= 300 s)
 # Results: RESULTS_ROOT/<gpu-name>/{quant_gpu.json,.md,.png, quant_gpu_parity.json,
-#          matmul.json,.md,.png, compile_report.json, session.txt}. Exit status: number of failed steps.
+#          compile_report.json, matmul.json,.md,.png, train.json,.md,.png, session.txt}.
+# Exit status: number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 unset TRITON_INTERPRET
 root="${1:-benchmarks/results}"
+shift $(($# > 0 ? 1 : 0))
+parts=" ${*:-quant matmul train} "
+for part in $parts; do
+  case $part in quant | matmul | train) ;; *) echo "run.sh: unknown part '$part' (quant, matmul, train)" >&2; exit 2 ;; esac
+done
 failed=0
 
 shopt -s nullglob
@@ -58,16 +72,31 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome
   fi
 }
 
-if python3 -c "import pytest, hypothesis" 2>/dev/null; then
-  step "kernel tests" 210 python3 -m pytest tests/test_kernels_quant.py -q -x -p no:cacheprovider
-else  # quant_gpu.py repeats the bit-exactness checks that matter most, so the session still says it
-  echo "run.sh: kernel tests skipped (pytest/hypothesis not installed)" | tee -a "$out/session.txt"
+has_pytest() { python3 -c "import pytest, hypothesis" 2>/dev/null; }
+
+if [[ $parts == *" quant "* ]]; then
+  if has_pytest; then
+    step "kernel tests" 210 python3 -m pytest tests/test_kernels_quant.py -q -x -p no:cacheprovider
+  else  # quant_gpu.py repeats the bit-exactness checks that matter most, so the session still says it
+    echo "run.sh: kernel tests skipped (pytest/hypothesis not installed)" | tee -a "$out/session.txt"
+  fi
+  step "parity + timings" 200 python3 -m benchmarks.gpu.quant_gpu --out "$out"
+  step "compile report" 40 python3 -m fourbit.kernels.report --arch sm_90a --only quantize --only dequantize \
+    --json "$out/compile_report.json"
 fi
-step "parity + timings" 200 python3 -m benchmarks.gpu.quant_gpu --out "$out"
-if python3 -c "import pytest, hypothesis" 2>/dev/null; then
-  step "matmul tests" 150 python3 -m pytest tests/test_matmul.py tests/test_functional.py -q -x -p no:cacheprovider
+if [[ $parts == *" matmul "* ]]; then
+  if has_pytest; then
+    step "matmul tests" 150 python3 -m pytest tests/test_matmul.py tests/test_functional.py -q -x -p no:cacheprovider
+  fi
+  step "matmul timings" 240 python3 -m benchmarks.bench_matmul --device cuda --dtype bfloat16 \
+    --shapes 4096x4096 14336x4096 4096x14336 8192x8192 --ms 1 4 16 64 128 2048 8192 --out "$out"
 fi
-step "matmul timings" 200 python3 -m benchmarks.bench_matmul --device cuda --dtype bfloat16 \
-  --shapes 4096x4096 14336x4096 4096x14336 8192x8192 --ms 1 4 16 64 128 2048 8192 --out "$out"
-step "compile report" 40 python3 -m fourbit.kernels.report --arch sm_90a --only quantize --only dequantize --json "$out/compile_report.json"
+if [[ $parts == *" train "* ]]; then
+  if python3 -c "import transformers, peft" 2>/dev/null; then
+    step "train step" 300 python3 -m benchmarks.bench_train --model llama3-8b:4 --seq-len 2048 --batch-size 1 \
+      --steps 6 --out "$out"
+  else
+    echo "run.sh: train step skipped (transformers/peft not installed)" | tee -a "$out/session.txt"
+  fi
+fi
 exit "$failed"
