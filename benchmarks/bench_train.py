@@ -1,6 +1,6 @@
 """A QLoRA training step, fourbit vs bitsandbytes + PEFT: tokens/s and peak memory.
 
-    python -m benchmarks.bench_train [--smoke] [--out DIR] [--steps N] [--batch-size B] [--threads T]
+    python -m benchmarks.bench_train [--smoke] [--out DIR] [--steps N] [--batch-size B] [--threads T] [--rounds R]
                                      [--model smollm2 | llama3-8b:LAYERS | tiny-llama:LAYERS] [--seq-len T]
 
 Both sides train the same model with the same adapter init, batches, loss and optimizer settings:
@@ -198,12 +198,17 @@ def run_provider(provider: str, model_spec: str, steps: int, batch_size: int, r:
         if i >= 2:  # two warm-up steps (allocator, lazy imports, Triton autotuning)
             times.append(time.perf_counter() - t0)
             tokens.append(int(b["attention_mask"].sum()))
+    return summarize(times, tokens, _peak_mib(), losses)
+
+
+def summarize(times: list[float], tokens: list[int], peak_mib: float, losses: list[float]) -> dict:
+    """Median / p20 / p80 step time (seconds in, ms out) and tokens/s at the median."""
     med = statistics.median(times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return {
         "median_ms": med * 1e3, "p20_ms": q[1] * 1e3, "p80_ms": q[7] * 1e3, "reps": len(times),
         "tokens_per_step": statistics.mean(tokens), "tokens_per_s": statistics.mean(tokens) / med,
-        "peak_mib": _peak_mib(), "losses": losses,
+        "peak_mib": peak_mib, "losses": losses, "times_s": times, "tokens": tokens,
     }
 
 
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per example for the random models")
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per provider, alternating; steps pooled")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per provider (0: torch's default)")
     p.add_argument("--provider", choices=PROVIDERS, help=argparse.SUPPRESS)  # internal: one provider, JSON to stdout
     args = p.parse_args(argv)
@@ -230,17 +236,28 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, results = [], {}
     dtype_name = "bfloat16" if torch.cuda.is_available() else "float32"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs: dict[str, list[dict]] = {provider: [] for provider in PROVIDERS}
+    # Rounds alternate the providers (A B, B A, A B, ...), each in a fresh process, and the steps of
+    # all rounds are pooled: a shared machine's slow spells then hit both sides alike.
+    for round_ in range(1 if args.smoke else args.rounds):
+        for provider in (PROVIDERS if round_ % 2 == 0 else PROVIDERS[::-1]):
+            cmd = [sys.executable, "-m", "benchmarks.bench_train", "--provider", provider, "--model", args.model,
+                   "--steps", str(steps), "--batch-size", str(batch), "--r", str(args.r),
+                   "--threads", str(args.threads), "--seq-len", str(args.seq_len)]
+            if args.smoke:
+                cmd.append("--smoke")
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+            if done.returncode != 0:
+                raise RuntimeError(f"{provider} run failed:\n{done.stderr[-3000:]}")
+            runs[provider].append(json.loads(done.stdout.strip().splitlines()[-1]))
     for provider in PROVIDERS:
-        cmd = [sys.executable, "-m", "benchmarks.bench_train", "--provider", provider, "--model", args.model,
-               "--steps", str(steps), "--batch-size", str(batch), "--r", str(args.r), "--threads", str(args.threads),
-               "--seq-len", str(args.seq_len)]
-        if args.smoke:
-            cmd.append("--smoke")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-        if done.returncode != 0:
-            raise RuntimeError(f"{provider} run failed:\n{done.stderr[-3000:]}")
-        results[provider] = res = json.loads(done.stdout.strip().splitlines()[-1])
+        pooled = runs[provider]
+        results[provider] = res = summarize(
+            [t for r in pooled for t in r["times_s"]], [n for r in pooled for n in r["tokens"]],
+            max(r["peak_mib"] for r in pooled), pooled[0]["losses"],
+        )
+        res["rounds"] = len(pooled)
         rows.append(record(
             "qlora_step", provider, (batch, round(res["tokens_per_step"] / batch)), dtype_name, res,
             peak_mem_bytes=int(res["peak_mib"] * 2**20), tokens_per_s=res["tokens_per_s"],

@@ -16,8 +16,10 @@ chunks of R rows (R*K about 2**20 values, a 4 MiB float32 buffer that stays in c
     scaled  pairs.view(float32) * absmax_hat   (R*K,)    one float32 rounding, as dequantize
     y[..., r0:r1] = x @ scaled.to(x.dtype).T   (M, R)
 
-`matmul_backward` (dx = dy @ W, reduced over N) fills one dense W in dy's dtype from the same
-chunks instead, so the sum over N is not split into separately rounded partial products.
+`matmul_backward` (dx = dy @ W, reduced over N) decodes one dense W in dy's dtype instead (through
+`dequantize`, the same decoder), so the sum over N is not split into separately rounded partial
+products. A weight of at most one chunk (every SmolLM2 projection) is decoded into a single buffer
+that is the dense operand itself, and its forward returns F.linear's result directly: no copies.
 
 A chunk starts on a quantization-block boundary, so blocks that cross rows (K not a multiple of
 the blocksize) need no special case. Measured on this 2-core machine, one thread, 4096 x 4096 NF4
@@ -35,7 +37,7 @@ import math
 
 import torch
 
-from .quant import _CHUNK_VALUES, decoded_chunks, pair_table
+from .quant import _CHUNK_VALUES, decoded_chunks, dequantize, pair_table
 from .state import QuantState
 
 __all__ = ["matmul", "matmul_backward", "pair_table", "check_matmul_args"]
@@ -93,6 +95,9 @@ def matmul(
     n_out, k = (int(d) for d in state.shape)
     x2 = x.reshape(-1, k)  # (M, K)
     shape = (*x.shape[:-1], n_out)
+    if out is None and _chunk_rows(n_out, k, state.blocksize) >= n_out:  # one chunk: y needs no copy
+        b = None if bias is None else bias.to(x.dtype)
+        return torch.nn.functional.linear(x2, dequantize(packed, state, dtype=x.dtype), b).view(shape)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
@@ -109,14 +114,11 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
     """grad_x = grad_y @ dequantize(W) in grad_y's dtype; grad_y: (..., N), grad_x: (..., K).
 
     The product reduces over N, which the chunks split, so per-chunk products would be summed in
-    grad_y's dtype with one rounding per chunk. Instead the chunks fill one dense W in grad_y's
-    dtype (bitsandbytes does the same: dequantize, cast, matmul) that lives for this call only."""
+    grad_y's dtype with one rounding per chunk. Instead one dense W in grad_y's dtype is decoded
+    (bitsandbytes does the same: dequantize, cast, matmul); it lives for this call only."""
     if not isinstance(state, QuantState) or len(state.shape) != 2:
         raise ValueError("matmul_backward needs a QuantState of a 2-D weight [N, K]")
     n_out, k = (int(d) for d in state.shape)
     if grad_y.shape[-1] != n_out:
         raise ValueError(f"grad_y has {grad_y.shape[-1]} features in its last dimension but the weight has N={n_out}")
-    w = torch.empty(n_out, k, dtype=grad_y.dtype, device=grad_y.device)  # (N, K)
-    for r0, r1, chunk in _decoded_chunks(packed, state, grad_y.dtype):
-        w[r0:r1] = chunk
-    return grad_y @ w  # (..., K)
+    return grad_y @ dequantize(packed, state, dtype=grad_y.dtype)  # (..., N) @ (N, K)
