@@ -223,6 +223,14 @@ def test_dispatch_routes_triton_backend(monkeypatch):
 # ---- bad input --------------------------------------------------------------------------------
 
 
+def _without_interpreter(code: str) -> str:
+    """Run `code` in a child Python that starts without TRITON_INTERPRET; its stdout, stripped."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stdout + child.stderr[-3000:]
+    return child.stdout.strip()
+
+
 def test_cpu_tensor_without_interpreter_says_how_to_run():
     """Compiled triton (no interpreter) given CPU tensors: a clear error, checked in a child Python
     that imports triton without TRITON_INTERPRET (this process has the interpreter on)."""
@@ -239,11 +247,9 @@ def test_cpu_tensor_without_interpreter_says_how_to_run():
         "        raise SystemExit('no error')\n"
         "print('refused')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     if torch.cuda.is_available():
         pytest.skip("with a GPU the child would not refuse CPU tensors for the reason tested here")
-    assert child.returncode == 0 and child.stdout.strip() == "refused", child.stdout + child.stderr[-3000:]
+    assert _without_interpreter(code) == "refused"
 
 
 def test_interpreter_switched_on_after_triton_import_is_named():
@@ -259,9 +265,7 @@ def test_interpreter_switched_on_after_triton_import_is_named():
         "    assert 'before anything imports triton' in str(e), e\n"
         "    print('named')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert child.returncode == 0 and child.stdout.strip() == "named", child.stdout + child.stderr[-3000:]
+    assert _without_interpreter(code) == "named"
 
 
 def test_device_mix_is_refused():
