@@ -1,12 +1,7 @@
 """matmul_4bit (fourbit.lora.functional): autograd, what it saves, torch.library registration,
 torch.compile without graph breaks, and Triton gradients against reference gradients."""
 
-import os
-
 import torch
-
-if not torch.cuda.is_available():  # the Triton backend then runs in the interpreter, set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -9,12 +9,8 @@ and the output (2^-11 each, random signs), so 2e-3; bfloat16 (8-bit significand)
 import importlib
 import os
 
-import torch
-
-if not torch.cuda.is_available():  # the kernels then run in Triton's interpreter, set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -28,8 +28,8 @@ detects an exact tie (then an odd count moves up by one, so ties land on the eve
 
 Configuration: no autotuning. Each program handles 4096 values (ROWS = 4096 // bs blocks, at least
 one) with 4 warps (32 values per thread, loaded 128 bits at a time), or 8 warps for bs >= 1024 and
-16 for bs 4096, where the compile report showed spills with fewer (sm_80; sm_90a under Triton 3.6). The same fixed choice runs under
-TRITON_INTERPRET=1, where autotune cannot run. Offsets are int64 (the program id is widened first),
+16 for bs 4096, where the compile report showed spills with fewer (sm_80; sm_90a under Triton 3.6).
+The same fixed choice runs under TRITON_INTERPRET=1, where autotune cannot run. Offsets are int64 (the program id is widened first),
 so tensors past 2**31 elements are addressed correctly.
 """
 

@@ -204,8 +204,8 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     n, bs = state.numel, state.blocksize
     step = max(bs, _DEQUANTIZE_CHUNK_VALUES // bs * bs)
     if 0 < n <= step:  # one chunk: its buffer is the result (float32: no copy at all)
-        for _, _, w in decoded_chunks(packed, state, dtype, [0]):
-            return w.view(state.shape)
+        _, _, w = next(decoded_chunks(packed, state, dtype, [0]))
+        return w.view(state.shape)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     for _ in decoded_chunks(packed, state, dtype, range(0, n, step), out=out):
         pass  # each chunk is written into out

@@ -114,9 +114,7 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
 def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=("lm_head",)):
     """(model, tokenizer, source) with every nn.Linear but `skip` replaced by an NF4 Linear4bit
     (double quantization, blocksize 64: the QLoRA recipe)."""
-    from ..lora import quantize_model
-
-    from ..lora import Linear4bit
+    from ..lora import Linear4bit, quantize_model
 
     model, tokenizer, source = load_dense(spec)
     quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
