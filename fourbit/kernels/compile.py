@@ -2,7 +2,9 @@
 
 Each kernel module defines `compile_specs() -> list[CompileSpec]`: one entry per (kernel, config)
 that its launcher may use. `fourbit.kernels.report` compiles each with `triton.compile` for
-sm_80 / sm_89 / sm_90a and checks the expectations recorded here.
+sm_80 / sm_89 / sm_90a and checks the expectations recorded here. `Launch` and `Plan` describe how
+a launcher would use those kernels on one problem size, for the static cost model
+(`fourbit.kernels.costmodel`, whose docstring states the contract).
 """
 
 from __future__ import annotations
@@ -21,3 +23,31 @@ class CompileSpec:
     num_stages: int = 3
     expect_vector_bits: int | None = None  # widest global load the hot loop must use (e.g. 128)
     expect_tensor_cores: bool = False  # HMMA (sm_80/89) / HGMMA (sm_90a) must appear
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the launcher would issue it, for the static cost model
+    (`fourbit.kernels.costmodel`): which compiled kernel, how many programs, and what one trip of
+    its steady-state loop (the K loop of a GEMV/GEMM, the N loop of the backward; the whole program
+    when the kernel has no loop) consumes."""
+
+    spec: CompileSpec  # kernel + constexprs + warps + stages, exactly as launched
+    grid: tuple[int, ...]  # programs per grid axis
+    iterations: int  # loop trips per program (1 for straight-line kernels)
+    weight_bytes_per_iteration: int  # packed weight bytes one program consumes per trip (BLOCK_N*BLOCK_K/2)
+    hbm_bytes: int  # compulsory DRAM traffic of the whole launch: weights once, scales, activations in and out
+    gather_table_bytes: int = 0  # size of the table the loop gathers from with data-dependent addresses
+    iterations_in_flight: int | None = None  # trips whose weight loads are in flight at once; None: derived
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One way the library may compute an op for one (M, N, K): its Triton launches in order, then
+    optionally a cuBLAS matmul (torch.matmul) of shape (M, N, K) on the dequantized weight."""
+
+    op: str  # "gemv" | "gemm" | "backward" | "dequantize"
+    path: str  # "fused" | "dequantize+cublas"
+    config: str  # short label of the configuration, e.g. "32x128,w4s3,split4"
+    launches: tuple[Launch, ...]
+    cublas_mnk: tuple[int, int, int] | None = None

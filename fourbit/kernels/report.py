@@ -33,7 +33,7 @@ from typing import Any
 
 from ..nf4.files import atomic_write
 
-__all__ = ["ARCHS", "MODULES", "collect_specs", "analyse", "sass_counts", "ptxas_usage", "main"]
+__all__ = ["ARCHS", "MODULES", "collect_specs", "build", "analyse", "sass_counts", "ptxas_usage", "main"]
 
 ARCHS = {"sm_80": 80, "sm_89": 89, "sm_90a": 90}
 MODULES = ("fourbit.kernels.quantize", "fourbit.kernels.dequantize", "fourbit.kernels.matmul", "fourbit.kernels.optim8bit")
@@ -146,19 +146,37 @@ def sass_counts(sass: str) -> dict[str, Any]:
     }
 
 
+_BUILT: dict[tuple, dict[str, Any]] = {}
+
+
+def build(spec: Any, arch: str) -> dict[str, Any]:
+    """{"cubin": bytes, "sass": str, "usage": ptxas -v numbers, "shared_bytes": int} of `spec` for
+    `arch`, built once per process (the compile report and the cost model share the builds)."""
+    key = (spec.name, spec.kernel, arch)
+    if key not in _BUILT:
+        capability = ARCHS[arch]
+        compiled, options = _compile(spec, capability)
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "k.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            sass = subprocess.run([_tool("cuobjdump", capability), "-sass", cubin], capture_output=True, text=True, check=True)
+        _BUILT[key] = {
+            "cubin": compiled.asm["cubin"],
+            "sass": sass.stdout,
+            "usage": ptxas_usage(compiled.asm["ptx"], capability, fmad=options.get("enable_fp_fusion", True)),
+            "shared_bytes": int(compiled.metadata.shared),
+        }
+    return _BUILT[key]
+
+
 def analyse(spec: Any, arch: str) -> dict[str, Any]:
     """One report row: compile `spec` for `arch`, read ptxas and SASS, apply the spec's checks."""
-    capability = ARCHS[arch]
-    compiled, options = _compile(spec, capability)
+    built = build(spec, arch)
     row: dict[str, Any] = {"kernel": spec.name, "arch": arch, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    row.update(ptxas_usage(compiled.asm["ptx"], capability, fmad=options.get("enable_fp_fusion", True)))
-    row["shared_bytes"] = int(compiled.metadata.shared)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([_tool("cuobjdump", capability), "-sass", cubin], capture_output=True, text=True, check=True)
-    row.update(sass_counts(sass.stdout))
+    row.update(built["usage"])
+    row["shared_bytes"] = built["shared_bytes"]
+    row.update(sass_counts(built["sass"]))
 
     problems = []
     if row["spill_stores"] or row["spill_loads"] or row["ldl"] or row["stl"]:

@@ -1,0 +1,319 @@
+"""Static cost model: how fast fourbit's matmul kernels can be on an H200, read from their SASS.
+
+    python -m fourbit.kernels.costmodel --arch sm_90a [--json FILE] [--save-binaries DIR]
+        [--m 1 --m 2048 ...] [--op gemv --op gemm ...] [--shape 4096x4096 ...]
+
+No GPU: every kernel configuration the launchers may run is compiled for the target with the
+compile report's machinery (`fourbit.kernels.report.build`), its steady-state loop is found in the
+SASS (`fourbit.kernels.sass`) and its instructions per loop trip are counted by class. Each launch
+is then bounded by the slowest of
+  * issue: 4 warp-instructions per clock per SM, and each class's own pipe rate (`PIPES`);
+  * L1/shared memory: 128 B per clock per SM; a warp's access costs its bytes / 128 wavefronts,
+    gathers from a table with data-dependent addresses the expected number of distinct 128-B lines
+    32 random lanes touch, HGMMA its shared-memory operands;
+  * tensor cores: the measured dense bf16 rate; a loop that waits for every wgmma before decoding
+    the next tile (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) overlaps decode and MMA only across CTAs;
+  * bytes in flight: resident CTAs (registers, shared memory, threads) x weight bytes one CTA has
+    in flight (one loop trip for register loads, stages-1 for cp.async/TMA pipelines) must cover
+    HBM latency x the SM's share of bandwidth (Little's law);
+  * HBM: the launch's compulsory bytes at the measured copy bandwidth;
+  * wave quantization: the busiest SM runs ceil(programs / 132) programs.
+A dequantize + cuBLAS path costs the dequantize launch plus cuBLAS, modelled as
+max(2MNK / CUBLAS_FLOPS, bytes / HBM): the measured 8192^3 rate, assumed at every shape (fraction
+1.0 of the measured peak). The dense bf16 reference the gemm/backward rows are compared with is the
+same cuBLAS time, so the assumption cancels except through the dequantize share.
+
+This is a lower bound on the work per byte, not a simulator. Blind spots: it assumes perfect
+overlap of the bounded resources and perfect latency hiding within them; no instruction latency or
+dependency stalls, no scheduling, no bank conflicts beyond table gathers, no L2 misses on tiles
+re-read across programs, no launch overhead, pipeline fill or drain (about 2-5 us per launch, which
+is comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
+assumed, the clock read right after a matmul run), static counts of predicated code and both sides
+of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe.
+Treat its ranking as reliable and its fractions as optimistic.
+
+Rows (`--json` writes {"arch", "constants", "rows", "kernels", "notes"}); the row schema is stable
+(helper scripts write predicted-vs-measured tables from it):
+    op            "gemv" | "gemm" | "backward" | "dequantize"
+    M, N, K       problem size (y[M, N] = x[M, K] W[N, K]^T; backward dx[M, K] = dy[M, N] W); M = 0 for dequantize
+    config        the plan's configuration label
+    path          "fused" | "dequantize+cublas"
+    limiter       what bounds the time: issue | <pipe class> | l1 | tensor | latency | hbm | cublas
+    predicted_fraction  gemv/dequantize: roofline time / predicted time, roofline = compulsory HBM
+                  bytes (4.127-bit weights, activations in and out; dequantize: its bf16 output too) at
+                  HBM_BYTES_PER_S; gemm/backward: dense bf16 cuBLAS time / predicted time (> 1 is faster)
+    predicted_time_us   the bound, in microseconds
+    loop_instructions_per_weight_byte  thread-instructions of one loop trip over the packed weight
+                  bytes it consumes (null for pure cuBLAS)
+    arch          target, e.g. "sm_90a"
+    chosen        whether the dispatcher would run this row (its route, and within it the best-predicted
+                  config: the autotuner's pick if the model ranks like the hardware)
+    kernels       names of the compiled kernel specs the row launches
+
+Contract with the kernel modules (what the model asks, so that it evaluates what really runs):
+  * `fourbit.kernels.matmul.launch_plans(op, m, n, k, *, sms=132) -> list[Plan]`, op in
+    {"gemv", "gemm", "backward"}: every alternative the launcher may run for bf16 activations, nested
+    scales, blocksize 64 (the QLoRA case compile_specs() covers), one `Plan` per autotune candidate,
+    including "dequantize+cublas" plans; [] where the op does not apply (gemv above its M limit).
+  * `fourbit.dispatch.matmul_route(m, n, k, *, backward=False) -> (op, path)`: the dispatcher's choice.
+  * `Plan`/`Launch` (fourbit.kernels.compile) carry the spec as compiled, the grid, loop trips per
+    program, weight bytes per trip (BLOCK_N * BLOCK_K / 2 for packed nibbles), compulsory HBM bytes,
+    and the size of any table the loop gathers from.
+Where a module lacks them, `fourbit.kernels._costmodel_plans` derives them from the launcher logic
+of the kernels as written before the rebuild (GEMV for M <= 4, fused GEMM above, fused backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+from . import sass as sasslib
+from .compile import Launch, Plan
+from .report import build
+
+__all__ = ["SHAPES", "MS", "predict_launch", "predict_plan", "evaluate", "main"]
+
+# ---- constants: the machine (sm_90a = H200 SXM), each with its source -----------------------------
+SMS = 132  # multiprocessors; PyTorch's device properties on the lent H200 (.library/device/KINDS.md, 2026-10-28)
+CLOCK_HZ = 1.98e9  # SM clock nvidia-smi read right after a matmul run there (KINDS.md); boost, no throttling
+HBM_BYTES_PER_S = 4.3e12  # device-to-device copy, bytes read + written (KINDS.md, gVisor and Firecracker)
+CUBLAS_FLOPS = 790e12  # bf16 8192^3 torch.matmul on random data: 788 (gVisor), 769-798 (Firecracker), KINDS.md
+ISSUE_PER_CLK = 4.0  # warp-instructions per clock per SM: 4 schedulers, one issue each (H100 whitepaper)
+# warp-instructions per clock per SM of each pipe = results/clk/SM / 32, CUDA C++ Programming Guide,
+# "Throughput of Native Arithmetic Instructions", compute capability 9.0: fp32 add/mul/fma 128,
+# half2 add/mul/fma 256 results = 128 instructions' lanes, 32-bit integer add/logic/shift/compare 64,
+# warp shuffle 32, "all other type conversions" 16, special functions (MUFU) 16.
+PIPES = {"fp32": 4.0, "fp16x2": 4.0, "integer": 2.0, "shuffle": 1.0, "conversion": 0.5, "special": 0.5}
+L1_BYTES_PER_CLK = 128  # L1 / shared memory per SM per clock (issue 12; NVIDIA's Hopper tuning guide)
+HBM_LATENCY_S = 0.6e-6  # loaded DRAM latency: an assumption (unloaded pointer chases on Hopper read ~0.5 us)
+REGISTERS_PER_SM = 65536  # 64K 32-bit registers (H100 whitepaper), allocated per warp in units of 256
+THREADS_PER_SM, CTAS_PER_SM = 2048, 32  # CUDA Programming Guide, technical specifications, cc 9.0
+SHARED_PER_SM, SHARED_RESERVED_PER_CTA = 228 * 1024, 1024  # same table; 1 KB per CTA reserved by the system
+BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 + uint8 scale per 64 + fp32 nested scale per 256 blocks
+
+TENSOR_FLOP_PER_CLK = CUBLAS_FLOPS / SMS / CLOCK_HZ  # ~3020 per SM: the measured rate, not the datasheet's
+HBM_BYTES_PER_CLK_PER_SM = HBM_BYTES_PER_S / SMS / CLOCK_HZ  # ~16.5
+
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192))  # (N, K): Llama-3 8B/70B
+MS = (1, 4, 16, 64, 256, 2048, 8192)
+
+
+def constants() -> dict[str, float]:
+    names = ["SMS", "CLOCK_HZ", "HBM_BYTES_PER_S", "CUBLAS_FLOPS", "ISSUE_PER_CLK", "L1_BYTES_PER_CLK", "HBM_LATENCY_S",
+             "BITS_PER_WEIGHT", "TENSOR_FLOP_PER_CLK", "HBM_BYTES_PER_CLK_PER_SM"]
+    return {n: globals()[n] for n in names} | {"PIPES": dict(PIPES)}
+
+
+# ---- one compiled kernel ----------------------------------------------------------------------------
+def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
+    """Loop mix, gathers, registers, shared memory and resident CTAs of `spec` built for `arch`."""
+    built = build(spec, arch)
+    instructions = sasslib.parse(built["sass"])
+    loop = sasslib.find_loop(instructions)
+    body = loop.body if loop else tuple(instructions)
+    mix = sasslib.mix(body)
+    mix["gathers"] = [g.opcode + "".join("." + m for m in g.modifiers) for g in sasslib.gathers(body)]
+    mix["async_copies"] = mix["by_class"].get("global_load", 0) and any(
+        x.opcode in ("LDGSTS", "UTMALDG", "UBLKCP") for x in body)
+    regs, shared, warps = built["usage"]["registers"], built["shared_bytes"], spec.num_warps
+    per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    limits = {"registers": (REGISTERS_PER_SM // per_warp) // warps, "threads": THREADS_PER_SM // (32 * warps),
+              "ctas": CTAS_PER_SM}
+    if shared:
+        limits["shared"] = SHARED_PER_SM // (shared + SHARED_RESERVED_PER_CTA)
+    return {"name": spec.name, "registers": regs, "shared_bytes": shared, "num_warps": warps, "num_stages": spec.num_stages,
+            "resident_ctas": max(0, min(limits.values())), "occupancy_limit": min(limits, key=limits.get),
+            "loop": None if loop is None else [hex(loop.start), hex(loop.end)], **mix}
+
+
+def _gather_wavefronts(table_bytes: int) -> float:
+    """Expected distinct 128-byte lines 32 lanes touch when each picks a table entry at random."""
+    lines = max(1, math.ceil(table_bytes / 128))
+    return lines * (1 - (1 - 1 / lines) ** 32)
+
+
+def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
+    """Time bound of one launch: {"time_s", "limiter", "bounds": {name: seconds}, "instr_per_byte"}."""
+    warps, n = facts["num_warps"], facts["instructions"]
+    by = facts["by_class"]
+    # SM clocks one program's loop trip occupies each resource (all warps of the program)
+    clk = {"issue": warps * n / ISSUE_PER_CLK}
+    clk |= {cls: warps * by.get(cls, 0) / rate for cls, rate in PIPES.items()}
+    extra = sum(max(0.0, _gather_wavefronts(launch.gather_table_bytes) - 1) for _ in facts["gathers"])
+    clk["l1"] = warps * (facts["l1_wavefronts"] + extra + facts["hgmma_smem_bytes"] / L1_BYTES_PER_CLK) * 128 / L1_BYTES_PER_CLK
+    clk["tensor"] = warps * facts["tensor_flops"] / TENSOR_FLOP_PER_CLK
+    programs = math.prod(launch.grid)
+    per_sm = math.ceil(programs / SMS)  # the busiest SM's share: wave quantization
+    active = max(1, min(facts["resident_ctas"], per_sm))
+    trip = max(clk.values())
+    if facts["waits_all_mma"] and clk["tensor"]:
+        # decode and MMA serialize inside a program; only other resident programs fill the gap
+        trip = max(trip, (clk["issue"] + clk["tensor"]) / active)
+    sm_clk = {name: per_sm * launch.iterations * c for name, c in clk.items()}
+    if trip > max(clk.values()):
+        sm_clk["tensor"] = per_sm * launch.iterations * trip
+    depth = launch.iterations_in_flight or (max(1, facts["num_stages"] - 1) if facts["async_copies"] else 1)
+    in_flight = active * launch.weight_bytes_per_iteration * depth  # bytes one SM has requested at once
+    sm_bytes = per_sm * launch.hbm_bytes / programs
+    latency_clk = HBM_LATENCY_S * CLOCK_HZ
+    bounds = {name: c / CLOCK_HZ for name, c in sm_clk.items()}
+    bounds["latency"] = sm_bytes / (in_flight / latency_clk) / CLOCK_HZ if in_flight else math.inf
+    bounds["hbm"] = launch.hbm_bytes / HBM_BYTES_PER_S
+    limiter = max(bounds, key=bounds.get)
+    ipb = 32 * warps * n / launch.weight_bytes_per_iteration if launch.weight_bytes_per_iteration else None
+    return {"time_s": bounds[limiter], "limiter": limiter, "bounds": bounds, "instr_per_byte": ipb,
+            "programs": programs, "active_ctas_per_sm": active}
+
+
+def cublas_time(m: int, n: int, k: int) -> float:
+    """Dense bf16 torch.matmul of (m, k) x (k, n): the measured rate, or its bytes at HBM speed."""
+    return max(2 * m * n * k / CUBLAS_FLOPS, 2 * (m * k + n * k + m * n) / HBM_BYTES_PER_S)
+
+
+def roofline_time(op: str, m: int, n: int, k: int) -> float:
+    weights = n * k * BITS_PER_WEIGHT / 8
+    if op == "dequantize":
+        return (weights + 2 * n * k) / HBM_BYTES_PER_S
+    return (weights + 2 * m * k + 2 * m * n) / HBM_BYTES_PER_S
+
+
+def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callable[[Any], dict]) -> dict[str, Any]:
+    """One output row for `plan` (see the module docstring for the schema)."""
+    parts = [(predict_launch(launch, facts_of(launch.spec)), launch) for launch in plan.launches]
+    time_s = sum(p["time_s"] for p, _ in parts)
+    limiters = [(p["time_s"], p["limiter"]) for p, _ in parts]
+    if plan.cublas_mnk is not None:
+        t = cublas_time(*plan.cublas_mnk)
+        time_s += t
+        limiters.append((t, "cublas"))
+    main = max(parts, key=lambda x: x[0]["time_s"], default=(None, None))[0]
+    if plan.op in ("gemv", "dequantize"):
+        fraction = roofline_time(plan.op, m, n, k) / time_s
+    else:
+        fraction = cublas_time(m, n, k) / time_s
+    return {
+        "op": plan.op, "M": m, "N": n, "K": k, "config": plan.config, "path": plan.path,
+        "limiter": max(limiters)[1], "predicted_fraction": round(fraction, 4), "predicted_time_us": round(time_s * 1e6, 3),
+        "loop_instructions_per_weight_byte": None if main is None or main["instr_per_byte"] is None
+        else round(main["instr_per_byte"], 2),
+        "arch": arch, "chosen": False, "kernels": [launch.spec.name for launch in plan.launches],
+    }  # fmt: skip
+
+
+# ---- what the library would run -----------------------------------------------------------------------
+def _plans_function() -> Callable[..., list[Plan]]:
+    matmul = importlib.import_module("fourbit.kernels.matmul")
+    if hasattr(matmul, "launch_plans"):
+        return matmul.launch_plans
+    from . import _costmodel_plans
+
+    return _costmodel_plans.launch_plans
+
+
+def default_route() -> Callable[..., tuple[str, str]]:
+    """The dispatcher's route function. The model is a tool above the library, so reading dispatch's
+    choice here does not make the kernels depend on dispatch: only this CLI helper imports it."""
+    dispatch = importlib.import_module("fourbit.dispatch")
+    if hasattr(dispatch, "matmul_route"):
+        return dispatch.matmul_route
+    from . import _costmodel_plans
+
+    return _costmodel_plans.matmul_route
+
+
+def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "backward", "dequantize"),
+             route: Callable[..., tuple[str, str]] | None = None) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
+    """(rows, kernel facts by spec name, specs by name) for every plan of every (op, M, shape); with
+    `route`, the rows the dispatcher would run are marked chosen."""
+    plans_for = _plans_function()
+    facts: dict[str, dict] = {}
+    specs: dict[str, Any] = {}
+
+    def facts_of(spec):
+        if spec.name not in facts:
+            facts[spec.name] = kernel_facts(spec, arch)
+            specs[spec.name] = spec
+        return facts[spec.name]
+
+    rows = []
+    for n, k in shapes:
+        if "dequantize" in ops:
+            rows += [predict_plan(p, 0, n, k, arch, facts_of) for p in plans_for("dequantize", 0, n, k, sms=SMS)]
+        for m in ms:
+            for op in ("gemv", "gemm", "backward"):
+                if op in ops:
+                    rows += [predict_plan(p, m, n, k, arch, facts_of) for p in plans_for(op, m, n, k, sms=SMS)]
+            if route is not None:
+                for backward in (False, True):
+                    op, path = route(m, n, k, backward=backward)
+                    mine = [r for r in rows if (r["op"], r["path"], r["M"], r["N"], r["K"]) == (op, path, m, n, k)]
+                    if mine:
+                        min(mine, key=lambda r: r["predicted_time_us"])["chosen"] = True
+    return rows, facts, specs
+
+
+def format_table(rows: list[dict], chosen_only: bool = False) -> str:
+    header = ("op", "M", "N", "K", "path", "config", "limiter", "fraction", "time us", "instr/B", "chosen")
+    lines = [(r["op"], str(r["M"]), str(r["N"]), str(r["K"]), r["path"], r["config"], r["limiter"],
+              f"{r['predicted_fraction']:.3f}", f"{r['predicted_time_us']:.1f}",
+              "-" if r["loop_instructions_per_weight_byte"] is None else f"{r['loop_instructions_per_weight_byte']:.1f}",
+              "*" if r["chosen"] else "")
+             for r in rows if r["chosen"] or not chosen_only]  # fmt: skip
+    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be NxK, e.g. 4096x14336, got {text!r}") from None
+    return n, k
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.costmodel", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=["sm_90a"], default="sm_90a", help="target (the constants are the H200's)")
+    parser.add_argument("--json", metavar="FILE", help="write rows, kernel facts, constants and notes as JSON")
+    parser.add_argument("--save-binaries", metavar="DIR", help="write each compiled cubin (check with cuobjdump -sass)")
+    parser.add_argument("--m", type=int, action="append", help=f"M values (default: {list(MS)})")
+    parser.add_argument("--op", action="append", choices=["gemv", "gemm", "backward", "dequantize"], help="ops (default: all)")
+    parser.add_argument("--shape", type=_shape, action="append", help="NxK (default: the five Llama-3 shapes)")
+    parser.add_argument("--all", action="store_true", help="print every candidate, not only the chosen rows")
+    args = parser.parse_args(argv)
+
+    from ._triton_utils import interpreting
+
+    if interpreting():
+        parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
+    rows, facts, specs = evaluate(args.arch, tuple(args.shape or SHAPES), tuple(args.m or MS),
+                           tuple(args.op or ("gemv", "gemm", "backward", "dequantize")), route=default_route())
+    print(format_table(rows, chosen_only=not args.all))
+    if args.save_binaries:
+        os.makedirs(args.save_binaries, exist_ok=True)
+        for name, spec in specs.items():
+            safe = "".join(c if c.isalnum() or c in "-_.," else "_" for c in name)
+            with open(os.path.join(args.save_binaries, f"{safe}.{args.arch}.cubin"), "wb") as f:
+                f.write(build(spec, args.arch)["cubin"])
+    if args.json:
+        from ..nf4.files import atomic_write
+
+        text = json.dumps({"arch": args.arch, "constants": constants(), "rows": rows, "kernels": facts}, indent=1) + "\n"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write(args.json, write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
