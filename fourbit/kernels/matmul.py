@@ -200,9 +200,12 @@ def _fused_plan(op, m, n, k, dtype, nested, blocksize, cfg) -> Plan:
 def launch_plans(op: str, m: int, n: int, k: int, *, sms: int = SMS) -> list[Plan]:
     """Every alternative the launchers may run for bf16 x, nested scales, blocksize 64 (the cost
     model's contract): the GEMV for op "gemv" (M <= GEMV_MAX_M, else []); for "gemm"/"backward"
-    the fused kernel's shortlist and dequantize + cuBLAS."""
+    the fused kernel's shortlist and dequantize + cuBLAS; for "dequantize" its one launch."""
     if op == "gemv":
         return [plan("gemv", m, n, k, sms=sms)] if m <= GEMV_MAX_M else []
+    if op == "dequantize":
+        launch = dequantize_launch(n * k, dtype=torch.bfloat16, nested=True, blocksize=64)
+        return [Plan(op="dequantize", path="fused", config=launch.spec.name, launches=(launch,))]
     if op not in ("gemm", "backward"):
         raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
     configs = _GEMM_CONFIGS["sm90"] if op == "gemm" else _BACKWARD_CONFIGS
