@@ -228,9 +228,11 @@ def default_route() -> Callable[..., tuple[str, str]]:
 
 
 def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "backward", "dequantize"),
-             route: Callable[..., tuple[str, str]] | None = None) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
+             route: Callable[..., tuple[str, str]] | None = None, routed_only: bool = False,
+             ) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
     """(rows, kernel facts by spec name, specs by name) for every plan of every (op, M, shape); with
-    `route`, the rows the dispatcher would run are marked chosen."""
+    `route`, the rows the dispatcher would run are marked chosen, and with `routed_only` only the
+    routed (op, path) is evaluated (fewer kernels to compile)."""
     plans_for = _plans_function()
     facts: dict[str, dict] = {}
     specs: dict[str, Any] = {}
@@ -245,16 +247,19 @@ def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "b
     for n, k in shapes:
         if "dequantize" in ops:
             rows += [predict_plan(p, 0, n, k, arch, facts_of) for p in plans_for("dequantize", 0, n, k, sms=SMS)]
+            if rows and rows[-1]["op"] == "dequantize":
+                min((r for r in rows if (r["op"], r["N"], r["K"]) == ("dequantize", n, k)),
+                    key=lambda r: r["predicted_time_us"])["chosen"] = True
         for m in ms:
+            routes = {route(m, n, k, backward=b) for b in (False, True)} if route is not None else set()
             for op in ("gemv", "gemm", "backward"):
                 if op in ops:
-                    rows += [predict_plan(p, m, n, k, arch, facts_of) for p in plans_for(op, m, n, k, sms=SMS)]
-            if route is not None:
-                for backward in (False, True):
-                    op, path = route(m, n, k, backward=backward)
-                    mine = [r for r in rows if (r["op"], r["path"], r["M"], r["N"], r["K"]) == (op, path, m, n, k)]
-                    if mine:
-                        min(mine, key=lambda r: r["predicted_time_us"])["chosen"] = True
+                    rows += [predict_plan(p, m, n, k, arch, facts_of) for p in plans_for(op, m, n, k, sms=SMS)
+                             if not routed_only or (p.op, p.path) in routes]
+            for op, path in routes:
+                mine = [r for r in rows if (r["op"], r["path"], r["M"], r["N"], r["K"]) == (op, path, m, n, k)]
+                if mine:
+                    min(mine, key=lambda r: r["predicted_time_us"])["chosen"] = True
     return rows, facts, specs
 
 
@@ -268,6 +273,32 @@ def format_table(rows: list[dict], chosen_only: bool = False) -> str:
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+CASES = [("dequantize", "dequantize", 0, False)] + [(f"forward M={m}", None, m, False) for m in MS] + [
+    (f"backward M={m}", "backward", m, True) for m in (2048, 8192)]
+
+
+def format_markdown(rows: list[dict], shapes=SHAPES) -> str:
+    """The README table: per goal case and shape, the chosen row's predicted fraction and limiter,
+    with an empty measured column for a GPU run to fill."""
+    head = "| case | " + " | ".join(f"{n}×{k}" for n, k in shapes) + " | path (limiter) | measured |"
+    lines = [head, "|" + "---|" * (len(shapes) + 3)]
+    for label, op, m, backward in CASES:
+        cells, paths = [], set()
+        for n, k in shapes:
+            hit = [r for r in rows if r["chosen"] and (r["M"], r["N"], r["K"]) == (m, n, k)
+                   and ((r["op"] == "backward") == backward) and (op is None or r["op"] == op)]
+            if not hit:
+                cells.append("—")
+                continue
+            r = hit[0]
+            ipb = r["loop_instructions_per_weight_byte"]
+            cells.append(f"{r['predicted_fraction']:.2f}" + ("" if ipb is None else f" ({ipb:.1f} i/B)"))
+            paths.add(f"{r['op']} {r['path']} ({r['limiter']})")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {'; '.join(sorted(paths))} | |")
+    return "\n".join(lines)
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -286,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int, action="append", help=f"M values (default: {list(MS)})")
     parser.add_argument("--op", action="append", choices=["gemv", "gemm", "backward", "dequantize"], help="ops (default: all)")
     parser.add_argument("--shape", type=_shape, action="append", help="NxK (default: the five Llama-3 shapes)")
-    parser.add_argument("--all", action="store_true", help="print every candidate, not only the chosen rows")
+    parser.add_argument("--all", action="store_true", help="evaluate and print every candidate, not only the routed ones")
+    parser.add_argument("--markdown", action="store_true", help="print the README's table of chosen rows instead")
     args = parser.parse_args(argv)
 
     from ._triton_utils import interpreting
@@ -294,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     if interpreting():
         parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
     rows, facts, specs = evaluate(args.arch, tuple(args.shape or SHAPES), tuple(args.m or MS),
-                           tuple(args.op or ("gemv", "gemm", "backward", "dequantize")), route=default_route())
-    print(format_table(rows, chosen_only=not args.all))
+                           tuple(args.op or ("gemv", "gemm", "backward", "dequantize")), route=default_route(),
+                                  routed_only=not args.all)
+    print(format_markdown(rows) if args.markdown else format_table(rows))
     if args.save_binaries:
         os.makedirs(args.save_binaries, exist_ok=True)
         for name, spec in specs.items():
