@@ -58,7 +58,8 @@ Contract with the kernel modules (what the model asks, so that it evaluates what
   * `fourbit.dispatch.matmul_route(m, n, k, *, backward=False) -> (op, path)`: the dispatcher's choice.
   * `Plan`/`Launch` (fourbit.kernels.compile) carry the spec as compiled, the grid, loop trips per
     program, weight bytes per trip (BLOCK_N * BLOCK_K / 2 for packed nibbles), compulsory HBM bytes,
-    and the size of any table the loop gathers from.
+    and the size of any table the loop gathers from. Take the specs from the module's
+    compile_specs(), so that `fourbit report` checks (spills, widths) exactly what the model rates.
 Where a module lacks them, `fourbit.kernels._costmodel_plans` derives them from the launcher logic
 of the kernels as written before the rebuild (GEMV for M <= 4, fused GEMM above, fused backward).
 """
@@ -280,10 +281,10 @@ CASES = [("dequantize", "dequantize", 0, False)] + [(f"forward M={m}", None, m, 
 
 
 def format_markdown(rows: list[dict], shapes=SHAPES) -> str:
-    """The README table: per goal case and shape, the chosen row's predicted fraction and limiter,
-    with an empty measured column for a GPU run to fill."""
-    head = "| case | " + " | ".join(f"{n}×{k}" for n, k in shapes) + " | path (limiter) | measured |"
-    lines = [head, "|" + "---|" * (len(shapes) + 3)]
+    """The README table: per goal case and shape, the chosen row's predicted fraction (and loop
+    thread-instructions per weight byte), with a "measured" line for a GPU run to fill."""
+    lines = ["| case | | " + " | ".join(f"{n}×{k}" for n, k in shapes) + " | path (limiter) |",
+             "|" + "---|" * (len(shapes) + 3)]
     for label, op, m, backward in CASES:
         cells, paths = [], set()
         for n, k in shapes:
@@ -297,7 +298,8 @@ def format_markdown(rows: list[dict], shapes=SHAPES) -> str:
             cells.append(f"{r['predicted_fraction']:.2f}" + ("" if ipb is None else f" ({ipb:.1f} i/B)"))
             paths.add(f"{r['op']} {r['path']} ({r['limiter']})")
         if any(c != "—" for c in cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {'; '.join(sorted(paths))} | |")
+            lines.append(f"| {label} | predicted | " + " | ".join(cells) + f" | {'; '.join(sorted(paths))} |")
+            lines.append("| | measured | " + " | ".join("" for _ in shapes) + " | |")
     return "\n".join(lines)
 
 
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_binaries:
         os.makedirs(args.save_binaries, exist_ok=True)
         for name, spec in specs.items():
-            safe = "".join(c if c.isalnum() or c in "-_.," else "_" for c in name)
+            safe = "".join(c if c.isalnum() or c in "_." else "-" for c in name).strip("-")
             with open(os.path.join(args.save_binaries, f"{safe}.{args.arch}.cubin"), "wb") as f:
                 f.write(build(spec, args.arch)["cubin"])
     if args.json:
