@@ -137,4 +137,4 @@ def test_frozen_gemv_counts_match_the_hand_count(compiled):
         assert row["predicted_fraction"] <= 0.25 and row["limiter"] in ("l1", "issue", "shuffle"), row
     facts = compiled["kernels"]["frozen_gemv[bf16,bs64,dq,m1,32x128,w4s3]"]
     assert facts["by_class"]["shuffle"] == 224 and facts["by_class"]["barrier"] == 12, facts
-    assert sum(g == "LDG.E.64" for g in facts["gathers"]) == 16, facts["gathers"]
+    assert sum(name == "LDG.E.64" for name, _ in facts["gathers"]) == 16, facts["gathers"]

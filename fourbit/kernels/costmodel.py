@@ -38,7 +38,8 @@ Rows (`--json` writes {"arch", "constants", "rows", "kernels", "notes"}); the ro
     M, N, K       problem size (y[M, N] = x[M, K] W[N, K]^T; backward dx[M, K] = dy[M, N] W); M = 0 for dequantize
     config        the plan's configuration label
     path          "fused" | "dequantize+cublas"
-    limiter       what bounds the time: issue | <pipe class> | l1 | tensor | latency | hbm | cublas
+    limiter       what bounds the time: issue | <pipe class> | l1 | tensor | mma_wait (decode and MMA
+                  serialized) | latency | hbm | cublas
     predicted_fraction  gemv/dequantize: roofline time / predicted time, roofline = compulsory HBM
                   bytes (4.127-bit weights, activations in and out; dequantize: its bf16 output too) at
                   HBM_BYTES_PER_S; gemm/backward: dense bf16 cuBLAS time / predicted time (> 1 is faster)
@@ -119,7 +120,8 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
     loop = sasslib.find_loop(instructions)
     body = loop.body if loop else tuple(instructions)
     mix = sasslib.mix(body)
-    mix["gathers"] = [g.opcode + "".join("." + m for m in g.modifiers) for g in sasslib.gathers(body)]
+    mix["gathers"] = [[g.opcode + "".join("." + m for m in g.modifiers), sasslib.access_bytes(g)]
+                      for g in sasslib.gathers(body)]  # [name, bytes per warp if coalesced]
     mix["async_copies"] = mix["by_class"].get("global_load", 0) and any(
         x.opcode in ("LDGSTS", "UTMALDG", "UBLKCP") for x in body)
     regs, shared, warps = built["usage"]["registers"], built["shared_bytes"], spec.num_warps
@@ -146,7 +148,9 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     # SM clocks one program's loop trip occupies each resource (all warps of the program)
     clk = {"issue": warps * n / ISSUE_PER_CLK}
     clk |= {cls: warps * by.get(cls, 0) / rate for cls, rate in PIPES.items()}
-    extra = sum(max(0.0, _gather_wavefronts(launch.gather_table_bytes) - 1) for _ in facts["gathers"])
+    # a gather touches the table's expected distinct lines instead of its width's worth (counted in the mix)
+    extra = sum(max(0.0, _gather_wavefronts(launch.gather_table_bytes) - max(1, nbytes // 128))
+                for _, nbytes in facts["gathers"])
     clk["l1"] = warps * (facts["l1_wavefronts"] + extra + facts["hgmma_smem_bytes"] / L1_BYTES_PER_CLK) * 128 / L1_BYTES_PER_CLK
     clk["tensor"] = warps * facts["tensor_flops"] / TENSOR_FLOP_PER_CLK
     programs = math.prod(launch.grid)
@@ -158,7 +162,7 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
         trip = max(trip, (clk["issue"] + clk["tensor"]) / active)
     sm_clk = {name: per_sm * launch.iterations * c for name, c in clk.items()}
     if trip > max(clk.values()):
-        sm_clk["tensor"] = per_sm * launch.iterations * trip
+        sm_clk["mma_wait"] = per_sm * launch.iterations * trip
     depth = launch.iterations_in_flight or (max(1, facts["num_stages"] - 1) if facts["async_copies"] else 1)
     in_flight = active * launch.weight_bytes_per_iteration * depth  # bytes one SM has requested at once
     sm_bytes = per_sm * launch.hbm_bytes / programs
