@@ -92,8 +92,10 @@ ISSUE_PER_CLK = 4.0  # warp-instructions per clock per SM: 4 schedulers, one iss
 # half2 add/mul/fma 256 results = 128 instructions' lanes, 32-bit integer add/logic/shift/compare 64,
 # warp shuffle 32, "all other type conversions" 16, special functions (MUFU) 16.
 PIPES = {"fp32": 4.0, "fp16x2": 4.0, "integer": 2.0, "shuffle": 1.0, "conversion": 0.5, "special": 0.5}
-L1_BYTES_PER_CLK = 128  # L1 / shared memory per SM per clock (issue 12; NVIDIA's Hopper tuning guide)
-HBM_LATENCY_S = 0.6e-6  # loaded DRAM latency: an assumption (unloaded pointer chases on Hopper read ~0.5 us)
+L1_BYTES_PER_CLK = 128  # L1/shared data path per SM per clock: 32 banks x 4 bytes (.library/device/HOPPER.md)
+# Loaded DRAM latency: an assumption until a GPU run measures it (a pointer chase under load). It sets
+# the bytes each SM must keep in flight: 0.6 us x 4.3 TB/s / 132 SMs = ~19.5 KB.
+HBM_LATENCY_S = 0.6e-6
 REGISTERS_PER_SM = 65536  # 64K 32-bit registers (H100 whitepaper), allocated per warp in units of 256
 THREADS_PER_SM, CTAS_PER_SM = 2048, 32  # CUDA Programming Guide, technical specifications, cc 9.0
 SHARED_PER_SM, SHARED_RESERVED_PER_CTA = 228 * 1024, 1024  # same table; 1 KB per CTA reserved by the system
@@ -151,7 +153,7 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     # a gather touches the table's expected distinct lines instead of its width's worth (counted in the mix)
     extra = sum(max(0.0, _gather_wavefronts(launch.gather_table_bytes) - max(1, nbytes // 128))
                 for _, nbytes in facts["gathers"])
-    clk["l1"] = warps * (facts["l1_wavefronts"] + extra + facts["hgmma_smem_bytes"] / L1_BYTES_PER_CLK) * 128 / L1_BYTES_PER_CLK
+    clk["l1"] = warps * ((facts["l1_wavefronts"] + extra) * 128 + facts["hgmma_smem_bytes"]) / L1_BYTES_PER_CLK
     clk["tensor"] = warps * facts["tensor_flops"] / TENSOR_FLOP_PER_CLK
     programs = math.prod(launch.grid)
     per_sm = math.ceil(programs / SMS)  # the busiest SM's share: wave quantization
