@@ -38,7 +38,8 @@ Rows (`--json` writes {"arch", "constants", "rows", "kernels", "notes"}); the ro
     M, N, K       problem size (y[M, N] = x[M, K] W[N, K]^T; backward dx[M, K] = dy[M, N] W); M = 0 for dequantize
     config        the plan's configuration label
     path          "fused" | "dequantize+cublas"
-    limiter       what bounds the time: issue | <pipe class> | l1 | tensor | latency | hbm | cublas
+    limiter       what bounds the time: issue | <pipe class> | l1 | tensor | mma_wait (decode and MMA
+                  serialized) | latency | hbm | cublas
     predicted_fraction  gemv/dequantize: roofline time / predicted time, roofline = compulsory HBM
                   bytes (4.127-bit weights, activations in and out; dequantize: its bf16 output too) at
                   HBM_BYTES_PER_S; gemm/backward: dense bf16 cuBLAS time / predicted time (> 1 is faster)
@@ -58,7 +59,8 @@ Contract with the kernel modules (what the model asks, so that it evaluates what
   * `fourbit.dispatch.matmul_route(m, n, k, *, backward=False) -> (op, path)`: the dispatcher's choice.
   * `Plan`/`Launch` (fourbit.kernels.compile) carry the spec as compiled, the grid, loop trips per
     program, weight bytes per trip (BLOCK_N * BLOCK_K / 2 for packed nibbles), compulsory HBM bytes,
-    and the size of any table the loop gathers from.
+    and the size of any table the loop gathers from. Take the specs from the module's
+    compile_specs(), so that `fourbit report` checks (spills, widths) exactly what the model rates.
 Where a module lacks them, `fourbit.kernels._costmodel_plans` derives them from the launcher logic
 of the kernels as written before the rebuild (GEMV for M <= 4, fused GEMM above, fused backward).
 """
@@ -90,8 +92,10 @@ ISSUE_PER_CLK = 4.0  # warp-instructions per clock per SM: 4 schedulers, one iss
 # half2 add/mul/fma 256 results = 128 instructions' lanes, 32-bit integer add/logic/shift/compare 64,
 # warp shuffle 32, "all other type conversions" 16, special functions (MUFU) 16.
 PIPES = {"fp32": 4.0, "fp16x2": 4.0, "integer": 2.0, "shuffle": 1.0, "conversion": 0.5, "special": 0.5}
-L1_BYTES_PER_CLK = 128  # L1 / shared memory per SM per clock (issue 12; NVIDIA's Hopper tuning guide)
-HBM_LATENCY_S = 0.6e-6  # loaded DRAM latency: an assumption (unloaded pointer chases on Hopper read ~0.5 us)
+L1_BYTES_PER_CLK = 128  # L1/shared data path per SM per clock: 32 banks x 4 bytes (.library/device/HOPPER.md)
+# Loaded DRAM latency: an assumption until a GPU run measures it (a pointer chase under load). It sets
+# the bytes each SM must keep in flight: 0.6 us x 4.3 TB/s / 132 SMs = ~19.5 KB.
+HBM_LATENCY_S = 0.6e-6
 REGISTERS_PER_SM = 65536  # 64K 32-bit registers (H100 whitepaper), allocated per warp in units of 256
 THREADS_PER_SM, CTAS_PER_SM = 2048, 32  # CUDA Programming Guide, technical specifications, cc 9.0
 SHARED_PER_SM, SHARED_RESERVED_PER_CTA = 228 * 1024, 1024  # same table; 1 KB per CTA reserved by the system
@@ -118,7 +122,8 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
     loop = sasslib.find_loop(instructions)
     body = loop.body if loop else tuple(instructions)
     mix = sasslib.mix(body)
-    mix["gathers"] = [g.opcode + "".join("." + m for m in g.modifiers) for g in sasslib.gathers(body)]
+    mix["gathers"] = [[g.opcode + "".join("." + m for m in g.modifiers), sasslib.access_bytes(g)]
+                      for g in sasslib.gathers(body)]  # [name, bytes per warp if coalesced]
     mix["async_copies"] = mix["by_class"].get("global_load", 0) and any(
         x.opcode in ("LDGSTS", "UTMALDG", "UBLKCP") for x in body)
     regs, shared, warps = built["usage"]["registers"], built["shared_bytes"], spec.num_warps
@@ -145,8 +150,10 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     # SM clocks one program's loop trip occupies each resource (all warps of the program)
     clk = {"issue": warps * n / ISSUE_PER_CLK}
     clk |= {cls: warps * by.get(cls, 0) / rate for cls, rate in PIPES.items()}
-    extra = sum(max(0.0, _gather_wavefronts(launch.gather_table_bytes) - 1) for _ in facts["gathers"])
-    clk["l1"] = warps * (facts["l1_wavefronts"] + extra + facts["hgmma_smem_bytes"] / L1_BYTES_PER_CLK) * 128 / L1_BYTES_PER_CLK
+    # a gather touches the table's expected distinct lines instead of its width's worth (counted in the mix)
+    extra = sum(max(0.0, _gather_wavefronts(launch.gather_table_bytes) - max(1, nbytes // 128))
+                for _, nbytes in facts["gathers"])
+    clk["l1"] = warps * ((facts["l1_wavefronts"] + extra) * 128 + facts["hgmma_smem_bytes"]) / L1_BYTES_PER_CLK
     clk["tensor"] = warps * facts["tensor_flops"] / TENSOR_FLOP_PER_CLK
     programs = math.prod(launch.grid)
     per_sm = math.ceil(programs / SMS)  # the busiest SM's share: wave quantization
@@ -157,7 +164,7 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
         trip = max(trip, (clk["issue"] + clk["tensor"]) / active)
     sm_clk = {name: per_sm * launch.iterations * c for name, c in clk.items()}
     if trip > max(clk.values()):
-        sm_clk["tensor"] = per_sm * launch.iterations * trip
+        sm_clk["mma_wait"] = per_sm * launch.iterations * trip
     depth = launch.iterations_in_flight or (max(1, facts["num_stages"] - 1) if facts["async_copies"] else 1)
     in_flight = active * launch.weight_bytes_per_iteration * depth  # bytes one SM has requested at once
     sm_bytes = per_sm * launch.hbm_bytes / programs
@@ -228,9 +235,11 @@ def default_route() -> Callable[..., tuple[str, str]]:
 
 
 def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "backward", "dequantize"),
-             route: Callable[..., tuple[str, str]] | None = None) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
+             route: Callable[..., tuple[str, str]] | None = None, routed_only: bool = False,
+             ) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
     """(rows, kernel facts by spec name, specs by name) for every plan of every (op, M, shape); with
-    `route`, the rows the dispatcher would run are marked chosen."""
+    `route`, the rows the dispatcher would run are marked chosen, and with `routed_only` only the
+    routed (op, path) is evaluated (fewer kernels to compile)."""
     plans_for = _plans_function()
     facts: dict[str, dict] = {}
     specs: dict[str, Any] = {}
@@ -245,16 +254,19 @@ def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "b
     for n, k in shapes:
         if "dequantize" in ops:
             rows += [predict_plan(p, 0, n, k, arch, facts_of) for p in plans_for("dequantize", 0, n, k, sms=SMS)]
+            if rows and rows[-1]["op"] == "dequantize":
+                min((r for r in rows if (r["op"], r["N"], r["K"]) == ("dequantize", n, k)),
+                    key=lambda r: r["predicted_time_us"])["chosen"] = True
         for m in ms:
+            routes = {route(m, n, k, backward=b) for b in (False, True)} if route is not None else set()
             for op in ("gemv", "gemm", "backward"):
                 if op in ops:
-                    rows += [predict_plan(p, m, n, k, arch, facts_of) for p in plans_for(op, m, n, k, sms=SMS)]
-            if route is not None:
-                for backward in (False, True):
-                    op, path = route(m, n, k, backward=backward)
-                    mine = [r for r in rows if (r["op"], r["path"], r["M"], r["N"], r["K"]) == (op, path, m, n, k)]
-                    if mine:
-                        min(mine, key=lambda r: r["predicted_time_us"])["chosen"] = True
+                    rows += [predict_plan(p, m, n, k, arch, facts_of) for p in plans_for(op, m, n, k, sms=SMS)
+                             if not routed_only or (p.op, p.path) in routes]
+            for op, path in routes:
+                mine = [r for r in rows if (r["op"], r["path"], r["M"], r["N"], r["K"]) == (op, path, m, n, k)]
+                if mine:
+                    min(mine, key=lambda r: r["predicted_time_us"])["chosen"] = True
     return rows, facts, specs
 
 
@@ -268,6 +280,33 @@ def format_table(rows: list[dict], chosen_only: bool = False) -> str:
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+CASES = [("dequantize", "dequantize", 0, False)] + [(f"forward M={m}", None, m, False) for m in MS] + [
+    (f"backward M={m}", "backward", m, True) for m in (2048, 8192)]
+
+
+def format_markdown(rows: list[dict], shapes=SHAPES) -> str:
+    """The README table: per goal case and shape, the chosen row's predicted fraction (and loop
+    thread-instructions per weight byte), with a "measured" line for a GPU run to fill."""
+    lines = ["| case | | " + " | ".join(f"{n}×{k}" for n, k in shapes) + " | path (limiter) |",
+             "|" + "---|" * (len(shapes) + 3)]
+    for label, op, m, backward in CASES:
+        cells, paths = [], set()
+        for n, k in shapes:
+            hit = [r for r in rows if r["chosen"] and (r["M"], r["N"], r["K"]) == (m, n, k)
+                   and ((r["op"] == "backward") == backward) and (op is None or r["op"] == op)]
+            if not hit:
+                cells.append("—")
+                continue
+            r = hit[0]
+            ipb = r["loop_instructions_per_weight_byte"]
+            cells.append(f"{r['predicted_fraction']:.2f}" + ("" if ipb is None else f" ({ipb:.1f} i/B)"))
+            paths.add(f"{r['op']} {r['path']} ({r['limiter']})")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {label} | predicted | " + " | ".join(cells) + f" | {'; '.join(sorted(paths))} |")
+            lines.append("| | measured | " + " | ".join("" for _ in shapes) + " | |")
+    return "\n".join(lines)
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -286,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int, action="append", help=f"M values (default: {list(MS)})")
     parser.add_argument("--op", action="append", choices=["gemv", "gemm", "backward", "dequantize"], help="ops (default: all)")
     parser.add_argument("--shape", type=_shape, action="append", help="NxK (default: the five Llama-3 shapes)")
-    parser.add_argument("--all", action="store_true", help="print every candidate, not only the chosen rows")
+    parser.add_argument("--all", action="store_true", help="evaluate and print every candidate, not only the routed ones")
+    parser.add_argument("--markdown", action="store_true", help="print the README's table of chosen rows instead")
     args = parser.parse_args(argv)
 
     from ._triton_utils import interpreting
@@ -294,12 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     if interpreting():
         parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
     rows, facts, specs = evaluate(args.arch, tuple(args.shape or SHAPES), tuple(args.m or MS),
-                           tuple(args.op or ("gemv", "gemm", "backward", "dequantize")), route=default_route())
-    print(format_table(rows, chosen_only=not args.all))
+                           tuple(args.op or ("gemv", "gemm", "backward", "dequantize")), route=default_route(),
+                                  routed_only=not args.all)
+    print(format_markdown(rows) if args.markdown else format_table(rows))
     if args.save_binaries:
         os.makedirs(args.save_binaries, exist_ok=True)
         for name, spec in specs.items():
-            safe = "".join(c if c.isalnum() or c in "-_.," else "_" for c in name)
+            safe = "".join(c if c.isalnum() or c in "_." else "-" for c in name).strip("-")
             with open(os.path.join(args.save_binaries, f"{safe}.{args.arch}.cubin"), "wb") as f:
                 f.write(build(spec, args.arch)["cubin"])
     if args.json:

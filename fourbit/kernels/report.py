@@ -16,6 +16,8 @@ optim8bit; a module that does not exist yet is skipped with a note) and each arc
 A row fails its checks on spills or local memory, on a widest global load narrower than the spec's
 `expect_vector_bits`, or on missing tensor-core instructions when the spec expects them.
 Exit status 1 when any row fails or a kernel module fails to import.
+With sm_90a among the targets and no --only/--module filter, a last section prints the static cost
+model's predictions for the dispatcher's choices (`fourbit.kernels.costmodel`), from the same builds.
 """
 
 from __future__ import annotations
@@ -227,8 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     for note in notes:
         print("note:", note)
+    model_rows = []
+    if "sm_90a" in args.arch and not args.only and not args.module and import_ok:
+        # the static cost model on the same builds (cached): what the dispatcher's choices may reach
+        from . import costmodel
+
+        model_rows, _, _ = costmodel.evaluate("sm_90a", route=costmodel.default_route(), routed_only=True)
+        print("\nstatic cost model, sm_90a, the dispatcher's choices (python -m fourbit.kernels.costmodel --all: every candidate)")
+        print(costmodel.format_table(model_rows))
     if args.json:
-        text = json.dumps({"rows": rows, "notes": notes}, indent=1, default=str) + "\n"
+        text = json.dumps({"rows": rows, "notes": notes, "costmodel": model_rows}, indent=1, default=str) + "\n"
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:

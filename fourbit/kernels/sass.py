@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import re
 
-__all__ = ["Instruction", "Loop", "parse", "find_loop", "classify", "gathers", "mix"]
+__all__ = ["Instruction", "Loop", "parse", "find_loop", "classify", "access_bytes", "gathers", "mix"]
 
 _LINE = re.compile(
     r"^\s*/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?P<pred>@!?U?P[T0-9]+\s+)?"
