@@ -40,7 +40,7 @@ from ..nf4.matmul import check_matmul_args, pair_table
 from ..nf4.quant import check_packed
 from ..nf4.state import QuantState
 from .dequantize import dequantize_into, dequantize_launch
-from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device, interpreting
+from ._triton_utils import POINTER_TYPES, KernelSpec, check_launch_device, interpreting
 from .compile import Launch, Plan
 from .matmul_gemm import backward_kernel, gemm_kernel
 from .matmul_gemv import gemv_kernel
@@ -50,7 +50,7 @@ __all__ = ["matmul", "matmul_backward", "plan", "launch_plans", "default_route",
 
 GEMV_MAX_M = 4  # above, the SIMT GEMV is FMA-bound (4 FFMA per weight byte per row of x)
 SMS = 132  # H200 / H100 SXM; plans for a real device use its count
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_PTR = POINTER_TYPES
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}  # fp32 stays exact
@@ -66,18 +66,18 @@ _BACKWARD_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4,
 
 
 def fused_shape_supported(state: QuantState) -> bool:
-    """The fused kernels need K % blocksize == 0 (blocks inside rows) and K % 64 == 0 (rows start
-    16-byte aligned, runs of 32 weights). Dequantize + cuBLAS takes every shape."""
+    """The launchers need K % blocksize == 0 (blocks inside rows) and K % 64 == 0 (rows start 16-byte
+    aligned, runs of 32 weights); `fourbit.dispatch` sends other weights to the reference."""
     k = int(state.shape[-1])
     return len(state.shape) == 2 and k % state.blocksize == 0 and k % 64 == 0
 
 
-def default_route(m: int, *, backward: bool = False, fused_ok: bool = True) -> tuple[str, str]:
+def default_route(m: int, *, backward: bool = False) -> tuple[str, str]:
     """What this module runs when the caller names no route: the GEMV where it applies, otherwise
     dequantize + cuBLAS. The dispatcher (`fourbit.dispatch.matmul_route`) owns the crossovers."""
     if backward:
         return "backward", "dequantize+cublas"
-    if m <= GEMV_MAX_M and fused_ok:
+    if m <= GEMV_MAX_M:
         return "gemv", "fused"
     return "gemm", "dequantize+cublas"
 
@@ -321,14 +321,13 @@ def _state_args(packed: torch.Tensor, state: QuantState, table: torch.Tensor) ->
 
 
 def _route(route, m: int, state: QuantState, backward: bool) -> tuple[str, str]:
-    fused_ok = fused_shape_supported(state)
-    op, path = route or default_route(m, backward=backward, fused_ok=fused_ok)
+    if not fused_shape_supported(state):
+        raise ValueError(f"the Triton matmul needs K % blocksize == 0 and K % 64 == 0, got K={int(state.shape[-1])} "
+                         f"with blocksize {state.blocksize} (fourbit.dispatch.matmul runs the reference for these)")
+    op, path = route or default_route(m, backward=backward)
     if (op == "backward") != backward or op not in ("gemv", "gemm", "backward") or path not in ("fused", "dequantize+cublas"):
         raise ValueError(f"route {(op, path)!r} is not one of this launcher's: "
                          f"{'(backward, fused | dequantize+cublas)' if backward else '(gemv, fused), (gemm, fused | dequantize+cublas)'}")
-    if path == "fused" and not fused_ok:
-        raise ValueError(f"the fused kernels need K % 64 == 0 and K % blocksize == 0, got K={state.shape[-1]}, "
-                         f"blocksize {state.blocksize}: use route (..., 'dequantize+cublas')")
     if op == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"the GEMV takes at most {GEMV_MAX_M} rows of x, got M={m}")
     return op, path
