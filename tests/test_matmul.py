@@ -317,35 +317,21 @@ def test_compile_specs_cover_every_planned_config():
 def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     """`tune` keeps the fastest candidate in a JSON file that later plans read (never under the
     interpreter, where plans always use the rule)."""
+    from fourbit.kernels import matmul_tune
+
     monkeypatch.setenv("FOURBIT_TUNE_CACHE", str(tmp_path / "tune.json"))
-    monkeypatch.setattr(kern, "_TUNE_TABLE", None)
+    monkeypatch.setattr(matmul_tune, "_TUNE_TABLE", None)
     key = ("gemv", 1, 4096, 4096, "torch.bfloat16", True, 64, "sm90")
     candidates = kern._gemv_candidates(1, 4096, 4096)
     assert 2 <= len(candidates) <= 4
     kern.plan.cache_clear()
-    assert kern._tuned(key) is None  # interpreter: the rule
-    monkeypatch.setattr(kern, "interpreting", lambda: False)
-    best = kern._tune_store(key, candidates, lambda cfg: {candidates[1]: 1.0}.get(cfg, 2.0))
-    assert best == candidates[1]
-    monkeypatch.setattr(kern, "_TUNE_TABLE", None)  # a new process reads the file
-    assert kern._tuned(key) == candidates[1]
-    assert kern.plan("gemv", 1, 4096, 4096).config == "m{},{}x{}B,w{}".format(best[0], best[1], 4 * best[2], best[3])
-    kern.plan.cache_clear()
-
-
-def test_bench_matmul_smoke(tmp_path):
-    """The benchmark still runs: correctness checks, one repetition per provider, JSON + table."""
-    import json
-
-    from benchmarks import bench_matmul
-
-    assert bench_matmul.main(["--smoke", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "matmul.json").read_text())
-    assert {r["provider"] for r in rows} == {"fourbit-reference", "bitsandbytes", "dense"}
-    assert {r["shape"] for r in rows} == {"1x96x128", "17x96x128"}
-    assert bench_matmul.main(["--smoke", "--dtype", "float32", "--ms", "3", "--shapes", "40x64", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "matmul.json").read_text())
-    assert {(r["shape"], r["dtype"]) for r in rows} == {("3x40x64", "float32")}
-    with pytest.raises(SystemExit):
-        bench_matmul.main(["--smoke", "--shapes", "40by64"])
-    assert (tmp_path / "matmul.md").exists()
+    try:
+        best = matmul_tune._tune_store(key, candidates, lambda cfg: {candidates[1]: 1.0}.get(cfg, 2.0))
+        assert best == candidates[1]
+        assert matmul_tune._tuned(key) is None  # interpreter: the rule
+        monkeypatch.setattr(matmul_tune, "_TUNE_TABLE", None)  # a new process reads the file
+        monkeypatch.setattr(matmul_tune, "interpreting", lambda: False)
+        assert matmul_tune._tuned(key) == candidates[1]
+        assert kern.plan("gemv", 1, 4096, 4096).config == "m{},{}x{}B,w{}".format(best[0], best[1], 4 * best[2], best[3])
+    finally:
+        kern.plan.cache_clear()

@@ -24,14 +24,12 @@ the launchers read their launch parameters from it, and the static cost model
 (`fourbit.kernels.costmodel`) compiles and scores the same objects (`launch_plans`), so the model
 evaluates exactly what runs. Configurations come from a short per-architecture rule; a GPU run may
 override them from a tuning cache on disk (`tune_cache_path()`, written by `tune`), never tuning
-implicitly: a first call costs no benchmarking, and the interpreter never tunes.
+implicitly: a first call costs no benchmarking, and the interpreter never tunes (`matmul_tune`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import torch
 import triton
@@ -39,11 +37,12 @@ import triton
 from ..nf4.matmul import check_matmul_args
 from ..nf4.quant import check_packed
 from ..nf4.state import QuantState
-from .dequantize import dequantize_into, dequantize_launch
 from ._triton_utils import POINTER_TYPES, KernelSpec, check_launch_device, interpreting
 from .compile import Launch, Plan
+from .dequantize import dequantize_into, dequantize_launch
 from .matmul_gemm import backward_kernel, gemm_kernel
 from .matmul_gemv import gemv_kernel
+from .matmul_tune import _tune_store, _tuned, tune_cache_path
 
 __all__ = ["matmul", "matmul_backward", "plan", "launch_plans", "default_route", "fused_shape_supported",
            "compile_specs", "tune", "tune_cache_path", "GEMV_MAX_M"]
@@ -221,35 +220,7 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 8192)
 
 
-# ---- tuning cache -------------------------------------------------------------------------------
-_TUNE_TABLE: dict[str, list] | None = None
-
-
-def tune_cache_path() -> str:
-    """FOURBIT_TUNE_CACHE, else ~/.cache/fourbit/matmul-tuning.json: {key: config} from `tune`."""
-    return os.environ.get("FOURBIT_TUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fourbit",
-                                                                  "matmul-tuning.json")
-
-
-def _key(key: tuple) -> str:
-    return "|".join(str(p) for p in key) + f"|triton{triton.__version__}"
-
-
-def _tuned(key: tuple) -> tuple | None:
-    """The cached configuration for `key`; None under the interpreter or when never tuned."""
-    global _TUNE_TABLE
-    if interpreting():
-        return None
-    if _TUNE_TABLE is None:
-        try:
-            with open(tune_cache_path()) as f:
-                _TUNE_TABLE = json.load(f)
-        except (OSError, ValueError):
-            _TUNE_TABLE = {}
-    hit = _TUNE_TABLE.get(_key(key))
-    return tuple(hit) if hit else None
-
-
+# ---- tuning -------------------------------------------------------------------------------------
 def _gemv_candidates(m: int, n: int, k: int) -> list[tuple]:
     bm, bn, bw, w = _gemv_config(m, n, k, SMS)
     return list(dict.fromkeys([(bm, bn, bw, w), (bm, max(4, bn // 2), bw, w), (bm, bn, max(8, bw // 2), w),
@@ -278,22 +249,8 @@ def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, b
         run = lambda cfg: matmul_backward(a, packed, state, route=("backward", "fused"), config=cfg)  # noqa: E731
     else:
         run = lambda cfg: matmul(a, packed, state, route=(op, "fused"), config=cfg)  # noqa: E731
-    return _tune_store(key, candidates, lambda cfg: bench(lambda: run(cfg)))
-
-
-def _tune_store(key: tuple, candidates: list[tuple], time_of) -> tuple:
-    """The candidate with the least time_of(candidate), written to the cache file under `key`."""
-    global _TUNE_TABLE
-    best = min(candidates, key=time_of)
-    _tuned(key)  # loads the file first
-    _TUNE_TABLE = dict(_TUNE_TABLE or {})
-    _TUNE_TABLE[_key(key)] = list(best)
-    path = tune_cache_path()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(_TUNE_TABLE, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-    plan.cache_clear()
+    best = _tune_store(key, candidates, lambda cfg: bench(lambda: run(cfg)))
+    plan.cache_clear()  # plans read the cache
     return best
 
 
