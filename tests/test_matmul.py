@@ -335,3 +335,21 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
         assert kern.plan("gemv", 1, 4096, 4096).config == "m{},{}x{}B,w{}".format(best[0], best[1], 4 * best[2], best[3])
     finally:
         kern.plan.cache_clear()
+
+
+def test_bench_matmul_smoke(tmp_path):
+    """The benchmark still runs: correctness checks, one repetition per provider, JSON + table."""
+    import json
+
+    from benchmarks import bench_matmul
+
+    assert bench_matmul.main(["--smoke", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "matmul.json").read_text())
+    assert {r["provider"] for r in rows} == {"fourbit-reference", "bitsandbytes", "dense"}
+    assert {r["shape"] for r in rows} == {"1x96x128", "17x96x128"}
+    assert bench_matmul.main(["--smoke", "--dtype", "float32", "--ms", "3", "--shapes", "40x64", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "matmul.json").read_text())
+    assert {(r["shape"], r["dtype"]) for r in rows} == {("3x40x64", "float32")}
+    with pytest.raises(SystemExit):
+        bench_matmul.main(["--smoke", "--shapes", "40by64"])
+    assert (tmp_path / "matmul.md").exists()

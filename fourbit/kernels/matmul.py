@@ -62,7 +62,8 @@ _GEMM_CONFIGS = {
     "sm90": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 4),
              (16, 32, 128, 4, 4), (32, 128, 64, 4, 4)],
 }
-_BACKWARD_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 32, 4, 4)]
+# backward: (16, 128, 32) used local memory on sm_90a (LDL/STL 3), so small M takes 64x128 tiles
+_BACKWARD_CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (16, 64, 128, 4, 4)]
 
 
 def fused_shape_supported(state: QuantState) -> bool:
@@ -146,11 +147,13 @@ def _gemm_spec(dtype, nested, blocksize, cfg, backward: bool) -> KernelSpec:
 
 
 def _gemm_default(op: str, m: int, n: int, k: int, arch: str, sms: int) -> tuple:
-    """Among the shortlist entries whose BLOCK_K divides K (small-M tiles for M <= 32), the first
+    """Among the shortlist entries whose BLOCK_K divides K (GEMM: small-M tiles for M <= 32), the first
     that gives every SM a program, else the one with the most programs (the cost model finds the
     M = 16 GEMM at 4096 x 4096 wave-bound with 32 programs of 16x128)."""
     configs = _GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS
-    fits = [c for c in configs if k % c[2] == 0 and (c[0] <= 32) == (m <= 32)] or [c for c in configs if k % c[2] == 0]
+    fits = [c for c in configs if k % c[2] == 0]
+    if op == "gemm":
+        fits = [c for c in fits if (c[0] <= 32) == (m <= 32)] or fits
     programs = [_cdiv(m, c[0]) * (_cdiv(n, c[1]) if op == "gemm" else _cdiv(k, c[2])) for c in fits]
     full = [c for c, p in zip(fits, programs) if p >= sms]
     return full[0] if full else fits[programs.index(max(programs))]
