@@ -68,8 +68,6 @@ def launch_plans(op: str, m: int, n: int, k: int, *, sms: int = 132) -> list[Pla
     """Every (kernel, config) the launchers of that time could run for bf16 x, nested scales, bs 64."""
     mm = _mod("matmul")
     weights = n * k // 2 + _scale_bytes(n, k)
-    if op == "dequantize":
-        return [dequantize_plan(n, k)]
     if op == "gemv":
         if not 1 <= m <= mm.GEMV_MAX_M:
             return []
@@ -84,7 +82,7 @@ def launch_plans(op: str, m: int, n: int, k: int, *, sms: int = 132) -> list[Pla
             plans.append(Plan(op="gemv", path="fused", config=f"m{block_m},{bn}x{bk},w{w}s{s},split{split}", launches=(launch,)))
         return plans
     if op not in ("gemm", "backward"):
-        raise ValueError(f"op must be gemv, gemm, backward or dequantize, got {op!r}")
+        raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
     if m <= mm.GEMV_MAX_M and op == "gemm":
         return []
     specs, plans = _specs("matmul"), []
@@ -99,7 +97,7 @@ def launch_plans(op: str, m: int, n: int, k: int, *, sms: int = 132) -> list[Pla
         launch = Launch(spec=spec, grid=grid, iterations=trips, weight_bytes_per_iteration=bn * bk // 2,
                         hbm_bytes=weights + 2 * (m * k + m * n), gather_table_bytes=PAIR_TABLE_BYTES)
         plans.append(Plan(op=op, path="fused", config=f"{bm}x{bn}x{bk},w{w}s{s}", launches=(launch,)))
-    dq = dequantize_plan(n, k)
-    plans.append(Plan(op=op, path="dequantize+cublas", config=dq.config, launches=dq.launches,
+    dq = dequantize_plan(n, k).launches
+    plans.append(Plan(op=op, path="dequantize+cublas", config=f"dequantize[{dq[0].spec.name}]+cublas", launches=dq,
                       cublas_mnk=(m, n, k) if op == "gemm" else (m, k, n)))
     return plans

@@ -56,6 +56,7 @@ Contract with the kernel modules (what the model asks, so that it evaluates what
     {"gemv", "gemm", "backward"}: every alternative the launcher may run for bf16 activations, nested
     scales, blocksize 64 (the QLoRA case compile_specs() covers), one `Plan` per autotune candidate,
     including "dequantize+cublas" plans; [] where the op does not apply (gemv above its M limit).
+    The dequantize rows rate the launches of the "gemm" dequantize+cublas plans on their own.
   * `fourbit.dispatch.matmul_route(m, n, k, *, backward=False) -> (op, path)`: the dispatcher's choice.
   * `Plan`/`Launch` (fourbit.kernels.compile) carry the spec as compiled, the grid, loop trips per
     program, weight bytes per trip (BLOCK_N * BLOCK_K / 2 for packed nibbles), compulsory HBM bytes,
@@ -223,6 +224,15 @@ def _plans_function() -> Callable[..., list[Plan]]:
     return _costmodel_plans.launch_plans
 
 
+def _dequantize_plans(plans_for: Callable[..., list[Plan]], n: int, k: int) -> list[Plan]:
+    """The dequantize launches of the dequantize + cuBLAS plans, rated on their own."""
+    launches = {}
+    for plan in plans_for("gemm", MS[-1], n, k, sms=SMS):
+        if plan.path == "dequantize+cublas":
+            launches.setdefault(tuple(launch.spec.name for launch in plan.launches), plan.launches)
+    return [Plan(op="dequantize", path="fused", config=",".join(names), launches=ls) for names, ls in launches.items()]
+
+
 def default_route() -> Callable[..., tuple[str, str]]:
     """The dispatcher's route function. The model is a tool above the library, so reading dispatch's
     choice here does not make the kernels depend on dispatch: only this CLI helper imports it."""
@@ -253,7 +263,7 @@ def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "b
     rows = []
     for n, k in shapes:
         if "dequantize" in ops:
-            rows += [predict_plan(p, 0, n, k, arch, facts_of) for p in plans_for("dequantize", 0, n, k, sms=SMS)]
+            rows += [predict_plan(p, 0, n, k, arch, facts_of) for p in _dequantize_plans(plans_for, n, k)]
             if rows and rows[-1]["op"] == "dequantize":
                 min((r for r in rows if (r["op"], r["N"], r["K"]) == ("dequantize", n, k)),
                     key=lambda r: r["predicted_time_us"])["chosen"] = True
