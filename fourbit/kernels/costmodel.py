@@ -50,6 +50,7 @@ Rows (`--json` writes {"arch", "constants", "rows", "kernels", "notes"}); the ro
     chosen        whether the dispatcher would run this row (its route, and within it the best-predicted
                   config: the autotuner's pick if the model ranks like the hardware)
     kernels       names of the compiled kernel specs the row launches
+    bounds_us     every bound of the slowest launch, in microseconds (the limiter is the largest)
 
 Contract with the kernel modules (what the model asks, so that it evaluates what really runs):
   * `fourbit.kernels.matmul.launch_plans(op, m, n, k, *, sms=132) -> list[Plan]`, op in
@@ -211,6 +212,7 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
         "loop_instructions_per_weight_byte": None if main is None or main["instr_per_byte"] is None
         else round(main["instr_per_byte"], 2),
         "arch": arch, "chosen": False, "kernels": [launch.spec.name for launch in plan.launches],
+        "bounds_us": {} if main is None else {name: round(t * 1e6, 3) for name, t in main["bounds"].items()},
     }  # fmt: skip
 
 
