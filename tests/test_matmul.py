@@ -89,52 +89,110 @@ def test_reference_out_argument_and_errors():
 
 
 # ---- Triton kernels ----------------------------------------------------------------------------
-# (x shape, N, K, blocksize, double quant, bias): M in {1, 3, 16, 17, 64}, odd N, a tile larger than
-# the block (bs 32) and smaller (bs 256), split-K (N = 9, K = 1024), K % blocksize != 0 (fallback).
+# (x shape, N, K, blocksize, double quant, bias): M in {1, 2, 3, 4} (GEMV: odd N, BLOCK_W larger than
+# the block (bs 32) and smaller (bs 256), a ragged last K step (K = 192), 3-D x), M in {16, 17, 64}
+# (dequantize + cuBLAS). Weights the kernels refuse (K % blocksize != 0, K % 64 != 0) go to the
+# reference in fourbit.dispatch: tests/test_dispatch.py.
 CASES = [
     ((1, 128), 33, 128, 64, True, True),  # GEMV
-    ((3, 1, 256), 17, 256, 32, False, False),  # GEMV, BLOCK_K > blocksize, plain fp32 scales, 3-D
-    ((2, 8, 192), 33, 192, 64, True, True),  # M = 16: GEMM, 3-D
-    ((17, 512), 31, 512, 256, True, False),  # GEMM, BLOCK_K < blocksize
-    ((64, 128), 9, 128, 64, True, True),  # GEMM, several M tiles
-    ((2, 1024), 9, 1024, 64, True, True),  # GEMV with split-K
-    ((3, 100), 33, 100, 64, True, True),  # K % blocksize != 0: reference fallback
-    ((17, 96), 7, 96, 32, True, False),  # K % 64 != 0: reference fallback
+    ((3, 1, 256), 17, 256, 32, False, False),  # GEMV, M = 3 of BLOCK_M = 4, plain fp32 scales, 3-D
+    ((2, 192), 40, 192, 64, True, True),  # GEMV, ragged last step
+    ((4, 1024), 9, 1024, 256, True, False),  # GEMV, several K steps
+    ((2, 8, 192), 33, 192, 64, True, True),  # M = 16: dequantize + cuBLAS, 3-D
+    ((17, 512), 31, 512, 256, True, False),
+    ((64, 128), 9, 128, 64, True, True),
 ]
+
+
+def _check_forward(xshape, n, k, bs, dq, has_bias, dtype, route=None):
+    packed, state, w64 = weight(n, k, bs, dq, device=DEVICE)
+    x = torch.randn(xshape, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype) if has_bias else None
+    out = torch.full((*xshape[:-1], n), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    y = kern.matmul(x, packed, state, bias, out=out, route=route)
+    assert y is out and y.dtype == dtype and y.shape == (*xshape[:-1], n)
+    want = x.double() @ w64.T + (0 if bias is None else bias.double())
+    assert rel_err(y, want) < TOL[dtype]
+    assert rel_err(kern.matmul(x, packed, state, bias, route=route), y.double()) < TOL[dtype]  # allocating call agrees
+    return x, packed, state, bias, y
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("xshape,n,k,bs,dq,has_bias", CASES)
 def test_kernel_forward_against_float64(xshape, n, k, bs, dq, has_bias, dtype):
-    packed, state, w64 = weight(n, k, bs, dq, device=DEVICE)
-    x = torch.randn(xshape, device=DEVICE).to(dtype)
-    bias = torch.randn(n, device=DEVICE).to(dtype) if has_bias else None
-    out = torch.full((*xshape[:-1], n), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
-    y = kern.matmul(x, packed, state, bias, out=out)
-    assert y is out and y.dtype == dtype and y.shape == (*xshape[:-1], n)
-    want = x.double() @ w64.T + (0 if bias is None else bias.double())
-    assert rel_err(y, want) < TOL[dtype]
-    assert rel_err(kern.matmul(x, packed, state, bias), y.double()) < TOL[dtype]  # allocating call agrees
+    x, packed, state, bias, y = _check_forward(xshape, n, k, bs, dq, has_bias, dtype)
+    if x.numel() // k > kern.GEMV_MAX_M:  # dequantize + F.linear: the reference's math
+        assert torch.equal(y, ref.matmul(x, packed, state, bias))
+
+
+@needs_triton
+@pytest.mark.parametrize("xshape,n,k,bs,dq,has_bias", [CASES[0], CASES[1], CASES[4], CASES[5]])
+def test_kernel_fused_gemm_against_float64(xshape, n, k, bs, dq, has_bias):
+    _check_forward(xshape, n, k, bs, dq, has_bias, torch.float16, route=("gemm", "fused"))
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("xshape,n,k,bs,dq", [c[:5] for c in CASES[:4] + CASES[6:7]])
-def test_kernel_backward_against_float64(xshape, n, k, bs, dq, dtype):
+@pytest.mark.parametrize("route", [None, ("backward", "fused")])
+@pytest.mark.parametrize("xshape,n,k,bs,dq", [c[:5] for c in CASES[:2] + CASES[4:6]])
+def test_kernel_backward_against_float64(xshape, n, k, bs, dq, route, dtype):
     packed, state, w64 = weight(n, k, bs, dq, device=DEVICE)
     gy = torch.randn(*xshape[:-1], n, device=DEVICE).to(dtype)
     out = torch.full(xshape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned
-    gx = kern.matmul_backward(gy, packed, state, out=out)
+    gx = kern.matmul_backward(gy, packed, state, out=out, route=route)
     assert gx is out
     assert rel_err(gx, gy.double() @ w64) < TOL[dtype]
+    if route is None:  # dequantize + mm: the reference's math
+        assert torch.equal(gx, ref.matmul_backward(gy, packed, state))
+
+
+@needs_triton
+def test_kernel_gemv_shuffle_decode_matches_table():
+    """The GEMV and dequantize decode a word with warp shuffles on GPUs, which the interpreter cannot
+    run: replay their PTX on the host (32 lanes, lane j holding code[j % 16]) for every nibble value
+    in every position and compare with the table lookup the interpreter uses."""
+    from fourbit.kernels import _decode
+
+    code = torch.randn(16).tolist()
+    words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C, 0xFFFFFFFF, 0]
+    for word in words:
+        outs = _replay_ptx(_decode.WORD_ASM.value, {8: word}, code, 8)
+        want = [code[(word >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15] for e in range(8)]
+        assert outs == want
+        outs = _replay_ptx(_decode.BYTES_ASM.value, {8: word}, code, 8)  # (hi0..hi3, lo0..lo3)
+        want = [code[(word >> (8 * i + 4)) & 15] for i in range(4)] + [code[(word >> (8 * i)) & 15] for i in range(4)]
+        assert outs == want
+
+
+def _replay_ptx(asm: str, inputs: dict[int, int], code: list[float], n_out: int) -> list[float]:
+    """Run the shr/shfl subset of PTX for one lane; operand $9 is the lane's table register."""
+    import re
+
+    regs: dict[str, object] = {f"${i}": v for i, v in inputs.items()}
+    for line in asm.split(";"):
+        line = line.strip(" {}\n\t")
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op == "shr.b32":
+            regs[args[0]] = (regs[args[1]] & 0xFFFFFFFF) >> int(args[2])
+        elif op == "shfl.sync.idx.b32":
+            assert args[1] == "$9" and args[3:] == ["31", "-1"], line
+            regs[args[0]] = code[(regs[args[2]] & 31) % 16]  # the source lane's table entry
+        else:
+            raise AssertionError(f"unexpected instruction {line!r}")
+    assert all(re.fullmatch(r"\$\d+", r) or r.startswith("s") for r in regs)
+    return [regs[f"${i}"] for i in range(n_out)]
 
 
 @needs_triton
 def test_kernel_fp4_and_fused_shape_rule():
     packed, state, w64 = weight(20, 128, 64, True, "fp4", device=DEVICE)
-    x = torch.randn(5, 128, device=DEVICE)
-    assert rel_err(kern.matmul(x, packed, state), x.double() @ w64.T) < TOL[torch.float32]
+    for m in (1, 5):
+        x = torch.randn(m, 128, device=DEVICE)
+        assert rel_err(kern.matmul(x, packed, state), x.double() @ w64.T) < TOL[torch.float32]
     assert kern.fused_shape_supported(state)
     assert not kern.fused_shape_supported(weight(4, 100, device=DEVICE)[1])
 
@@ -150,10 +208,32 @@ def test_kernel_errors():
         kern.matmul_backward(torch.randn(2, 9, device=DEVICE), packed, state)
     with pytest.raises(ValueError, match="out must be"):
         kern.matmul(torch.randn(2, 64, device=DEVICE), packed, state, out=torch.empty(2, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        kern.matmul(torch.randn(5, 64, device=DEVICE), packed, state, route=("gemv", "fused"))
+    with pytest.raises(ValueError, match="route"):
+        kern.matmul(torch.randn(5, 64, device=DEVICE), packed, state, route=("backward", "fused"))
+    p100, s100, _ = weight(8, 100, device=DEVICE)  # K % blocksize != 0: refused, dispatch runs the reference
+    for route in (None, ("gemm", "dequantize+cublas")):
+        with pytest.raises(ValueError, match="K % 64 == 0"):
+            kern.matmul(torch.randn(1, 100, device=DEVICE), p100, s100, route=route)
+    with pytest.raises(ValueError, match="K % 64 == 0"):
+        kern.matmul_backward(torch.randn(1, 8, device=DEVICE), p100, s100)
+
+
+@needs_triton
+def test_workspace_is_reused():
+    packed, state, _ = weight(40, 128, device=DEVICE)
+    x = torch.randn(20, 128, device=DEVICE)
+    kern.matmul(x, packed, state)
+    buf = kern._WORKSPACES[(x.device, x.dtype)]
+    small, small_state, w64 = weight(8, 64, device=DEVICE)
+    y = kern.matmul(x[:, :64], small, small_state)  # a smaller weight decodes into the same buffer
+    assert kern._WORKSPACES[(x.device, x.dtype)] is buf
+    assert rel_err(y, x[:, :64].double() @ w64.T) < TOL[torch.float32]
 
 
 REPORT_SPECS = ["matmul_gemm[bf16,bs64,dq,128x128x64,w8s4]", "matmul_backward[bf16,bs64,dq,64x128x64,w4s4]",
-                "matmul_gemv[bf16,bs64,dq,m1,32x128,w4s3]"]
+                "matmul_gemv[bf16,bs64,dq,m1,16x512B,w4]"]
 
 
 def test_compile_report_tensor_cores_no_spills(tmp_path):
@@ -183,32 +263,69 @@ def test_compile_report_tensor_cores_no_spills(tmp_path):
             assert r["hgmma" if arch == "sm_90a" else "hmma"] > 0
 
 
-def test_autotune_prune_keeps_tiles_that_divide_k():
-    import triton
+def test_gemv_plan_fills_the_gpu_without_split_k():
+    """BLOCK_N halves until the grid covers the SMs; K is never split (one launch, no partials)."""
+    for n, k in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]:
+        for m in (1, 2, 4):
+            p = kern.plan("gemv", m, n, k)
+            (launch,) = p.launches
+            assert launch.grid[0] >= kern.SMS and len(launch.grid) == 1
+            assert launch.spec.constexprs["EVEN"] and launch.spec.options == {"enable_fp_fusion": True}
+            assert launch.iterations * launch.weight_bytes_per_iteration * launch.grid[0] >= n * k // 2
+    assert kern.plan("gemv", 1, 1024, 4096).launches[0].spec.constexprs["BLOCK_N"] == 4  # 256 programs
+    assert kern.plan("gemv", 1, 64, 192).launches[0].spec.constexprs["BLOCK_W"] == 32  # 24 words per row
+    with pytest.raises(ValueError, match="M <= 4"):
+        kern.plan("gemv", 5, 64, 64)
 
-    configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": bk}) for bk in (64, 128, 256)]
-    assert [c.kwargs["BLOCK_K"] for c in kern._prune(None, configs, {"K": 192})] == [64]
-    assert [c.kwargs["BLOCK_K"] for c in kern._prune(None, configs, {"K": 4096})] == [64, 128, 256]
+
+def test_default_routes_and_plans():
+    assert kern.default_route(1) == ("gemv", "fused") and kern.default_route(4) == ("gemv", "fused")
+    assert kern.default_route(5) == ("gemm", "dequantize+cublas")
+    assert kern.default_route(8192, backward=True) == ("backward", "dequantize+cublas")
+    from fourbit import dispatch
+
+    assert dispatch.GEMV_MAX_M == kern.GEMV_MAX_M
+    for m in (1, 4, 5, 16, 2048):  # today the dispatcher's crossovers equal the launcher's defaults
+        assert dispatch.matmul_route(m, 4096, 4096) == kern.default_route(m)
+        assert dispatch.matmul_route(m, 4096, 4096, backward=True) == kern.default_route(m, backward=True)
+    p = kern.plan("gemm", 2048, 4096, 14336)
+    assert p.path == "dequantize+cublas" and p.cublas_mnk == (2048, 4096, 14336)
+    assert p.launches[0].spec.name == "dequantize_4bit[bfloat16,bs64,dq]"
+    assert kern.plan("backward", 2048, 4096, 14336).cublas_mnk == (2048, 14336, 4096)
+    fused = kern.plan("gemm", 16, 4096, 4096, path="fused")
+    assert fused.launches[0].spec.constexprs["BLOCK_M"] <= 32
 
 
-def test_split_k_only_when_n_gives_too_few_programs():
-    cpu = torch.device("cpu")  # counts as 4 SMs: the (2, 1024) x 9 case in CASES runs 4 K slices
-    assert kern._splits(9, 1024, 16, 64, cpu) == 4
-    assert kern._splits(4096, 4096, 32, 128, cpu) == 1
-    assert kern._splits(9, 128, 16, 64, cpu) == 1  # too few K tiles to share
-
-
-def test_compile_specs_cover_every_launch_config():
-    specs = kern.compile_specs()
-    names = [s.name for s in specs]
+def test_compile_specs_cover_every_planned_config():
+    """The compile report (and the cost model) build exactly what the launchers run."""
+    names = [s.name for s in kern.compile_specs()]
     assert len(names) == len(set(names))
-    gemm = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps, s.num_stages)
-            for s in specs if s.kernel is kern._gemm_kernel}
-    assert gemm == set(kern._GEMM_CONFIGS["sm80"] + kern._GEMM_CONFIGS["sm90"])
-    assert all(s.expect_tensor_cores for s in specs if s.kernel in (kern._gemm_kernel, kern._backward_kernel))
-    gemv = {(s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps, s.num_stages)
-            for s in specs if s.kernel is kern._gemv_kernel}
-    assert gemv == set(kern._GEMV_CONFIGS)
+    planned = set()
+    for n, k in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192), (1024, 4096), (512, 4096)]:
+        for m in (1, 2, 3, 4):
+            planned.add(kern.plan("gemv", m, n, k).launches[0].spec.name)
+        for op in ("gemm", "backward"):
+            planned |= {p.launches[0].spec.name for p in kern.launch_plans(op, 2048, n, k) if p.path == "fused"}
+    assert planned <= set(names), planned - set(names)
+
+
+def test_tuning_cache_round_trip(tmp_path, monkeypatch):
+    """`tune` keeps the fastest candidate in a JSON file that later plans read (never under the
+    interpreter, where plans always use the rule)."""
+    monkeypatch.setenv("FOURBIT_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(kern, "_TUNE_TABLE", None)
+    key = ("gemv", 1, 4096, 4096, "torch.bfloat16", True, 64, "sm90")
+    candidates = kern._gemv_candidates(1, 4096, 4096)
+    assert 2 <= len(candidates) <= 4
+    kern.plan.cache_clear()
+    assert kern._tuned(key) is None  # interpreter: the rule
+    monkeypatch.setattr(kern, "interpreting", lambda: False)
+    best = kern._tune_store(key, candidates, lambda cfg: {candidates[1]: 1.0}.get(cfg, 2.0))
+    assert best == candidates[1]
+    monkeypatch.setattr(kern, "_TUNE_TABLE", None)  # a new process reads the file
+    assert kern._tuned(key) == candidates[1]
+    assert kern.plan("gemv", 1, 4096, 4096).config == "m{},{}x{}B,w{}".format(best[0], best[1], 4 * best[2], best[3])
+    kern.plan.cache_clear()
 
 
 def test_bench_matmul_smoke(tmp_path):

@@ -21,11 +21,12 @@ Layout and configuration: one program decodes 2048 packed bytes = ROWS whole blo
 (ROWS = 4096 // bs) with 4 warps, so every thread loads 16 contiguous bytes (one 128-bit load) and
 stores the 32 values they hold (fp32: eight 128-bit stores; fp16/bf16: four). Because blocks hold at
 least 32 values, all 32 values of a thread share one scale: the scale is one load per thread (plus,
-with double quantization, its code byte, the code8 entry and absmax2). The 16-entry code table is
-gathered from global memory: its 64 bytes share one L1 line, so a warp-wide gather should cost one L1
-wavefront, where a decision tree costs ~15 selects per value (an estimate, not yet measured on a
-GPU: benchmarks/gpu/run.sh times it against the copy roofline). No autotuning: the same config runs
-under TRITON_INTERPRET=1. Offsets are int64 (the program id is widened first).
+with double quantization, its code byte, the code8 entry and absmax2). The 16-entry code table sits
+in registers, one entry per lane, and each nibble is looked up with one warp shuffle
+(`_decode.lookup_bytes`): no memory instruction per value. Under the interpreter (no inline
+assembly) the same float32 codes are gathered from the table in memory. `dequantize_into` writes
+into a caller's buffer: the matmul's dequantize + cuBLAS path reuses one workspace per dtype. No
+autotuning: the same config runs under TRITON_INTERPRET=1. Offsets are int64 (the program id is widened first).
 
 Interpreter note: Triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding to nearest
 even. This kernel keeps the native cast (correctly rounded on GPUs); the tests compare bf16 outputs
@@ -41,9 +42,11 @@ import triton.language as tl
 from ..nf4.checks import ALLOWED_BLOCKSIZES, FLOAT_DTYPES
 from ..nf4.quant import check_packed
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
-from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device
+from ._decode import lane_table, lookup_bytes
+from ._triton_utils import LAUNCH_OPTIONS, POINTER_TYPES, KernelSpec, check_launch_device, interpreting
+from .compile import Launch
 
-__all__ = ["dequantize", "compile_specs"]
+__all__ = ["dequantize", "dequantize_into", "dequantize_launch", "compile_specs"]
 
 BYTES_PER_PROGRAM = 2048  # 16 bytes per thread with 4 warps
 NUM_WARPS = 4
@@ -57,31 +60,32 @@ def _rows(blocksize: int) -> int:
 def _dequantize_4bit_kernel(
     packed_ptr,  # (nbytes,) uint8: two codes per byte, the even element in the high nibble
     code_ptr,  # (16,) fp32: the NF4 / FP4 table
-    absmax_ptr,  # (nb,) fp32 scales, or (nb,) uint8 scale codes when DOUBLE
-    absmax2_ptr,  # (ceil(nb / NESTED),) fp32 nested scales (DOUBLE only)
-    code8_ptr,  # (256,) fp32 signed dynamic map (DOUBLE only)
-    offset_ptr,  # () fp32 mean of the scales (DOUBLE only)
+    absmax_ptr,  # (nb,) fp32 scales, or (nb,) uint8 scale codes when NESTED
+    absmax2_ptr,  # (ceil(nb / NESTED_BLOCKSIZE),) fp32 nested scales (NESTED only)
+    code8_ptr,  # (256,) fp32 signed dynamic map (NESTED only)
+    offset_ptr,  # () fp32 mean of the scales (NESTED only)
     out_ptr,  # (n,) fp32 / fp16 / bf16 out
     n,
     nbytes,
     nb,
     BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
-    NESTED: tl.constexpr,
-    DOUBLE: tl.constexpr,
+    NESTED: tl.constexpr,  # the scales are double-quantized
+    NESTED_BLOCKSIZE: tl.constexpr,  # 256
+    SHFL: tl.constexpr,  # codes by warp shuffle (GPU) or table gather (interpreter)
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices, int64
     byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, bs/2)
-    packed = tl.load(packed_ptr + byte_offs, mask=byte_offs < nbytes, other=0).to(tl.int32)
-    high = tl.load(code_ptr + (packed >> 4))  # (ROWS, bs/2) fp32, elements 2j
-    low = tl.load(code_ptr + (packed & 15))  # (ROWS, bs/2) fp32, elements 2j+1
+    packed = tl.load(packed_ptr + byte_offs, mask=byte_offs < nbytes, other=0)  # (ROWS, bs/2) uint8
+    table = lane_table(code_ptr, tl.zeros((ROWS, HALF), tl.int32), SHFL)
+    high, low = lookup_bytes(packed, table, code_ptr, SHFL)  # (ROWS, bs/2) fp32: elements 2j, 2j+1
 
     in_range = rows < nb
-    if DOUBLE:
+    if NESTED:
         qabs = tl.load(absmax_ptr + rows, mask=in_range, other=0).to(tl.int32)
-        absmax2 = tl.load(absmax2_ptr + rows // NESTED, mask=in_range, other=0.0)
+        absmax2 = tl.load(absmax2_ptr + rows // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
         scale = tl.load(code8_ptr + qabs) * absmax2 + tl.load(offset_ptr)  # (ROWS,) two roundings
     else:
         scale = tl.load(absmax_ptr + rows, mask=in_range, other=0.0)  # (ROWS,)
@@ -94,27 +98,36 @@ def _dequantize_4bit_kernel(
 def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense tensor of `state.shape` in `dtype` (default: the dtype that was quantized), equal to
     `fourbit.nf4.dequantize` bit for bit."""
-    data = check_packed(packed, state)  # (nbytes,) uint8 view; packed and absmax on one device
     dtype = dtype or state.dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    out = torch.empty(state.numel, dtype=dtype, device=packed.device)
+    return dequantize_into(packed, state, out).view(state.shape)
+
+
+def dequantize_into(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> torch.Tensor:
+    """Write the dequantized weight into `out`, a contiguous float tensor of `state.numel` elements
+    (any shape; the matmul's reused workspace), and return it."""
+    data = check_packed(packed, state)  # (nbytes,) uint8 view; packed and absmax on one device
+    if out.dtype not in FLOAT_DTYPES or out.numel() != state.numel or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32/float16/bfloat16 tensor of {state.numel} elements, "
+                         f"got {out.dtype} with {out.numel()} elements (contiguous: {out.is_contiguous()})")
     nested = state.nested
     n, bs = state.numel, state.blocksize
     nb = _check_scales(state)
-    device = check_launch_device(
+    check_launch_device(
         packed=data,
+        out=out,
         absmax=state.absmax,
         code=state.code,
         offset=state.offset,
         nested_absmax=None if nested is None else nested.absmax,
         nested_code=None if nested is None else nested.code,
     )
-
-    out = torch.empty(n, dtype=dtype, device=device)
     code = state.code.contiguous()
     if nested is None:
         absmax = state.absmax.contiguous()
-        absmax2, code8, offset = absmax, absmax, absmax  # unused when DOUBLE is False
+        absmax2, code8, offset = absmax, absmax, absmax  # unused when NESTED is False
     else:
         absmax, absmax2 = state.absmax.contiguous(), nested.absmax.contiguous()
         code8, offset = nested.code.contiguous(), state.offset.reshape(())
@@ -122,10 +135,10 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     if n:
         _dequantize_4bit_kernel[(triton.cdiv(nb, rows),)](
             data, code, absmax, absmax2, code8, offset, out, n, data.numel(), nb,
-            BLOCKSIZE=bs, ROWS=rows, NESTED=NESTED_BLOCKSIZE, DOUBLE=nested is not None,
+            BLOCKSIZE=bs, ROWS=rows, NESTED=nested is not None, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, SHFL=not interpreting(),
             num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
-    return out.view(state.shape)
+    return out
 
 
 def _check_scales(state: QuantState) -> int:
@@ -157,7 +170,33 @@ def _check_scales(state: QuantState) -> int:
     return nb
 
 
-_OUT_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+def _spec(bs: int, dtype: torch.dtype, double: bool) -> KernelSpec:
+    return KernelSpec(
+        name=f"dequantize_4bit[{str(dtype)[6:]},bs{bs}{',dq' if double else ''}]",
+        kernel=_dequantize_4bit_kernel,
+        signature={
+            "packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8" if double else "*fp32",
+            "absmax2_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": POINTER_TYPES[dtype],
+            "n": "i32", "nbytes": "i32", "nb": "i32",
+            "BLOCKSIZE": "constexpr", "ROWS": "constexpr", "NESTED": "constexpr", "NESTED_BLOCKSIZE": "constexpr",
+            "SHFL": "constexpr",
+        },  # fmt: skip
+        constexprs={"BLOCKSIZE": bs, "ROWS": _rows(bs), "NESTED": double, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "SHFL": True},
+        num_warps=NUM_WARPS,
+        expect_vector_bits=128,
+    )
+
+
+def dequantize_launch(numel: int, *, dtype: torch.dtype, nested: bool, blocksize: int) -> Launch:
+    """The launch `dequantize_into` issues for `numel` weights, for the static cost model: one
+    straight-line program per BYTES_PER_PROGRAM packed bytes; compulsory traffic = packed bytes +
+    scales + the dense output."""
+    nb = -(-numel // blocksize)
+    scales = nb + 4 * -(-nb // NESTED_BLOCKSIZE) if nested else 4 * nb
+    size = torch.empty((), dtype=dtype).element_size()
+    return Launch(spec=_spec(blocksize, dtype, nested), grid=(-(-nb // _rows(blocksize)),), iterations=1,
+                  weight_bytes_per_iteration=_rows(blocksize) * blocksize // 2,
+                  hbm_bytes=-(-numel // 2) + scales + size * numel)
 
 
 def compile_specs() -> list[KernelSpec]:
@@ -165,21 +204,4 @@ def compile_specs() -> list[KernelSpec]:
     and bf16 output (the QLoRA case), plus fp32/fp16 output and plain fp32 scales at bs 64."""
     variants = [(bs, torch.bfloat16, True) for bs in ALLOWED_BLOCKSIZES]
     variants += [(64, torch.float32, True), (64, torch.float16, True), (64, torch.bfloat16, False)]
-    specs = []
-    for bs, dtype, double in variants:
-        specs.append(
-            KernelSpec(
-                name=f"dequantize_4bit[{str(dtype)[6:]},bs{bs}{',dq' if double else ''}]",
-                kernel=_dequantize_4bit_kernel,
-                signature={
-                    "packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8" if double else "*fp32",
-                    "absmax2_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": _OUT_TYPES[dtype],
-                    "n": "i32", "nbytes": "i32", "nb": "i32",
-                    "BLOCKSIZE": "constexpr", "ROWS": "constexpr", "NESTED": "constexpr", "DOUBLE": "constexpr",
-                },  # fmt: skip
-                constexprs={"BLOCKSIZE": bs, "ROWS": _rows(bs), "NESTED": NESTED_BLOCKSIZE, "DOUBLE": double},
-                num_warps=NUM_WARPS,
-                expect_vector_bits=128,
-            )
-        )
-    return specs
+    return [_spec(bs, dtype, double) for bs, dtype, double in variants]

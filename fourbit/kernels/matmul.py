@@ -1,274 +1,358 @@
-"""Fused NF4/FP4 dequant-matmul in Triton: y = x @ dequantize(W).T + bias, and its input gradient.
+"""4-bit matmul on the GPU: y = x @ dequantize(W).T + bias and its input gradient dx = dy @ W.
 
-W is [N, K] (out, in) as bitsandbytes stores it: packed row-major, two codes per byte, the even
-element in the high nibble, one float32 scale per `blocksize` flat elements (nested: 8-bit codes
-plus a per-256 float32 scale and an offset). The dense W is never written to memory: each program
-decodes the tile of W it needs in registers and feeds it straight to the multiply.
+W is [N, K] (out, in) as bitsandbytes stores it: packed row-major, two codes per byte (the even
+element in the high nibble), one float32 scale per `blocksize` flat elements (nested: 8-bit codes,
+a float32 scale per 256 blocks and an offset). x: (..., K) fp32/fp16/bf16; y: (..., N) in x's dtype.
 
-    decode   w[n, k] = fl32(code[q[n, k]] * absmax_hat[(n*K + k) // blocksize])   float32
-             absmax_hat[b] = fl32(code8[qabs[b]] * absmax2[b // 256]) + offset    (nested, inline)
-    forward  y[m, n]  = sum_k x[m, k] * w[n, k] (+ bias[n])    x: (M, K), y: (M, N), fp32 accumulate
-    backward dx[m, k] = sum_n dy[m, n] * w[n, k]                dy: (M, N), dx: (M, K)
+Three ways to compute it, named by (op, path) as `fourbit.dispatch.matmul_route` chooses them:
+  * ("gemv", "fused"), M <= GEMV_MAX_M: `matmul_gemv.gemv_kernel`, built for the HBM roofline (codes
+    looked up with warp shuffles, scales once per 32-weight run, one reduction at the end, no split-K).
+    Not bit-identical to the reference: the scale multiplies partial sums (see matmul_gemv).
+  * ("gemm" | "backward", "dequantize+cublas"): the one-launch Triton dequantize writes W in x's
+    dtype into a workspace reused across calls (one per device and dtype, grown on demand), then
+    cuBLAS: torch.addmm / torch.mm. Bit-identical to the reference (`fourbit.nf4.matmul`), which is
+    F.linear on the weight dequantized into x's dtype; dx = dy @ W the same way. At M = 2048 the
+    decode costs one extra pass over W (read 0.5 B, write 2 B per weight) next to 2*M FLOP per weight.
+  * ("gemm" | "backward", "fused"): `matmul_gemm`, tensor cores on tiles decoded in registers; kept
+    selectable for measuring the crossover; the dispatcher does not choose it (see matmul_gemm).
+The workspace is only valid until the next call on the same stream; cuBLAS consumes it in stream
+order right after the decode, so a caller never sees it.
 
-This equals `fourbit.nf4.matmul` (the reference) up to the summation order: w is rounded to x's
-dtype before the multiply, exactly as the reference rounds the dequantized weight. Launches pass
-`enable_fp_fusion=False` (LAUNCH_OPTIONS) so the nested scale keeps the reference's two float32
-roundings instead of one FMA: the decoded W is bit-identical to `fourbit.nf4.dequantize`.
-
-Decoding. A byte indexes a 256-entry int64 table (`fourbit.nf4.matmul.pair_table`) whose two 32-bit
-halves are the float32 codes of its high and low nibble: one gather per byte, not one per nibble.
-The two halves are interleaved back into k order ([BN, BK/2] x 2 -> [BN, BK]) and scaled. The
-launcher requires K % blocksize == 0, so blocks never cross rows, and K % 64 == 0, so K splits
-into whole tiles and every row of bytes starts 16-byte aligned (128-bit loads). A tile of BK
-columns then holds one scale per row (BK <= blocksize) or BK/blocksize of them (BK > blocksize,
-applied on a [BN, BK/bs, bs] view). Other shapes take the reference (dequantize + torch.matmul): blocks that
-cross rows would need a scale per element, and such layers are rare (bitsandbytes falls back too).
-
-Three kernels, each reading W in the same row-major [BN rows x BK/2 bytes] tiles:
-  * `_gemv_kernel` (M <= 4, decode): each program owns BN output features and a slice of K
-    (split-K when N alone gives too few programs), multiplies in registers with a broadcast
-    [BM, BN, BK] product (no tensor cores: at M <= 4 the weight stream is the whole cost), fp32.
-  * `_gemm_kernel` (M > 4, training/prefill): [BM, BN] output tiles, grouped along M for L2 reuse
-    of W tiles, decoded W tile -> x's dtype -> `tl.dot` (HMMA on sm_80/89, HGMMA on sm_90a).
-  * `_backward_kernel`: dx tiles [BM, BK], looping over N. The transposed product needs no
-    transposed layout: the quantization blocks run along K in both products, so the backward reads
-    the very same [BN, BK] row-major W tiles as the forward, only its reduction runs over the tile's
-    rows instead of its columns (`tl.dot(dy_tile, w_tile)`). Row tiles of BK/2 bytes stay coalesced.
+Plans. `plan(op, m, n, k, ...)` returns the `compile.Plan` a launcher runs: the kernel spec as
+compiled (constexprs, warps, stages), the grid, the loop trips and the weight bytes per trip;
+the launchers read their launch parameters from it, and the static cost model
+(`fourbit.kernels.costmodel`) compiles and scores the same objects (`launch_plans`), so the model
+evaluates exactly what runs. Configurations come from a short per-architecture rule; a GPU run may
+override them from a tuning cache on disk (`tune_cache_path()`, written by `tune`), never tuning
+implicitly: a first call costs no benchmarking, and the interpreter never tunes.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 import triton
-import triton.language as tl
 
 from ..nf4.matmul import check_matmul_args, pair_table
-from ..nf4.matmul import matmul as _reference_matmul
-from ..nf4.matmul import matmul_backward as _reference_backward
 from ..nf4.quant import check_packed
 from ..nf4.state import QuantState
-from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device, interpreting
+from .dequantize import dequantize_into, dequantize_launch
+from ._triton_utils import POINTER_TYPES, KernelSpec, check_launch_device, interpreting
+from .compile import Launch, Plan
+from .matmul_gemm import backward_kernel, gemm_kernel
+from .matmul_gemv import gemv_kernel
 
-__all__ = ["matmul", "matmul_backward", "compile_specs", "fused_shape_supported"]
+__all__ = ["matmul", "matmul_backward", "plan", "launch_plans", "default_route", "fused_shape_supported",
+           "compile_specs", "tune", "tune_cache_path", "GEMV_MAX_M"]
 
-GEMV_MAX_M = 4  # bitsandbytes also keeps its fused SIMT kernel to M <= 4
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). A shortlist per architecture: sm_90 gets the
-# wide 128x256 tile wgmma likes, both get small-M tiles for M = 5..64. The compile report found
-# 128x128x64 with 4 warps spilling on sm_80/89 (255 registers, 8-16 B) and 128x256x64 with 8 warps
-# spilling there too, hence 8 warps for 128x128 and BLOCK_K = 32 for 128x256: all spill-free.
-_GEMM_CONFIGS = {
-    "sm80": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
-    "sm90": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4), (32, 128, 64, 4, 4)],
-}
-_GEMV_CONFIGS = [(32, 128, 4, 3), (16, 256, 4, 3), (64, 64, 4, 4), (16, 128, 2, 4)]  # (BLOCK_N, BLOCK_K, warps, stages)
-_BACKWARD_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (16, 64, 128, 4, 4)]
-_INTERPRETER_GEMM = (16, 32, 64, 4, 1)  # fixed, small configs for TRITON_INTERPRET=1 (no autotune)
-_INTERPRETER_GEMV = (16, 64, 4, 1)
+GEMV_MAX_M = 4  # above, the SIMT GEMV is FMA-bound (4 FFMA per weight byte per row of x)
+SMS = 132  # H200 / H100 SXM; plans for a real device use its count
+_PTR = POINTER_TYPES
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}  # fp32 stays exact
+_GEMV_OPTIONS = {"enable_fp_fusion": True}  # products and sums as FMA chains; see matmul_gemv
+
+# Fused GEMM/backward shortlists (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), spill-free on
+# sm_80/89/90a per the compile report (128x128x64 needs 8 warps on sm_80/89, 128x256 BLOCK_K = 32).
+_GEMM_CONFIGS = {
+    "sm80": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
+    "sm90": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (16, 128, 128, 4, 4), (32, 128, 64, 4, 4)],
+}
+_BACKWARD_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4)]
 
 
-@triton.jit
-def _block_scales(absmax_ptr, absmax2_ptr, code8_ptr, offset, blk, mask, NESTED: tl.constexpr):
-    """float32 scales of blocks `blk` (any shape): stored, or rebuilt from the nested 8-bit codes."""
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        s = tl.load(code8_ptr + q) * tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
-        return s + offset
-    else:
-        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-
-
-@triton.jit
-def _decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
-                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows rn (BLOCK_N,), columns k0 .. k0+BLOCK_K of W, dequantized to float32 (BLOCK_N, BLOCK_K)."""
-    row = rn.to(tl.int64)
-    rb = tl.arange(0, BLOCK_K // 2)
-    # K % 64 == 0 (launcher), so each row's bytes and each tile start 16-byte aligned: tell the
-    # compiler, so the byte tile is read with 128-bit loads (it can only infer 8-byte alignment).
-    start = tl.multiple_of(row * (K // 2) + k0 // 2, 16)  # (BN,)
-    byte = tl.load(packed_ptr + start[:, None] + rb[None, :], mask=n_mask[:, None], other=0)  # (BN, BK/2) uint8
-    pair = tl.load(table_ptr + byte.to(tl.int32))  # (BN, BK/2) int64: two float32 codes
-    hi = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # even k: high nibble
-    lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # odd k: low nibble
-    codes = tl.interleave(hi, lo)  # (BN, BK)
-    if BLOCK_K <= BLOCKSIZE:
-        blk = (row * K + k0) // BLOCKSIZE  # (BN,) the tile lies inside one block per row
-        scale = _block_scales(absmax_ptr, absmax2_ptr, code8_ptr, offset, blk, n_mask, NESTED)
-        return codes * scale[:, None]
-    else:
-        SUB: tl.constexpr = BLOCK_K // BLOCKSIZE
-        blk = (row[:, None] * K + k0) // BLOCKSIZE + tl.arange(0, SUB)[None, :]  # (BN, SUB)
-        scale = _block_scales(absmax_ptr, absmax2_ptr, code8_ptr, offset, blk, n_mask[:, None], NESTED)
-        w = tl.reshape(codes, (BLOCK_N, SUB, BLOCKSIZE)) * scale[:, :, None]
-        return tl.reshape(w, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, bias_ptr, y_ptr,
-                 M, N, K, stride_xm,
-                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (n-tile, k-slice): y[:, n-tile] (SPLIT == False) or its fp32 partial sum into
-    y[k-slice] of a (splits, M, N) buffer (SPLIT). Slices are whole BLOCK_K tiles; the last may be short."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
-    offset = tl.load(offset_ptr) if NESTED else 0.0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        w = _decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
-                         BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # round to x's dtype, as the reference
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
-    out = rm[:, None] * N + rn[None, :]
-    mask = (rm[:, None] < M) & n_mask[None, :]
-    if SPLIT:
-        tl.store(y_ptr + pid_k.to(tl.int64) * M * N + out, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gemm_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, bias_ptr, y_ptr,
-                 M, N, K, stride_xm, M_BUCKET,
-                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program = one (BM, BN) tile of y; tiles grouped GROUP_M at a time along M so that the W tiles
-    a group shares are still in L2. M_BUCKET (next power of two of M) only keys the autotuner."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
-    offset = tl.load(offset_ptr) if NESTED else 0.0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        w = _decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
-                         BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)  # (BM, BN)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & n_mask[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _backward_kernel(dy_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, dx_ptr,
-                     M, N, K, stride_dym, M_BUCKET,
-                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program = one (BM, BK) tile of dx = dy @ W, reducing over N in BN-row tiles of W."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = pid_k * BLOCK_K
-    rk = k0 + tl.arange(0, BLOCK_K)
-    offset = tl.load(offset_ptr) if NESTED else 0.0
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_mask = rn < N
-        dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :],
-                     mask=(rm[:, None] < M) & n_mask[None, :], other=0.0)  # (BM, BN)
-        w = _decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
-                         BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)  # (BM, BK)
-    tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rm[:, None] < M)
-
-
-# ---- launchers ----------------------------------------------------------------------------------
 def fused_shape_supported(state: QuantState) -> bool:
-    """The kernels need K % blocksize == 0 (blocks inside rows) and K % 64 == 0 (whole K tiles)."""
+    """The launchers need K % blocksize == 0 (blocks inside rows) and K % 64 == 0 (rows start 16-byte
+    aligned, runs of 32 weights); `fourbit.dispatch` sends other weights to the reference."""
     k = int(state.shape[-1])
     return len(state.shape) == 2 and k % state.blocksize == 0 and k % 64 == 0
 
 
-def _prune(table: dict[str, list] | None, configs, named_args, **kwargs):
-    """Keep the configs whose BLOCK_K divides K and, given a table, those of this GPU's shortlist."""
-    fits = [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
-    if table is None:
-        return fits
-    major, _ = torch.cuda.get_device_capability()
-    wanted = set(table["sm90" if major >= 9 else "sm80"])
-    kw = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)  # noqa: E731
-    return [c for c in fits if kw(c) in wanted] or fits
+def default_route(m: int, *, backward: bool = False) -> tuple[str, str]:
+    """What this module runs when the caller names no route: the GEMV where it applies, otherwise
+    dequantize + cuBLAS. The dispatcher (`fourbit.dispatch.matmul_route`) owns the crossovers."""
+    if backward:
+        return "backward", "dequantize+cublas"
+    if m <= GEMV_MAX_M:
+        return "gemv", "fused"
+    return "gemm", "dequantize+cublas"
 
 
-_TUNED: dict[str, object] = {}
+# ---- plans --------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def _tuned(name: str):
-    """The autotuned kernel "gemv", "gemm" or "backward", built on first use (never under the
-    interpreter, where autotuning does not work). GEMM/backward tune per power-of-two bucket of M."""
-    if name not in _TUNED:
-        if name == "gemv":
-            kernel, table, key = _gemv_kernel, None, ["M", "N", "K", "BLOCKSIZE", "NESTED"]
-            configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _GEMV_CONFIGS]
-        else:
-            kernel, key = _gemm_kernel if name == "gemm" else _backward_kernel, ["M_BUCKET", "N", "K", "BLOCKSIZE", "NESTED"]
-            table = _GEMM_CONFIGS if name == "gemm" else {"sm80": _BACKWARD_CONFIGS, "sm90": _BACKWARD_CONFIGS}
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                       for bm, bn, bk, w, s in dict.fromkeys(table["sm80"] + table["sm90"])]
-        prune = lambda cs, named, **kw: _prune(table, cs, named, **kw)  # noqa: E731
-        _TUNED[name] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
-    return _TUNED[name]
+def _arch_key() -> str:
+    if torch.cuda.is_available() and not interpreting():
+        return "sm90" if torch.cuda.get_device_capability()[0] >= 9 else "sm80"
+    return "sm90"
 
 
-def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
-    """(packed bytes, pair table, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
-    data = check_packed(packed, state)  # (N*K/2,) uint8
-    table = pair_table(state.quant_type, data.device)  # (256,) int64
-    if state.nested is None:
-        return data, table, state.absmax, state.absmax, state.absmax, state.absmax
-    offset = state.offset.to(device=data.device, dtype=torch.float32).reshape(1)
-    return data, table, state.absmax, state.nested.absmax, state.nested.code, offset
+def _weight_bytes(n: int, k: int, nested: bool, blocksize: int) -> int:
+    blocks = _cdiv(n * k, blocksize)
+    return n * k // 2 + (blocks + 4 * _cdiv(blocks, 256) if nested else 4 * blocks)
+
+
+def _state_signature(nested: bool) -> dict[str, str]:
+    return {"packed_ptr": "*u8", "table_ptr": "*i64", "absmax_ptr": "*u8" if nested else "*fp32",
+            "absmax2_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32"}
+
+
+def _gemv_spec(dtype, nested, blocksize, block_m, block_n, block_w, num_warps, even) -> KernelSpec:
+    sig = {"x_ptr": _PTR[dtype], **_state_signature(nested), "bias_ptr": _PTR[dtype], "y_ptr": _PTR[dtype],
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+    sig["table_ptr"] = "*fp32"  # the 16 float32 codes
+    sig = {("code_ptr" if a == "table_ptr" else a): t for a, t in sig.items()}
+    constexprs = {"BLOCKSIZE": blocksize, "NESTED": nested, "HAS_BIAS": False, "SHFL": True, "EVEN": even,
+                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": block_w}
+    name = (f"matmul_gemv[{_SHORT[dtype]},bs{blocksize}{',dq' if nested else ''},m{block_m},{block_n}x{4 * block_w}B,"
+            f"w{num_warps}{'' if even else ',tail'}]")
+    return KernelSpec(name=name, kernel=gemv_kernel, signature={**sig, **dict.fromkeys(constexprs, "constexpr")},
+                      constexprs=constexprs, num_warps=num_warps, num_stages=1, expect_vector_bits=128,
+                      options=dict(_GEMV_OPTIONS))
+
+
+def _gemv_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_W, num_warps). BLOCK_W = 128 words (512 B of a row per step: each of
+    a warp's 32 threads streams 16 B); BLOCK_N = 16 rows (4 per thread; M = 4: 8, which keeps its
+    4 x 8 FMAs per word spill-free), halved while that leaves fewer programs than SMs."""
+    block_m = triton.next_power_of_2(max(m, 1))
+    block_w = min(128, triton.next_power_of_2(max(k // 8, 8)))
+    block_n = 8 if block_m == 4 else 16
+    while block_n > 4 and _cdiv(n, block_n) < sms:
+        block_n //= 2
+    return block_m, block_n, block_w, 4
+
+
+def _gemm_spec(dtype, nested, blocksize, cfg, backward: bool) -> KernelSpec:
+    bm, bn, bk, w, s = cfg
+    constexprs = {"BLOCKSIZE": blocksize, "NESTED": nested, "PRECISION": _DOT_PRECISION[dtype],
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    if backward:
+        sig = {"dy_ptr": _PTR[dtype], **_state_signature(nested), "dx_ptr": _PTR[dtype], "M": "i32", "N": "i32",
+               "K": "i32", "stride_dym": "i32", "M_BUCKET": "i32"}
+        name, kernel = "matmul_backward", backward_kernel
+    else:
+        constexprs |= {"HAS_BIAS": False, "GROUP_M": 8}
+        sig = {"x_ptr": _PTR[dtype], **_state_signature(nested), "bias_ptr": _PTR[dtype], "y_ptr": _PTR[dtype],
+               "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "M_BUCKET": "i32"}
+        name, kernel = "matmul_gemm", gemm_kernel
+    return KernelSpec(name=f"{name}[{_SHORT[dtype]},bs{blocksize}{',dq' if nested else ''},{bm}x{bn}x{bk},w{w}s{s}]",
+                      kernel=kernel, signature={**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs,
+                      num_warps=w, num_stages=s, expect_tensor_cores=True)
+
+
+def _gemm_default(op: str, m: int, k: int, arch: str) -> tuple:
+    """First shortlist entry whose BLOCK_K divides K, small-M tiles for M <= 32."""
+    configs = _GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS
+    fits = [c for c in configs if k % c[2] == 0 and (c[0] <= 32) == (m <= 32)] or [c for c in configs if k % c[2] == 0]
+    return fits[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(op: str, m: int, n: int, k: int, *, dtype: torch.dtype = torch.bfloat16, nested: bool = True,
+         blocksize: int = 64, path: str | None = None, sms: int = SMS, arch: str = "sm90",
+         config: tuple | None = None) -> Plan:
+    """The launch(es) `matmul` (op "gemv" | "gemm") or `matmul_backward` (op "backward") runs for
+    x: (m, k), W: (n, k); path "fused" | "dequantize+cublas" (default: `default_route`). `config`
+    overrides the configuration (what `tune` times); otherwise the tuning cache, then the rule."""
+    if op not in ("gemv", "gemm", "backward"):
+        raise ValueError(f"op must be 'gemv', 'gemm' or 'backward', got {op!r}")
+    path = path or default_route(m, backward=op == "backward")[1]
+    if path not in ("fused", "dequantize+cublas"):
+        raise ValueError(f"path must be 'fused' or 'dequantize+cublas', got {path!r}")
+    io = _SIZE[dtype] * (m * k + m * n)
+    weights = _weight_bytes(n, k, nested, blocksize)
+    if op == "gemv":
+        if path != "fused" or m > GEMV_MAX_M:
+            raise ValueError(f"the GEMV is fused and takes M <= {GEMV_MAX_M}, got M={m}, path {path!r}")
+        tuned = _tuned(("gemv", m, n, k, str(dtype), nested, blocksize, arch))
+        block_m, block_n, block_w, warps = config or tuned or _gemv_config(m, n, k, sms)
+        spec = _gemv_spec(dtype, nested, blocksize, block_m, block_n, block_w, warps, k % (8 * block_w) == 0)
+        launch = Launch(spec=spec, grid=(_cdiv(n, block_n),), iterations=_cdiv(k // 8, block_w),
+                        weight_bytes_per_iteration=block_n * block_w * 4, hbm_bytes=weights + io,
+                        iterations_in_flight=2)  # the loop prefetches the next step's words
+        return Plan(op="gemv", path="fused", config=f"m{block_m},{block_n}x{4 * block_w}B,w{warps}", launches=(launch,))
+    if path == "dequantize+cublas":
+        launch = dequantize_launch(n * k, dtype=dtype, nested=nested, blocksize=blocksize)
+        mnk = (m, n, k) if op == "gemm" else (m, k, n)
+        return Plan(op=op, path=path, config=f"dequantize[{launch.spec.name}]+cublas", launches=(launch,),
+                    cublas_mnk=mnk)
+    cfg = config or _tuned((op, _m_bucket(m), n, k, str(dtype), nested, blocksize, arch)) or _gemm_default(op, m, k, arch)
+    return _fused_plan(op, m, n, k, dtype, nested, blocksize, tuple(cfg))
+
+
+def _fused_plan(op, m, n, k, dtype, nested, blocksize, cfg) -> Plan:
+    spec = _gemm_spec(dtype, nested, blocksize, cfg, op == "backward")
+    bm, bn, bk = cfg[:3]
+    grid, trips = ((_cdiv(m, bm) * _cdiv(n, bn),), _cdiv(k, bk)) if op == "gemm" else ((_cdiv(m, bm), _cdiv(k, bk)), _cdiv(n, bn))
+    io = _SIZE[dtype] * (m * k + m * n)
+    launch = Launch(spec=spec, grid=grid, iterations=trips, weight_bytes_per_iteration=bn * bk // 2,
+                    hbm_bytes=_weight_bytes(n, k, nested, blocksize) + io, gather_table_bytes=256 * 8)
+    return Plan(op=op, path="fused", config=f"{bm}x{bn}x{bk},w{cfg[3]}s{cfg[4]}", launches=(launch,))
+
+
+def launch_plans(op: str, m: int, n: int, k: int, *, sms: int = SMS) -> list[Plan]:
+    """Every alternative the launchers may run for bf16 x, nested scales, blocksize 64 (the cost
+    model's contract): the GEMV for op "gemv" (M <= GEMV_MAX_M, else []); for "gemm"/"backward"
+    the fused kernel's shortlist and dequantize + cuBLAS; for "dequantize" its one launch."""
+    if op == "gemv":
+        return [plan("gemv", m, n, k, sms=sms)] if m <= GEMV_MAX_M else []
+    if op == "dequantize":
+        launch = dequantize_launch(n * k, dtype=torch.bfloat16, nested=True, blocksize=64)
+        return [Plan(op="dequantize", path="fused", config=launch.spec.name, launches=(launch,))]
+    if op not in ("gemm", "backward"):
+        raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
+    configs = _GEMM_CONFIGS["sm90"] if op == "gemm" else _BACKWARD_CONFIGS
+    plans = [_fused_plan(op, m, n, k, torch.bfloat16, True, 64, cfg) for cfg in configs if k % cfg[2] == 0]
+    plans.append(plan(op, m, n, k, path="dequantize+cublas", sms=sms))
+    return plans
 
 
 def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 8192)
 
 
-def _splits(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
-    """Split K until there are about two programs per SM (decode shapes with small N), while each
-    slice keeps at least four K tiles."""
-    programs = triton.cdiv(n, block_n)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    split = 1
-    while programs * split < 2 * sms and k // (2 * split * block_k) >= 4:
-        split *= 2
-    return split
+# ---- tuning cache -------------------------------------------------------------------------------
+_TUNE_TABLE: dict[str, list] | None = None
+
+
+def tune_cache_path() -> str:
+    """FOURBIT_TUNE_CACHE, else ~/.cache/fourbit/matmul-tuning.json: {key: config} from `tune`."""
+    return os.environ.get("FOURBIT_TUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fourbit",
+                                                                  "matmul-tuning.json")
+
+
+def _key(key: tuple) -> str:
+    return "|".join(str(p) for p in key) + f"|triton{triton.__version__}"
+
+
+def _tuned(key: tuple) -> tuple | None:
+    """The cached configuration for `key`; None under the interpreter or when never tuned."""
+    global _TUNE_TABLE
+    if interpreting():
+        return None
+    if _TUNE_TABLE is None:
+        try:
+            with open(tune_cache_path()) as f:
+                _TUNE_TABLE = json.load(f)
+        except (OSError, ValueError):
+            _TUNE_TABLE = {}
+    hit = _TUNE_TABLE.get(_key(key))
+    return tuple(hit) if hit else None
+
+
+def _gemv_candidates(m: int, n: int, k: int) -> list[tuple]:
+    bm, bn, bw, w = _gemv_config(m, n, k, SMS)
+    return list(dict.fromkeys([(bm, bn, bw, w), (bm, max(4, bn // 2), bw, w), (bm, bn, max(8, bw // 2), w),
+                               (bm, min(bn, 8), bw, 2)]))
+
+
+def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, bench=None) -> tuple:
+    """Time this module's short candidate list for op "gemv" (a = x), "gemm" (a = x) or "backward"
+    (a = dy) on a's GPU, keep the fastest in the tuning cache (one JSON file) and return it. At
+    most four configurations, each timed by `bench` (default triton.testing.do_bench, ~0.1 s): a
+    few seconds per shape, run once, by choice (the launchers never tune)."""
+    if interpreting() or not a.is_cuda:
+        raise ValueError("tuning times kernels on a GPU; it cannot run under TRITON_INTERPRET=1 or on CPU tensors")
+    n, k = (int(d) for d in state.shape)
+    m = a.numel() // a.shape[-1]
+    nested, arch = state.nested is not None, _arch_key()
+    if op == "gemv":
+        key, candidates = ("gemv", m, n, k, str(a.dtype), nested, state.blocksize, arch), _gemv_candidates(m, n, k)
+    elif op in ("gemm", "backward"):
+        key = (op, _m_bucket(m), n, k, str(a.dtype), nested, state.blocksize, arch)
+        candidates = [c for c in (_GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS) if k % c[2] == 0]
+    else:
+        raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
+    bench = bench or triton.testing.do_bench
+    if op == "backward":
+        run = lambda cfg: matmul_backward(a, packed, state, route=("backward", "fused"), config=cfg)  # noqa: E731
+    else:
+        run = lambda cfg: matmul(a, packed, state, route=(op, "fused"), config=cfg)  # noqa: E731
+    return _tune_store(key, candidates, lambda cfg: bench(lambda: run(cfg)))
+
+
+def _tune_store(key: tuple, candidates: list[tuple], time_of) -> tuple:
+    """The candidate with the least time_of(candidate), written to the cache file under `key`."""
+    global _TUNE_TABLE
+    best = min(candidates, key=time_of)
+    _tuned(key)  # loads the file first
+    _TUNE_TABLE = dict(_TUNE_TABLE or {})
+    _TUNE_TABLE[_key(key)] = list(best)
+    path = tune_cache_path()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(_TUNE_TABLE, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    plan.cache_clear()
+    return best
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements, one per (device, dtype), grown on demand and kept:
+    the dense copy of the largest weight seen (bitsandbytes allocates one per call instead)."""
+    buf = _WORKSPACES.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACES[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS
+
+
+def _state_args(packed: torch.Tensor, state: QuantState, table: torch.Tensor) -> tuple:
+    """(packed bytes, code table, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
+    data = check_packed(packed, state)  # (N*K/2,) uint8
+    if state.nested is None:
+        return data, table, state.absmax, state.absmax, state.absmax, state.absmax
+    offset = state.offset.to(device=data.device, dtype=torch.float32).reshape(1)
+    return data, table, state.absmax, state.nested.absmax, state.nested.code, offset
+
+
+def _route(route, m: int, state: QuantState, backward: bool) -> tuple[str, str]:
+    if not fused_shape_supported(state):
+        raise ValueError(f"the Triton matmul needs K % blocksize == 0 and K % 64 == 0, got K={int(state.shape[-1])} "
+                         f"with blocksize {state.blocksize} (fourbit.dispatch.matmul runs the reference for these)")
+    op, path = route or default_route(m, backward=backward)
+    if (op == "backward") != backward or op not in ("gemv", "gemm", "backward") or path not in ("fused", "dequantize+cublas"):
+        raise ValueError(f"route {(op, path)!r} is not one of this launcher's: "
+                         f"{'(backward, fused | dequantize+cublas)' if backward else '(gemv, fused), (gemm, fused | dequantize+cublas)'}")
+    if op == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"the GEMV takes at most {GEMV_MAX_M} rows of x, got M={m}")
+    return op, path
+
+
+def _launch(kernel_plan: Plan, *args, **runtime) -> None:
+    launch = kernel_plan.launches[0]
+    spec = launch.spec
+    constexprs = {**spec.constexprs, **runtime}
+    if "SHFL" in constexprs:
+        constexprs["SHFL"] = not interpreting()
+    spec.kernel[launch.grid](*args, **constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages, **spec.options)
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None, *,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequantize(W).T + bias, fused. x: (..., K) fp32/fp16/bf16; y: (..., N) in x.dtype.
-    `out`, if given, is a contiguous (..., N) tensor of x's dtype that receives y."""
+           out: torch.Tensor | None = None, route: tuple[str, str] | None = None,
+           config: tuple | None = None) -> torch.Tensor:
+    """y = x @ dequantize(W).T + bias. x: (..., K) fp32/fp16/bf16; y: (..., N) in x.dtype. `out`, if
+    given, is a contiguous (..., N) tensor of x's dtype that receives y. `route` (op, path) as
+    `fourbit.dispatch.matmul_route` returns it (default: `default_route`); `config` is for `tune`."""
     check_matmul_args(x, packed, state, bias)
     if x.dtype not in _DOT_PRECISION:
         raise TypeError(f"the Triton matmul takes float32/float16/bfloat16 x, got {x.dtype} (use the reference)")
-    check_launch_device(x=x, packed=packed, absmax=state.absmax, bias=bias)
+    device = check_launch_device(x=x, packed=packed, absmax=state.absmax, bias=bias)
     n, k = (int(d) for d in state.shape)
-    if not fused_shape_supported(state):  # the documented fallback: dequantize (in chunks) + matmul
-        y = _reference_matmul(x, packed, state, bias)
-        return y if out is None else out.copy_(y)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -276,59 +360,41 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
     y = _output(out, (*x.shape[:-1], n), x)
     if m == 0 or n == 0:
         return y
-    args = _state_args(packed, state)
+    op, path = _route(route, m, state, backward=False)
     nested, has_bias = state.nested is not None, bias is not None
-    bias_arg = bias.to(x.dtype) if has_bias else y  # rounded to x's dtype first, as the reference
-    if m <= GEMV_MAX_M:
-        block_m = triton.next_power_of_2(m)
-        common = dict(BLOCKSIZE=state.blocksize, NESTED=nested, HAS_BIAS=has_bias, BLOCK_M=block_m)
-        if interpreting():
-            bn, bk, w, s = _INTERPRETER_GEMV
-            split = _splits(n, k, bn, bk, x.device)
-            target = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-            _gemv_kernel[(triton.cdiv(n, bn), split)](x2, *args, bias_arg, target, m, n, k, x2.stride(0),
-                                                      SPLIT=split > 1, BLOCK_N=bn, BLOCK_K=bk,
-                                                      num_warps=w, num_stages=s, **common, **LAUNCH_OPTIONS)
+    bias_arg = bias.to(x.dtype) if has_bias else None  # rounded to x's dtype first, as the reference
+    y2 = y.view(m, n)
+    if path == "dequantize+cublas":
+        w = dequantize_into(packed, state, _workspace(n * k, x.dtype, device)).view(n, k)  # (N, K) x.dtype
+        if has_bias:
+            torch.addmm(bias_arg, x2, w.t(), out=y2)  # what F.linear runs: bias added before the one rounding
         else:
-            split = _splits(n, k, 32, 128, x.device)
-            target = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-            _tuned("gemv")[grid](x2, *args, bias_arg, target, m, n, k, x2.stride(0), SPLIT=split > 1,
-                                **common, **LAUNCH_OPTIONS)
-        if split > 1:  # (split, M, N) fp32 partials -> y
-            total = target.sum(0)
-            if has_bias:
-                total += bias_arg.float()
-            y.view(m, n).copy_(total)
+            torch.mm(x2, w.t(), out=y2)
         return y
-    common = dict(BLOCKSIZE=state.blocksize, NESTED=nested, HAS_BIAS=has_bias, PRECISION=_DOT_PRECISION[x.dtype])
-    if interpreting():
-        bm, bn, bk, w, s = _INTERPRETER_GEMM
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _gemm_kernel[grid](x2, *args, bias_arg, y, m, n, k, x2.stride(0), _m_bucket(m),
-                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                           num_warps=w, num_stages=s, **common, **LAUNCH_OPTIONS)
+    p = plan(op, m, n, k, dtype=x.dtype, nested=nested, blocksize=state.blocksize, path=path, sms=_sms(device),
+             arch=_arch_key(), config=config)
+    args = _state_args(packed, state, state.code if op == "gemv" else pair_table(state.quant_type, device))
+    bias_ptr = bias_arg if has_bias else y
+    if op == "gemv":
+        _launch(p, x2, *args, bias_ptr, y2, m, n, k, x2.stride(0), HAS_BIAS=has_bias)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned("gemm")[grid](x2, *args, bias_arg, y, m, n, k, x2.stride(0), _m_bucket(m), GROUP_M=8,
-                             **common, **LAUNCH_OPTIONS)
+        _launch(p, x2, *args, bias_ptr, y2, m, n, k, x2.stride(0), _m_bucket(m), HAS_BIAS=has_bias,
+                PRECISION=_DOT_PRECISION[x.dtype])
     return y
 
 
 def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantState, *,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """grad_x = grad_y @ dequantize(W), fused. grad_y: (..., N); grad_x: (..., K) in grad_y.dtype."""
-    if len(state.shape) != 2:
-        raise ValueError(f"matmul_backward needs a 2-D quantized weight [N, K], got shape {tuple(state.shape)}")
+                    out: torch.Tensor | None = None, route: tuple[str, str] | None = None,
+                    config: tuple | None = None) -> torch.Tensor:
+    """grad_x = grad_y @ dequantize(W). grad_y: (..., N); grad_x: (..., K) in grad_y.dtype."""
+    if not isinstance(state, QuantState) or len(state.shape) != 2:
+        raise ValueError(f"matmul_backward needs a 2-D quantized weight [N, K], got shape {tuple(getattr(state, 'shape', ()))}")
     n, k = (int(d) for d in state.shape)
     if grad_y.shape[-1] != n:
         raise ValueError(f"grad_y has {grad_y.shape[-1]} features in its last dimension but the weight has N={n}")
     if grad_y.dtype not in _DOT_PRECISION:
         raise TypeError(f"grad_y must be float32/float16/bfloat16, got {grad_y.dtype}")
-    check_launch_device(grad_y=grad_y, packed=packed, absmax=state.absmax)
-    if not fused_shape_supported(state):  # the documented fallback
-        g = _reference_backward(grad_y, packed, state)
-        return g if out is None else out.copy_(g)
+    device = check_launch_device(grad_y=grad_y, packed=packed, absmax=state.absmax)
     dy = grad_y.reshape(-1, n)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
@@ -338,16 +404,16 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
         return dx
     if n == 0:
         return dx.zero_()
-    args = _state_args(packed, state)
-    common = dict(BLOCKSIZE=state.blocksize, NESTED=state.nested is not None, PRECISION=_DOT_PRECISION[dy.dtype])
-    if interpreting():
-        bm, bn, bk, w, s = _INTERPRETER_GEMM
-        _backward_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](dy, *args, dx, m, n, k, dy.stride(0), _m_bucket(m),
-                                                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                                                   num_warps=w, num_stages=s, **common, **LAUNCH_OPTIONS)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
-        _tuned("backward")[grid](dy, *args, dx, m, n, k, dy.stride(0), _m_bucket(m), **common, **LAUNCH_OPTIONS)
+    _, path = _route(route, m, state, backward=True)
+    dx2 = dx.view(m, k)
+    if path == "dequantize+cublas":
+        w = dequantize_into(packed, state, _workspace(n * k, dy.dtype, device)).view(n, k)  # (N, K)
+        torch.mm(dy, w, out=dx2)
+        return dx
+    p = plan("backward", m, n, k, dtype=dy.dtype, nested=state.nested is not None, blocksize=state.blocksize,
+             path="fused", sms=_sms(device), arch=_arch_key(), config=config)
+    args = _state_args(packed, state, pair_table(state.quant_type, device))
+    _launch(p, dy, *args, dx2, m, n, k, dy.stride(0), _m_bucket(m), PRECISION=_DOT_PRECISION[dy.dtype])
     return dx
 
 
@@ -361,53 +427,17 @@ def _output(out: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> torch
 
 
 # ---- compile report -----------------------------------------------------------------------------
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}  # also the short names
-
-
-def _state_signature(nested: bool) -> dict[str, str]:
-    return {"packed_ptr": "*u8", "table_ptr": "*i64", "absmax_ptr": "*u8" if nested else "*fp32",
-            "absmax2_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32"}
-
-
 def compile_specs() -> list[KernelSpec]:
-    """Every config the launchers may run on a GPU, for the QLoRA case (bf16 activations, nested
-    scales, blocksize 64), plus fp16 and plain-scale variants of the first GEMM config. GEMM and
-    backward specs must use tensor cores; the GEMV is SIMT by design."""
+    """Every GEMV configuration the rule picks (bf16, nested, blocksize 64: M = 1, 2, 4 and the
+    halved BLOCK_N for small N), its fp16 / fp32 / plain-scale / ragged-K variants, and the fused
+    GEMM and backward shortlists (bf16 nested, plus fp16 and plain scales for the first GEMM)."""
     specs = []
+    for block_m, block_n in ((1, 16), (1, 8), (1, 4), (2, 16), (2, 8), (2, 4), (4, 8), (4, 4)):
+        specs.append(_gemv_spec(torch.bfloat16, True, 64, block_m, block_n, 128, 4, True))
+    specs += [_gemv_spec(torch.float16, True, 64, 1, 16, 128, 4, True), _gemv_spec(torch.float32, True, 64, 1, 16, 128, 4, True),
+              _gemv_spec(torch.bfloat16, False, 64, 1, 16, 128, 4, True), _gemv_spec(torch.bfloat16, True, 64, 1, 16, 128, 4, False)]
     gemm = list(dict.fromkeys(_GEMM_CONFIGS["sm80"] + _GEMM_CONFIGS["sm90"]))
-    variants = [(cfg, torch.bfloat16, True) for cfg in gemm] + [(gemm[0], torch.float16, True), (gemm[0], torch.bfloat16, False)]
-    for (bm, bn, bk, w, s), dtype, nested in variants:
-        specs.append(KernelSpec(
-            name=f"matmul_gemm[{_PTR[dtype][1:]},bs64{',dq' if nested else ''},{bm}x{bn}x{bk},w{w}s{s}]",
-            kernel=_gemm_kernel,
-            signature={"x_ptr": _PTR[dtype], **_state_signature(nested), "bias_ptr": _PTR[dtype], "y_ptr": _PTR[dtype],
-                       "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "M_BUCKET": "i32",
-                       **dict.fromkeys(["BLOCKSIZE", "NESTED", "HAS_BIAS", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"], "constexpr")},
-            constexprs={"BLOCKSIZE": 64, "NESTED": nested, "HAS_BIAS": False, "PRECISION": "tf32",
-                        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            num_warps=w, num_stages=s, expect_tensor_cores=True,
-        ))
-    for bm, bn, bk, w, s in _BACKWARD_CONFIGS:
-        specs.append(KernelSpec(
-            name=f"matmul_backward[bf16,bs64,dq,{bm}x{bn}x{bk},w{w}s{s}]",
-            kernel=_backward_kernel,
-            signature={"dy_ptr": "*bf16", **_state_signature(True), "dx_ptr": "*bf16",
-                       "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32", "M_BUCKET": "i32",
-                       **dict.fromkeys(["BLOCKSIZE", "NESTED", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"], "constexpr")},
-            constexprs={"BLOCKSIZE": 64, "NESTED": True, "PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-            num_warps=w, num_stages=s, expect_tensor_cores=True,
-        ))
-    for block_m in (1, 2, 4):
-        for bn, bk, w, s in _GEMV_CONFIGS:
-            for split in (False, True):
-                specs.append(KernelSpec(
-                    name=f"matmul_gemv[bf16,bs64,dq,m{block_m},{bn}x{bk},w{w}s{s}{',split' if split else ''}]",
-                    kernel=_gemv_kernel,
-                    signature={"x_ptr": "*bf16", **_state_signature(True), "bias_ptr": "*bf16",
-                               "y_ptr": "*fp32" if split else "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                               **dict.fromkeys(["BLOCKSIZE", "NESTED", "HAS_BIAS", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K"], "constexpr")},
-                    constexprs={"BLOCKSIZE": 64, "NESTED": True, "HAS_BIAS": False, "SPLIT": split,
-                                "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk},
-                    num_warps=w, num_stages=s, expect_vector_bits=128,
-                ))
+    specs += [_gemm_spec(torch.bfloat16, True, 64, cfg, False) for cfg in gemm]
+    specs += [_gemm_spec(torch.float16, True, 64, gemm[0], False), _gemm_spec(torch.bfloat16, False, 64, gemm[0], False)]
+    specs += [_gemm_spec(torch.bfloat16, True, 64, cfg, True) for cfg in _BACKWARD_CONFIGS]
     return specs
