@@ -61,10 +61,10 @@ Contract with the kernel modules (what the model asks, so that it evaluates what
   * `fourbit.dispatch.matmul_route(m, n, k, *, backward=False) -> (op, path)`: the dispatcher's choice.
   * `Plan`/`Launch` (fourbit.kernels.compile) carry the spec as compiled, the grid, loop trips per
     program, weight bytes per trip (BLOCK_N * BLOCK_K / 2 for packed nibbles), compulsory HBM bytes,
-    and the size of any table the loop gathers from. Take the specs from the module's
-    compile_specs(), so that `fourbit report` checks (spills, widths) exactly what the model rates.
-Where a module lacks them, `fourbit.kernels._costmodel_plans` derives them from the launcher logic
-of the kernels as written before the rebuild (GEMV for M <= 4, fused GEMM above, fused backward).
+    the size of any table the loop gathers from, and optionally the trips whose loads are in flight
+    at once (a loop that prefetches the next trip's weights into registers says 2). Take the specs
+    from the module's compile_specs(), so that `fourbit report` checks (spills, widths) exactly what
+    the model rates.
 """
 
 from __future__ import annotations
@@ -218,12 +218,7 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
 
 # ---- what the library would run -----------------------------------------------------------------------
 def _plans_function() -> Callable[..., list[Plan]]:
-    matmul = importlib.import_module("fourbit.kernels.matmul")
-    if hasattr(matmul, "launch_plans"):
-        return matmul.launch_plans
-    from . import _costmodel_plans
-
-    return _costmodel_plans.launch_plans
+    return importlib.import_module("fourbit.kernels.matmul").launch_plans
 
 
 def _dequantize_plans(plans_for: Callable[..., list[Plan]], n: int, k: int) -> list[Plan]:
@@ -237,13 +232,8 @@ def _dequantize_plans(plans_for: Callable[..., list[Plan]], n: int, k: int) -> l
 
 def default_route() -> Callable[..., tuple[str, str]]:
     """The dispatcher's route function. The model is a tool above the library, so reading dispatch's
-    choice here does not make the kernels depend on dispatch: only this CLI helper imports it."""
-    dispatch = importlib.import_module("fourbit.dispatch")
-    if hasattr(dispatch, "matmul_route"):
-        return dispatch.matmul_route
-    from . import _costmodel_plans
-
-    return _costmodel_plans.matmul_route
+    choice here does not make the kernels depend on dispatch: only the model's callers import it."""
+    return importlib.import_module("fourbit.dispatch").matmul_route
 
 
 def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "backward", "dequantize"),
@@ -313,7 +303,7 @@ def format_markdown(rows: list[dict], shapes=SHAPES) -> str:
                 continue
             r = hit[0]
             ipb = r["loop_instructions_per_weight_byte"]
-            cells.append(f"{r['predicted_fraction']:.2f}" + ("" if ipb is None else f" ({ipb:.1f} i/B)"))
+            cells.append(f"{r['predicted_fraction']:.3f}" + ("" if ipb is None else f" ({ipb:.1f} i/B)"))
             paths.add(f"{r['op']} {r['path']} ({r['limiter']})")
         if any(c != "—" for c in cells):
             lines.append(f"| {label} | predicted | " + " | ".join(cells) + f" | {'; '.join(sorted(paths))} |")
