@@ -72,6 +72,20 @@ def test_gathers_follow_loaded_data_across_the_back_edge():
     assert [hex(g.addr) for g in gathers] == ["0x50"]
 
 
+def test_gathers_see_through_shuffles_and_leave_fixed_addresses_alone():
+    listing = """
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0040*/                   SHFL.IDX PT, R12, R4, R8, 0x1f ;
+        /*0050*/                   IMAD.WIDE.U32 R14, R12, 0x4, R6 ;
+        /*0060*/                   LDG.E R16, desc[UR4][R14.64] ;
+        /*0070*/                   IMAD.WIDE.U32 R14, R0, 0x4, R6 ;
+        /*0080*/                   LDG.E R17, desc[UR4][R14.64] ;
+        /*0090*/                   BRA 0x30 ;
+    """
+    # 0x60 reads through an index shuffled from loaded data; 0x80's address was rebuilt from R0
+    assert [hex(g.addr) for g in sass.gathers(sass.find_loop(sass.parse(listing)).body)] == ["0x60"]
+
+
 def test_straight_line_code_has_no_loop():
     listing = "\n".join(line for line in LISTING.splitlines() if "BRA" not in line)
     assert sass.find_loop(sass.parse(listing)) is None

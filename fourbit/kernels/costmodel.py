@@ -14,8 +14,8 @@ is then bounded by the slowest of
   * tensor cores: the measured dense bf16 rate; a loop that waits for every wgmma before decoding
     the next tile (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) overlaps decode and MMA only across CTAs;
   * bytes in flight: resident CTAs (registers, shared memory, threads) x weight bytes one CTA has
-    in flight (one loop trip for register loads, stages-1 for cp.async/TMA pipelines) must cover
-    HBM latency x the SM's share of bandwidth (Little's law);
+    in flight (one loop trip for register loads unless the plan says more, stages-1 for cp.async/TMA
+    pipelines) must cover HBM latency x the SM's share of bandwidth (Little's law);
   * HBM: the launch's compulsory bytes at the measured copy bandwidth;
   * wave quantization: the busiest SM runs ceil(programs / 132) programs.
 A dequantize + cuBLAS path costs the dequantize launch plus cuBLAS, modelled as
@@ -29,10 +29,14 @@ dependency stalls, no scheduling, no bank conflicts beyond table gathers, no L2 
 re-read across programs, no launch overhead, pipeline fill or drain (about 2-5 us per launch, which
 is comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
 assumed, the clock read right after a matmul run), static counts of predicated code and both sides
-of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe.
-Treat its ranking as reliable and its fractions as optimistic.
+of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe,
+barriers and shuffles cost only their pipe slots (no convergence waits), no credit for a dequantized
+workspace that fits in the 60 MB L2 and is read back from there by cuBLAS (4096x4096 bf16: 33.5 MB),
+so dequantize + cuBLAS is charged its full write to HBM. Treat its ranking as reliable and its
+fractions as optimistic.
 
-Rows (`--json` writes {"arch", "constants", "rows", "kernels", "notes"}); the row schema is stable
+Rows (`--json` writes {"arch", "constants", "rows", "kernels"}: "kernels" holds each compiled spec's
+registers, shared memory, resident CTAs, loop address range and instruction mix); the row schema is stable
 (helper scripts write predicted-vs-measured tables from it):
     op            "gemv" | "gemm" | "backward" | "dequantize"
     M, N, K       problem size (y[M, N] = x[M, K] W[N, K]^T; backward dx[M, K] = dy[M, N] W); M = 0 for dequantize
