@@ -207,3 +207,12 @@ def test_model_ranks_the_old_gemv_far_below_the_new(compiled):
         row = new[(old["N"], old["K"])]
         assert row["predicted_fraction"] >= 3 * old["predicted_fraction"], (row, old)
         assert old["loop_instructions_per_weight_byte"] > 2 * row["loop_instructions_per_weight_byte"], (row, old)
+
+
+@pytest.mark.parametrize("args, message", [(["--m", "0"], "M must be a positive integer"),
+                                           (["--shape", "4096x100"], "K a multiple of 64")])
+def test_cli_refuses_bad_sizes_in_one_line(args, message):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-m", "fourbit.kernels.costmodel", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 2 and message in child.stderr and "Traceback" not in child.stderr, child.stderr

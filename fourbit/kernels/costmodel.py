@@ -319,8 +319,16 @@ def _shape(text: str) -> tuple[int, int]:
     try:
         n, k = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be NxK, e.g. 4096x14336, got {text!r}") from None
+        n = k = 0
+    if n < 1 or k < 64 or k % 64:
+        raise argparse.ArgumentTypeError(f"shape must be NxK with N >= 1 and K a multiple of 64, e.g. 4096x14336, got {text!r}")
     return n, k
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"M must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=["sm_90a"], default="sm_90a", help="target (the constants are the H200's)")
     parser.add_argument("--json", metavar="FILE", help="write rows, kernel facts, constants and notes as JSON")
     parser.add_argument("--save-binaries", metavar="DIR", help="write each compiled cubin (check with cuobjdump -sass)")
-    parser.add_argument("--m", type=int, action="append", help=f"M values (default: {list(MS)})")
+    parser.add_argument("--m", type=_positive, action="append", help=f"M values (default: {list(MS)})")
     parser.add_argument("--op", action="append", choices=["gemv", "gemm", "backward", "dequantize"], help="ops (default: all)")
     parser.add_argument("--shape", type=_shape, action="append", help="NxK (default: the five Llama-3 shapes)")
     parser.add_argument("--all", action="store_true", help="evaluate and print every candidate, not only the routed ones")
