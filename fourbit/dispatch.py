@@ -23,13 +23,13 @@ K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
 model `fourbit.kernels.costmodel` until a GPU measurement replaces them):
 
-    M <= GEMV_MAX_M (4)   ("gemv", "fused")                 the GEMV, predicted 0.88 of the HBM roofline
-    M > 4                 ("gemm", "dequantize+cublas")     one decode pass + cuBLAS, predicted ~0.9+
-                                                            of dense bf16 at M >= 2048
-    backward, any M       ("backward", "dequantize+cublas")
-The fused tensor-core GEMM ("gemm", "fused") is predicted slower than dequantize + cuBLAS at every
-M of the model's grid (its decode waits on each MMA), so no M routes to it; `matmul` still runs it
-for measurements when a caller names the route.
+    M <= GEMV_MAX_M (4)          ("gemv", "fused")               the GEMV: 0.88 of the HBM roofline at M = 1
+    M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
+    M > FUSED_MAX_M              (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.90 of dense
+                                                                 bf16 at M = 2048, 0.97 at 8192
+Predicted on the five Llama-3 shapes (sm_90a): the fused kernels beat dequantize + cuBLAS up to
+M = 128 (4096x4096, M = 16: 14 vs 18 us; 28672x8192: 56 vs 247 us) and tie at 256; the crossover
+sits at 64, one step on the safe side, because the model is optimistic for the fused decode.
 
 Imports are lazy and plain (inside each function): with FOURBIT_BACKEND=reference, or on CPU under
 auto, Triton is never imported.
@@ -42,6 +42,7 @@ import os
 import torch
 
 __all__ = [
+    "FUSED_MAX_M",
     "GEMV_MAX_M",
     "adamw_update_32bit",
     "adamw_update_8bit",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 GEMV_MAX_M = 4  # the Triton GEMV's limit (fourbit.kernels.matmul.GEMV_MAX_M; a test keeps them equal)
+FUSED_MAX_M = 64  # above, dequantize + cuBLAS (module docstring)
 
 _BACKENDS = ("auto", "reference", "triton")
 
@@ -94,11 +96,8 @@ def dequantize(packed: torch.Tensor, state, **kwargs) -> torch.Tensor:
 def matmul_route(m: int, n: int, k: int, *, backward: bool = False) -> tuple[str, str]:
     """(op, path) of the Triton matmul for x: (m, k), W: (n, k) (backward: dx = dy @ W, dy: (m, n)):
     op "gemv" | "gemm" | "backward", path "fused" | "dequantize+cublas" (see the module docstring)."""
-    if backward:
-        return "backward", "dequantize+cublas"
-    if m <= GEMV_MAX_M:
-        return "gemv", "fused"
-    return "gemm", "dequantize+cublas"
+    op = "backward" if backward else ("gemv" if m <= GEMV_MAX_M else "gemm")
+    return op, ("fused" if m <= FUSED_MAX_M else "dequantize+cublas")
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None, *,

@@ -285,15 +285,18 @@ def test_default_routes_and_plans():
     from fourbit import dispatch
 
     assert dispatch.GEMV_MAX_M == kern.GEMV_MAX_M
-    for m in (1, 4, 5, 16, 2048):  # today the dispatcher's crossovers equal the launcher's defaults
-        assert dispatch.matmul_route(m, 4096, 4096) == kern.default_route(m)
-        assert dispatch.matmul_route(m, 4096, 4096, backward=True) == kern.default_route(m, backward=True)
+    routes = {m: (dispatch.matmul_route(m, 4096, 4096), dispatch.matmul_route(m, 4096, 4096, backward=True))
+              for m in (1, 4, 5, 64, 65, 2048)}
+    assert routes[1] == routes[4] == (("gemv", "fused"), ("backward", "fused"))
+    assert routes[5] == routes[64] == (("gemm", "fused"), ("backward", "fused"))
+    assert routes[65] == routes[2048] == (("gemm", "dequantize+cublas"), ("backward", "dequantize+cublas"))
     p = kern.plan("gemm", 2048, 4096, 14336)
     assert p.path == "dequantize+cublas" and p.cublas_mnk == (2048, 4096, 14336)
     assert p.launches[0].spec.name == "dequantize_4bit[bfloat16,bs64,dq]"
     assert kern.plan("backward", 2048, 4096, 14336).cublas_mnk == (2048, 14336, 4096)
-    fused = kern.plan("gemm", 16, 4096, 4096, path="fused")
-    assert fused.launches[0].spec.constexprs["BLOCK_M"] <= 32
+    fused = kern.plan("gemm", 16, 4096, 4096, path="fused")  # small-M tiles, enough programs for the SMs
+    assert fused.config == "16x32x128,w4s4" and fused.launches[0].grid == (128,)  # the most programs
+    assert kern.plan("gemm", 16, 14336, 4096, path="fused").config == "16x64x128,w4s4"  # 16x128: 112 < 132
 
 
 def test_compile_specs_cover_every_planned_config():
@@ -305,7 +308,9 @@ def test_compile_specs_cover_every_planned_config():
         for m in (1, 2, 3, 4):
             planned.add(kern.plan("gemv", m, n, k).launches[0].spec.name)
         for op in ("gemm", "backward"):
-            planned |= {p.launches[0].spec.name for p in kern.launch_plans(op, 2048, n, k) if p.path == "fused"}
+            for m in (16, 64, 2048):
+                planned |= {p.launches[0].spec.name for p in kern.launch_plans(op, m, n, k) if p.path == "fused"}
+                planned.add(kern.plan(op, m, n, k, path="fused").launches[0].spec.name)
     assert planned <= set(names), planned - set(names)
 
 

@@ -36,7 +36,7 @@ import os
 import torch
 import triton
 
-from ..nf4.matmul import check_matmul_args, pair_table
+from ..nf4.matmul import check_matmul_args
 from ..nf4.quant import check_packed
 from ..nf4.state import QuantState
 from .dequantize import dequantize_into, dequantize_launch
@@ -60,9 +60,10 @@ _GEMV_OPTIONS = {"enable_fp_fusion": True}  # products and sums as FMA chains; s
 # sm_80/89/90a per the compile report (128x128x64 needs 8 warps on sm_80/89, 128x256 BLOCK_K = 32).
 _GEMM_CONFIGS = {
     "sm80": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
-    "sm90": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (16, 128, 128, 4, 4), (32, 128, 64, 4, 4)],
+    "sm90": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 4),
+             (16, 32, 128, 4, 4), (32, 128, 64, 4, 4)],
 }
-_BACKWARD_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4)]
+_BACKWARD_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 32, 4, 4)]
 
 
 def fused_shape_supported(state: QuantState) -> bool:
@@ -99,15 +100,13 @@ def _weight_bytes(n: int, k: int, nested: bool, blocksize: int) -> int:
 
 
 def _state_signature(nested: bool) -> dict[str, str]:
-    return {"packed_ptr": "*u8", "table_ptr": "*i64", "absmax_ptr": "*u8" if nested else "*fp32",
+    return {"packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8" if nested else "*fp32",
             "absmax2_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32"}
 
 
 def _gemv_spec(dtype, nested, blocksize, block_m, block_n, block_w, num_warps, even) -> KernelSpec:
     sig = {"x_ptr": _PTR[dtype], **_state_signature(nested), "bias_ptr": _PTR[dtype], "y_ptr": _PTR[dtype],
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
-    sig["table_ptr"] = "*fp32"  # the 16 float32 codes
-    sig = {("code_ptr" if a == "table_ptr" else a): t for a, t in sig.items()}
     constexprs = {"BLOCKSIZE": blocksize, "NESTED": nested, "HAS_BIAS": False, "SHFL": True, "EVEN": even,
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": block_w}
     name = (f"matmul_gemv[{_SHORT[dtype]},bs{blocksize}{',dq' if nested else ''},m{block_m},{block_n}x{4 * block_w}B,"
@@ -131,7 +130,7 @@ def _gemv_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, int]:
 
 def _gemm_spec(dtype, nested, blocksize, cfg, backward: bool) -> KernelSpec:
     bm, bn, bk, w, s = cfg
-    constexprs = {"BLOCKSIZE": blocksize, "NESTED": nested, "PRECISION": _DOT_PRECISION[dtype],
+    constexprs = {"BLOCKSIZE": blocksize, "NESTED": nested, "PRECISION": _DOT_PRECISION[dtype], "SHFL": True,
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
     if backward:
         sig = {"dy_ptr": _PTR[dtype], **_state_signature(nested), "dx_ptr": _PTR[dtype], "M": "i32", "N": "i32",
@@ -147,11 +146,15 @@ def _gemm_spec(dtype, nested, blocksize, cfg, backward: bool) -> KernelSpec:
                       num_warps=w, num_stages=s, expect_tensor_cores=True)
 
 
-def _gemm_default(op: str, m: int, k: int, arch: str) -> tuple:
-    """First shortlist entry whose BLOCK_K divides K, small-M tiles for M <= 32."""
+def _gemm_default(op: str, m: int, n: int, k: int, arch: str, sms: int) -> tuple:
+    """Among the shortlist entries whose BLOCK_K divides K (small-M tiles for M <= 32), the first
+    that gives every SM a program, else the one with the most programs (the cost model finds the
+    M = 16 GEMM at 4096 x 4096 wave-bound with 32 programs of 16x128)."""
     configs = _GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS
     fits = [c for c in configs if k % c[2] == 0 and (c[0] <= 32) == (m <= 32)] or [c for c in configs if k % c[2] == 0]
-    return fits[0]
+    programs = [_cdiv(m, c[0]) * (_cdiv(n, c[1]) if op == "gemm" else _cdiv(k, c[2])) for c in fits]
+    full = [c for c, p in zip(fits, programs) if p >= sms]
+    return full[0] if full else fits[programs.index(max(programs))]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -183,7 +186,7 @@ def plan(op: str, m: int, n: int, k: int, *, dtype: torch.dtype = torch.bfloat16
         mnk = (m, n, k) if op == "gemm" else (m, k, n)
         return Plan(op=op, path=path, config=f"dequantize[{launch.spec.name}]+cublas", launches=(launch,),
                     cublas_mnk=mnk)
-    cfg = config or _tuned((op, _m_bucket(m), n, k, str(dtype), nested, blocksize, arch)) or _gemm_default(op, m, k, arch)
+    cfg = config or _tuned((op, _m_bucket(m), n, k, str(dtype), nested, blocksize, arch)) or _gemm_default(op, m, n, k, arch, sms)
     return _fused_plan(op, m, n, k, dtype, nested, blocksize, tuple(cfg))
 
 
@@ -193,7 +196,7 @@ def _fused_plan(op, m, n, k, dtype, nested, blocksize, cfg) -> Plan:
     grid, trips = ((_cdiv(m, bm) * _cdiv(n, bn),), _cdiv(k, bk)) if op == "gemm" else ((_cdiv(m, bm), _cdiv(k, bk)), _cdiv(n, bn))
     io = _SIZE[dtype] * (m * k + m * n)
     launch = Launch(spec=spec, grid=grid, iterations=trips, weight_bytes_per_iteration=bn * bk // 2,
-                    hbm_bytes=_weight_bytes(n, k, nested, blocksize) + io, gather_table_bytes=256 * 8)
+                    hbm_bytes=_weight_bytes(n, k, nested, blocksize) + io)
     return Plan(op=op, path="fused", config=f"{bm}x{bn}x{bk},w{cfg[3]}s{cfg[4]}", launches=(launch,))
 
 
@@ -311,13 +314,14 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS
 
 
-def _state_args(packed: torch.Tensor, state: QuantState, table: torch.Tensor) -> tuple:
-    """(packed bytes, code table, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
+def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
+    """(packed bytes, 16 codes, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
     data = check_packed(packed, state)  # (N*K/2,) uint8
+    code = state.code.to(device=data.device, dtype=torch.float32).contiguous()
     if state.nested is None:
-        return data, table, state.absmax, state.absmax, state.absmax, state.absmax
+        return data, code, state.absmax, state.absmax, state.absmax, state.absmax
     offset = state.offset.to(device=data.device, dtype=torch.float32).reshape(1)
-    return data, table, state.absmax, state.nested.absmax, state.nested.code, offset
+    return data, code, state.absmax, state.nested.absmax, state.nested.code, offset
 
 
 def _route(route, m: int, state: QuantState, backward: bool) -> tuple[str, str]:
@@ -373,7 +377,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         return y
     p = plan(op, m, n, k, dtype=x.dtype, nested=nested, blocksize=state.blocksize, path=path, sms=_sms(device),
              arch=_arch_key(), config=config)
-    args = _state_args(packed, state, state.code if op == "gemv" else pair_table(state.quant_type, device))
+    args = _state_args(packed, state)
     bias_ptr = bias_arg if has_bias else y
     if op == "gemv":
         _launch(p, x2, *args, bias_ptr, y2, m, n, k, x2.stride(0), HAS_BIAS=has_bias)
@@ -412,7 +416,7 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
         return dx
     p = plan("backward", m, n, k, dtype=dy.dtype, nested=state.nested is not None, blocksize=state.blocksize,
              path="fused", sms=_sms(device), arch=_arch_key(), config=config)
-    args = _state_args(packed, state, pair_table(state.quant_type, device))
+    args = _state_args(packed, state)
     _launch(p, dy, *args, dx2, m, n, k, dy.stride(0), _m_bucket(m), PRECISION=_DOT_PRECISION[dy.dtype])
     return dx
 

@@ -9,8 +9,9 @@ Each program decodes the [BLOCK_N, BLOCK_K] tile of W it needs in registers and 
 the dequantized weight, so the product equals `fourbit.nf4.matmul` up to the summation order.
 Launches pass `enable_fp_fusion=False` so nested scales keep their two float32 roundings.
 
-Decoding: a byte indexes a 256-entry int64 table (`fourbit.nf4.matmul.pair_table`) whose halves are
-the float32 codes of its high and low nibble: one gather per byte. The tile's rows start 16-byte
+Decoding: the codes come from the register-resident table through warp shuffles
+(`_decode.lookup_bytes`, no memory instruction; the old 256-entry pair-table gather touched ~14 L1
+lines per warp and instruction). The tile's rows start 16-byte
 aligned (the launcher requires K % 64 == 0) and hold one scale per row (BLOCK_K <= blocksize) or
 BLOCK_K / blocksize of them. The backward reads the same row-major [BN, BK] tiles: the blocks run
 along K in both products, only the reduction runs over the tile's rows (`tl.dot(dy_tile, w_tile)`).
@@ -26,24 +27,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._decode import block_scales
+from ._decode import block_scales, lane_table, lookup_bytes
 
 __all__ = ["decode_tile", "gemm_kernel", "backward_kernel"]
 
 
 @triton.jit
-def decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
-                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows rn (BLOCK_N,), columns k0 .. k0+BLOCK_K of W, dequantized to float32 (BLOCK_N, BLOCK_K)."""
+def decode_tile(packed_ptr, code_ptr, table, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, SHFL: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Rows rn (BLOCK_N,), columns k0 .. k0+BLOCK_K of W, dequantized to float32 (BLOCK_N, BLOCK_K).
+    table: `_decode.lane_table` of shape (BLOCK_N, BLOCK_K // 2), built once before the loop."""
     row = rn.to(tl.int64)
     rb = tl.arange(0, BLOCK_K // 2)
     # K % 64 == 0 (launcher), so each row's bytes and each tile start 16-byte aligned: tell the
     # compiler, so the byte tile is read with 128-bit loads (it can only infer 8-byte alignment).
     start = tl.multiple_of(row * (K // 2) + k0 // 2, 16)  # (BN,)
     byte = tl.load(packed_ptr + start[:, None] + rb[None, :], mask=n_mask[:, None], other=0)  # (BN, BK/2) uint8
-    pair = tl.load(table_ptr + byte.to(tl.int32))  # (BN, BK/2) int64: two float32 codes
-    hi = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # even k: high nibble
-    lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # odd k: low nibble
+    hi, lo = lookup_bytes(byte, table, code_ptr, SHFL)  # (BN, BK/2) float32: even k, odd k
     codes = tl.interleave(hi, lo)  # (BN, BK)
     if BLOCK_K <= BLOCKSIZE:
         blk = (row * K + k0) // BLOCKSIZE  # (BN,) the tile lies inside one block per row
@@ -58,9 +59,9 @@ def decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offse
 
 
 @triton.jit
-def gemm_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, bias_ptr, y_ptr,
+def gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, bias_ptr, y_ptr,
                  M, N, K, stride_xm, M_BUCKET,
-                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, SHFL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Program = one (BM, BN) tile of y; tiles grouped GROUP_M at a time along M so that the W tiles
     a group shares are still in L2. M_BUCKET (next power of two of M) only keys the autotuner."""
@@ -77,11 +78,12 @@ def gemm_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     offset = tl.load(offset_ptr) if NESTED else 0.0
+    table = lane_table(code_ptr, tl.zeros((BLOCK_N, BLOCK_K // 2), tl.int32), SHFL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        w = decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
-                         BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K)  # (BN, BK) float32
+        w = decode_tile(packed_ptr, code_ptr, table, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
+                        BLOCKSIZE, NESTED, SHFL, BLOCK_N, BLOCK_K)  # (BN, BK) float32
         acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)  # (BM, BN)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -90,9 +92,9 @@ def gemm_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr
 
 
 @triton.jit
-def backward_kernel(dy_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, dx_ptr,
+def backward_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, dx_ptr,
                      M, N, K, stride_dym, M_BUCKET,
-                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr, SHFL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program = one (BM, BK) tile of dx = dy @ W, reducing over N in BN-row tiles of W."""
     pid_m = tl.program_id(0)
@@ -101,13 +103,14 @@ def backward_kernel(dy_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code
     k0 = pid_k * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
     offset = tl.load(offset_ptr) if NESTED else 0.0
+    table = lane_table(code_ptr, tl.zeros((BLOCK_N, BLOCK_K // 2), tl.int32), SHFL)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :],
                      mask=(rm[:, None] < M) & n_mask[None, :], other=0.0)  # (BM, BN)
-        w = decode_tile(packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
-                         BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K)  # (BN, BK) float32
+        w = decode_tile(packed_ptr, code_ptr, table, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
+                        BLOCKSIZE, NESTED, SHFL, BLOCK_N, BLOCK_K)  # (BN, BK) float32
         acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)  # (BM, BK)
     tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rm[:, None] < M)

@@ -6,8 +6,8 @@ at blocksize 64) against 2 bytes per x element that every row shares. An H200 SM
 and issues at most 128 thread-instructions per clock, so the loop may spend ~7.8 thread-instructions
 per packed byte at perfect issue. The kernel is built around that budget:
 
-  * A program owns BLOCK_N rows of W and walks the whole of K (no split-K: N >= 1024 gives >= 132
-    programs at BLOCK_N <= 8; the launcher picks BLOCK_N from N). A step reads a [BLOCK_N, BLOCK_W]
+  * A program owns BLOCK_N rows of W and walks the whole of K: no split-K, no partial sums in memory
+    (the launcher halves BLOCK_N from 16 down to 4 until N / BLOCK_N >= 132 SMs; N >= 528 fills them). A step reads a [BLOCK_N, BLOCK_W]
     tile of int32 words (8 codes each); every thread holds 4 contiguous words (one 128-bit,
     evict-first load) of each of its rows: a "run" of 32 weights that lies inside one quantization
     block (blocksize >= 32, K % 64 == 0), so its scale is fetched once per run, not per weight.
@@ -18,10 +18,18 @@ per packed byte at perfect issue. The kernel is built around that budget:
     scale and added to a [BLOCK_N, BLOCK_W/4] float32 accumulator. The cross-thread reduction
     (shuffles) happens once, after the loop.
 
-Hand count, sm_90a, Triton 3.9, bf16 x, nested scales, blocksize 64, M = 1, BLOCK_N = 16, BLOCK_W =
-128, 4 warps (see matmul.py's plan): the loop body between its label and back-edge is recorded in the
-module `HAND_COUNT` below, next to the old kernel's (32x128 tile, split-K): 750 instructions per 16
-bytes per thread, ~47 per byte.
+Hand count (sm_90a, Triton 3.9, cuobjdump -sass; bf16 x, nested scales, blocksize 64, M = 1, BLOCK_N
+= 16, BLOCK_W = 128 words, 4 warps): the loop between its label and back-edge holds 565 instructions
+for the 64 packed bytes a thread consumes per trip (4 rows x 16 B), 8.8 per byte: SHFL 128 + SHF 125
+(the lookups: 3.75 per byte), FFMA 120 + FMUL 16 + FADD 12 (the products and run sums: 2.3 per
+byte), the x vectors' conversion and their trip through shared memory (BAR 16, STSM 8, LDS 8, ~0.6
+per byte: Triton lays x out one word per thread, the codes four words per thread), scale loads and
+addresses (~1.6 per byte). The kernel this replaced (32x128 tile, split-K) spent 737 instructions on
+16 bytes per thread, 46.1 per byte: SHFL 224 and BAR 12 for a cross-thread reduction every step,
+FADD 226, 21 LDG including the pair-table gathers. The static cost model
+(`python -m fourbit.kernels.costmodel`) reads the same loops; it predicts 0.88 of the 4.127-bit HBM
+roofline at M = 1 for the five Llama shapes, issue-bound (the goal of 6 instructions per byte is
+not reached: lookups + one FMA per weight alone cost 5.75).
 
 Numerics: the scale multiplies a partial sum of 32 products code*x instead of each code, and W is
 never rounded to x's dtype, so y is not bit-identical to the reference; each product and sum is
@@ -42,7 +50,7 @@ __all__ = ["HAND_COUNT", "gemv_kernel"]
 
 # Thread-instructions per packed weight byte in the hot loop (sm_90a SASS, counted between the loop
 # label and its back-edge; cuobjdump -sass of `python -m fourbit.kernels.costmodel --save-binaries`).
-HAND_COUNT = {"old_gemv_32x128_split": 47.0, "gemv_m1_16x128_w4": None}
+HAND_COUNT = {"old_gemv_32x128_split_w4s3": 46.1, "gemv_m1_16x512B_w4": 8.8}
 
 
 @triton.jit
