@@ -216,3 +216,24 @@ def test_cli_refuses_bad_sizes_in_one_line(args, message):
     child = subprocess.run([sys.executable, "-m", "fourbit.kernels.costmodel", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == 2 and message in child.stderr and "Traceback" not in child.stderr, child.stderr
+
+
+ROW_FIELDS = {"op", "M", "N", "K", "config", "path", "limiter", "predicted_fraction", "predicted_time_us",
+              "loop_instructions_per_weight_byte", "arch"}  # the schema other scripts read
+
+
+@pytest.mark.slow
+def test_cli_writes_rows_and_cubins(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out, bins = tmp_path / "rows.json", tmp_path / "bins"
+    cmd = [sys.executable, "-m", "fourbit.kernels.costmodel", "--arch", "sm_90a", "--op", "gemv", "--m", "1",
+           "--shape", "4096x4096", "--json", str(out), "--save-binaries", str(bins)]
+    child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["arch"] == "sm_90a" and data["constants"]["SMS"] == 132
+    assert data["rows"] and all(ROW_FIELDS <= set(row) for row in data["rows"])
+    assert sum(row["chosen"] for row in data["rows"]) == 1 and "gemv" in child.stdout
+    cubins = sorted(p.name for p in bins.iterdir())
+    assert len(cubins) == len(data["kernels"]) and all(c.endswith(".sm_90a.cubin") for c in cubins)
+    assert all((bins / c).read_bytes()[:4] == b"\x7fELF" for c in cubins)  # cuobjdump reads ELF cubins
