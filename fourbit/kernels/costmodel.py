@@ -55,6 +55,7 @@ registers, shared memory, resident CTAs, loop address range and instruction mix)
                   config: the autotuner's pick if the model ranks like the hardware)
     kernels       names of the compiled kernel specs the row launches
     bounds_us     every bound of the slowest launch, in microseconds (the limiter is the largest)
+    roofline_fraction  the HBM-roofline fraction for every op (the goal's unit for decode-sized M)
 
 Contract with the kernel modules (what the model asks, so that it evaluates what really runs):
   * `fourbit.kernels.matmul.launch_plans(op, m, n, k, *, sms=132) -> list[Plan]`, op in
@@ -217,6 +218,7 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
         else round(main["instr_per_byte"], 2),
         "arch": arch, "chosen": False, "kernels": [launch.spec.name for launch in plan.launches],
         "bounds_us": {} if main is None else {name: round(t * 1e6, 3) for name, t in main["bounds"].items()},
+        "roofline_fraction": round(roofline_time("dequantize" if plan.op == "dequantize" else "gemv", m, n, k) / time_s, 4),
     }  # fmt: skip
 
 
