@@ -14,8 +14,8 @@ is then bounded by the slowest of
   * tensor cores: the measured dense bf16 rate; a loop that waits for every wgmma before decoding
     the next tile (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) overlaps decode and MMA only across CTAs;
   * bytes in flight: resident CTAs (registers, shared memory, threads) x weight bytes one CTA has
-    in flight (one loop trip for register loads, stages-1 for cp.async/TMA pipelines) must cover
-    HBM latency x the SM's share of bandwidth (Little's law);
+    in flight (one loop trip for register loads unless the plan says more, stages-1 for cp.async/TMA
+    pipelines) must cover HBM latency x the SM's share of bandwidth (Little's law);
   * HBM: the launch's compulsory bytes at the measured copy bandwidth;
   * wave quantization: the busiest SM runs ceil(programs / 132) programs.
 A dequantize + cuBLAS path costs the dequantize launch plus cuBLAS, modelled as
@@ -29,10 +29,14 @@ dependency stalls, no scheduling, no bank conflicts beyond table gathers, no L2 
 re-read across programs, no launch overhead, pipeline fill or drain (about 2-5 us per launch, which
 is comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
 assumed, the clock read right after a matmul run), static counts of predicated code and both sides
-of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe.
-Treat its ranking as reliable and its fractions as optimistic.
+of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe,
+barriers and shuffles cost only their pipe slots (no convergence waits), no credit for a dequantized
+workspace that fits in the 60 MB L2 and is read back from there by cuBLAS (4096x4096 bf16: 33.5 MB),
+so dequantize + cuBLAS is charged its full write to HBM. Treat its ranking as reliable and its
+fractions as optimistic.
 
-Rows (`--json` writes {"arch", "constants", "rows", "kernels", "notes"}); the row schema is stable
+Rows (`--json` writes {"arch", "constants", "rows", "kernels"}: "kernels" holds each compiled spec's
+registers, shared memory, resident CTAs, loop address range and instruction mix); the row schema is stable
 (helper scripts write predicted-vs-measured tables from it):
     op            "gemv" | "gemm" | "backward" | "dequantize"
     M, N, K       problem size (y[M, N] = x[M, K] W[N, K]^T; backward dx[M, K] = dy[M, N] W); M = 0 for dequantize
@@ -50,19 +54,22 @@ Rows (`--json` writes {"arch", "constants", "rows", "kernels", "notes"}); the ro
     chosen        whether the dispatcher would run this row (its route, and within it the best-predicted
                   config: the autotuner's pick if the model ranks like the hardware)
     kernels       names of the compiled kernel specs the row launches
+    bounds_us     every bound of the slowest launch, in microseconds (the limiter is the largest)
+    roofline_fraction  the HBM-roofline fraction for every op (the goal's unit for decode-sized M)
 
 Contract with the kernel modules (what the model asks, so that it evaluates what really runs):
   * `fourbit.kernels.matmul.launch_plans(op, m, n, k, *, sms=132) -> list[Plan]`, op in
     {"gemv", "gemm", "backward"}: every alternative the launcher may run for bf16 activations, nested
     scales, blocksize 64 (the QLoRA case compile_specs() covers), one `Plan` per autotune candidate,
     including "dequantize+cublas" plans; [] where the op does not apply (gemv above its M limit).
+    The dequantize rows rate the launches of the "gemm" dequantize+cublas plans on their own.
   * `fourbit.dispatch.matmul_route(m, n, k, *, backward=False) -> (op, path)`: the dispatcher's choice.
   * `Plan`/`Launch` (fourbit.kernels.compile) carry the spec as compiled, the grid, loop trips per
     program, weight bytes per trip (BLOCK_N * BLOCK_K / 2 for packed nibbles), compulsory HBM bytes,
-    and the size of any table the loop gathers from. Take the specs from the module's
-    compile_specs(), so that `fourbit report` checks (spills, widths) exactly what the model rates.
-Where a module lacks them, `fourbit.kernels._costmodel_plans` derives them from the launcher logic
-of the kernels as written before the rebuild (GEMV for M <= 4, fused GEMM above, fused backward).
+    the size of any table the loop gathers from, and optionally the trips whose loads are in flight
+    at once (a loop that prefetches the next trip's weights into registers says 2). Take the specs
+    from the module's compile_specs(), so that `fourbit report` checks (spills, widths) exactly what
+    the model rates.
 """
 
 from __future__ import annotations
@@ -210,28 +217,29 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
         "loop_instructions_per_weight_byte": None if main is None or main["instr_per_byte"] is None
         else round(main["instr_per_byte"], 2),
         "arch": arch, "chosen": False, "kernels": [launch.spec.name for launch in plan.launches],
+        "bounds_us": {} if main is None else {name: round(t * 1e6, 3) for name, t in main["bounds"].items()},
+        "roofline_fraction": round(roofline_time("dequantize" if plan.op == "dequantize" else "gemv", m, n, k) / time_s, 4),
     }  # fmt: skip
 
 
 # ---- what the library would run -----------------------------------------------------------------------
 def _plans_function() -> Callable[..., list[Plan]]:
-    matmul = importlib.import_module("fourbit.kernels.matmul")
-    if hasattr(matmul, "launch_plans"):
-        return matmul.launch_plans
-    from . import _costmodel_plans
+    return importlib.import_module("fourbit.kernels.matmul").launch_plans
 
-    return _costmodel_plans.launch_plans
+
+def _dequantize_plans(plans_for: Callable[..., list[Plan]], n: int, k: int) -> list[Plan]:
+    """The dequantize launches of the dequantize + cuBLAS plans, rated on their own."""
+    launches = {}
+    for plan in plans_for("gemm", MS[-1], n, k, sms=SMS):
+        if plan.path == "dequantize+cublas":
+            launches.setdefault(tuple(launch.spec.name for launch in plan.launches), plan.launches)
+    return [Plan(op="dequantize", path="fused", config=",".join(names), launches=ls) for names, ls in launches.items()]
 
 
 def default_route() -> Callable[..., tuple[str, str]]:
     """The dispatcher's route function. The model is a tool above the library, so reading dispatch's
-    choice here does not make the kernels depend on dispatch: only this CLI helper imports it."""
-    dispatch = importlib.import_module("fourbit.dispatch")
-    if hasattr(dispatch, "matmul_route"):
-        return dispatch.matmul_route
-    from . import _costmodel_plans
-
-    return _costmodel_plans.matmul_route
+    choice here does not make the kernels depend on dispatch: only the model's callers import it."""
+    return importlib.import_module("fourbit.dispatch").matmul_route
 
 
 def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "backward", "dequantize"),
@@ -253,7 +261,7 @@ def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "b
     rows = []
     for n, k in shapes:
         if "dequantize" in ops:
-            rows += [predict_plan(p, 0, n, k, arch, facts_of) for p in plans_for("dequantize", 0, n, k, sms=SMS)]
+            rows += [predict_plan(p, 0, n, k, arch, facts_of) for p in _dequantize_plans(plans_for, n, k)]
             if rows and rows[-1]["op"] == "dequantize":
                 min((r for r in rows if (r["op"], r["N"], r["K"]) == ("dequantize", n, k)),
                     key=lambda r: r["predicted_time_us"])["chosen"] = True
@@ -301,7 +309,7 @@ def format_markdown(rows: list[dict], shapes=SHAPES) -> str:
                 continue
             r = hit[0]
             ipb = r["loop_instructions_per_weight_byte"]
-            cells.append(f"{r['predicted_fraction']:.2f}" + ("" if ipb is None else f" ({ipb:.1f} i/B)"))
+            cells.append(f"{r['predicted_fraction']:.3f}" + ("" if ipb is None else f" ({ipb:.1f} i/B)"))
             paths.add(f"{r['op']} {r['path']} ({r['limiter']})")
         if any(c != "—" for c in cells):
             lines.append(f"| {label} | predicted | " + " | ".join(cells) + f" | {'; '.join(sorted(paths))} |")
@@ -313,8 +321,16 @@ def _shape(text: str) -> tuple[int, int]:
     try:
         n, k = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be NxK, e.g. 4096x14336, got {text!r}") from None
+        n = k = 0
+    if n < 1 or k < 64 or k % 64:
+        raise argparse.ArgumentTypeError(f"shape must be NxK with N >= 1 and K a multiple of 64, e.g. 4096x14336, got {text!r}")
     return n, k
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"M must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=["sm_90a"], default="sm_90a", help="target (the constants are the H200's)")
     parser.add_argument("--json", metavar="FILE", help="write rows, kernel facts, constants and notes as JSON")
     parser.add_argument("--save-binaries", metavar="DIR", help="write each compiled cubin (check with cuobjdump -sass)")
-    parser.add_argument("--m", type=int, action="append", help=f"M values (default: {list(MS)})")
+    parser.add_argument("--m", type=_positive, action="append", help=f"M values (default: {list(MS)})")
     parser.add_argument("--op", action="append", choices=["gemv", "gemm", "backward", "dequantize"], help="ops (default: all)")
     parser.add_argument("--shape", type=_shape, action="append", help="NxK (default: the five Llama-3 shapes)")
     parser.add_argument("--all", action="store_true", help="evaluate and print every candidate, not only the routed ones")

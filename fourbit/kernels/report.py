@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model_rows, _, _ = costmodel.evaluate("sm_90a", route=costmodel.default_route(), routed_only=True)
         print("\nstatic cost model, sm_90a, the dispatcher's choices (python -m fourbit.kernels.costmodel --all: every candidate)")
-        print(costmodel.format_table(model_rows))
+        print(costmodel.format_table([r for r in model_rows if r["chosen"]]))
     if args.json:
         text = json.dumps({"rows": rows, "notes": notes, "costmodel": model_rows}, indent=1, default=str) + "\n"
 

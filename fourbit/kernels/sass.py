@@ -115,7 +115,9 @@ def gathers(body: tuple[Instruction, ...] | list[Instruction]) -> list[Instructi
             if source & tainted and ins not in found:
                 found.append(ins)
             continue
-        if ins.opcode in _STORES or not operands or not operands[0].startswith("R"):
+        while len(operands) > 1 and re.fullmatch(r"!?U?P(T|\d+)", operands[0]):  # `SHFL.IDX PT, R5, ...`
+            operands = operands[1:]
+        if ins.opcode in _STORES or not operands[0].startswith("R"):
             continue
         first = _REG.match(operands[0])
         if first is None:  # RZ or a special register
