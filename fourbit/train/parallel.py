@@ -89,8 +89,8 @@ def _sync_replicas(model: nn.Module) -> None:
     tensors = [p.data for p in model.parameters()] + list(model.buffers())
     for m in model.modules():
         if isinstance(m, Linear4bit):
-            s = m.quant_state
-            tensors += [s.absmax] + ([s.offset, s.nested.absmax] if s.nested is not None else [])
+            absmax, nested_absmax, _, offset = m.quant_state.as_tensors()  # the code tables are constants
+            tensors += [t for t in (absmax, offset, nested_absmax) if t is not None]
     with torch.no_grad():
         for t in tensors:
             if id(t) not in seen:
@@ -190,9 +190,8 @@ def packed_weight_bytes(model: nn.Module) -> dict[str, int]:
     for m in unwrap(model).modules():
         if isinstance(m, Linear4bit):
             packed += _local(m.weight).untyped_storage().nbytes()
-            s = m.quant_state
-            for t in [s.absmax] + ([s.offset, s.nested.absmax] if s.nested is not None else []):
-                state += t.numel() * t.element_size()
+            absmax, nested_absmax, _, offset = m.quant_state.as_tensors()
+            state += sum(t.numel() * t.element_size() for t in (absmax, offset, nested_absmax) if t is not None)
     return {"packed": packed, "quant_state": state}
 
 
