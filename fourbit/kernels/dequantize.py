@@ -112,30 +112,23 @@ def dequantize_into(packed: torch.Tensor, state: QuantState, out: torch.Tensor) 
     if out.dtype not in FLOAT_DTYPES or out.numel() != state.numel or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32/float16/bfloat16 tensor of {state.numel} elements, "
                          f"got {out.dtype} with {out.numel()} elements (contiguous: {out.is_contiguous()})")
-    nested = state.nested
     n, bs = state.numel, state.blocksize
     nb = _check_scales(state)
-    check_launch_device(
-        packed=data,
-        out=out,
-        absmax=state.absmax,
-        code=state.code,
-        offset=state.offset,
-        nested_absmax=None if nested is None else nested.absmax,
-        nested_code=None if nested is None else nested.code,
-    )
+    absmax, absmax2, code8, offset = state.as_tensors()
+    nested = absmax2 is not None
+    check_launch_device(packed=data, out=out, absmax=absmax, code=state.code, offset=offset, nested_absmax=absmax2,
+                        nested_code=code8)
     code = state.code.contiguous()
-    if nested is None:
-        absmax = state.absmax.contiguous()
-        absmax2, code8, offset = absmax, absmax, absmax  # unused when NESTED is False
+    absmax = absmax.contiguous()
+    if nested:
+        absmax2, code8, offset = absmax2.contiguous(), code8.contiguous(), offset.reshape(())
     else:
-        absmax, absmax2 = state.absmax.contiguous(), nested.absmax.contiguous()
-        code8, offset = nested.code.contiguous(), state.offset.reshape(())
+        absmax2, code8, offset = absmax, absmax, absmax  # unused when NESTED is False
     rows = _rows(bs)
     if n:
         _dequantize_4bit_kernel[(triton.cdiv(nb, rows),)](
             data, code, absmax, absmax2, code8, offset, out, n, data.numel(), nb,
-            BLOCKSIZE=bs, ROWS=rows, NESTED=nested is not None, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, SHFL=not interpreting(),
+            BLOCKSIZE=bs, ROWS=rows, NESTED=nested, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, SHFL=not interpreting(),
             num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return out

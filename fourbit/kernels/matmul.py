@@ -284,10 +284,10 @@ def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
     """(packed bytes, 16 codes, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
     data = check_packed(packed, state)  # (N*K/2,) uint8
     code = state.code.to(device=data.device, dtype=torch.float32).contiguous()
-    if state.nested is None:
-        return data, code, state.absmax, state.absmax, state.absmax, state.absmax
-    offset = state.offset.to(device=data.device, dtype=torch.float32).reshape(1)
-    return data, code, state.absmax, state.nested.absmax, state.nested.code, offset
+    absmax, absmax2, code8, offset = state.as_tensors()
+    if absmax2 is None:
+        return data, code, absmax, absmax, absmax, absmax
+    return data, code, absmax, absmax2, code8, offset.to(device=data.device, dtype=torch.float32).reshape(1)
 
 
 def _route(route, m: int, state: QuantState, backward: bool) -> tuple[str, str]:
