@@ -23,13 +23,17 @@ K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
 model `fourbit.kernels.costmodel` until a GPU measurement replaces them):
 
-    M <= GEMV_MAX_M (4)          ("gemv", "fused")               the GEMV: 0.88 of the HBM roofline at M = 1
+    M <= GEMV_MAX_M (2)          ("gemv", "fused")               the GEMV: 0.88 of the HBM roofline at M = 1
     M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
     M > FUSED_MAX_M              (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.90 of dense
                                                                  bf16 at M = 2048, 0.97 at 8192
-Predicted on the five Llama-3 shapes (sm_90a): the fused kernels beat dequantize + cuBLAS up to
-M = 128 (4096x4096, M = 16: 14 vs 18 us; 28672x8192: 56 vs 247 us) and tie at 256; the crossover
-sits at 64, one step on the safe side, because the model is optimistic for the fused decode.
+Predicted on the five Llama-3 shapes (sm_90a): the GEMV takes up to 4 rows, but at M = 4 (one x
+vector more per row of x through shared memory each step) it is L1-bound, 221 us summed over the
+five shapes against 159 us for the fused GEMM, which is flat from M = 1 to 64 (memory-bound); at
+M = 2 the GEMV is still ahead (0.65 of the roofline). The fused kernels beat dequantize + cuBLAS up
+to M = 128 (4096x4096, M = 16: 6.8 vs 17.7 us; 28672x8192: 56 vs 247 us) and tie at 256; that
+crossover sits at 64, one step on the safe side, because the model is optimistic for the fused
+decode.
 
 Imports are lazy and plain (inside each function): with FOURBIT_BACKEND=reference, or on CPU under
 auto, Triton is never imported.
@@ -54,7 +58,7 @@ __all__ = [
     "quantize",
 ]
 
-GEMV_MAX_M = 4  # the Triton GEMV's limit (fourbit.kernels.matmul.GEMV_MAX_M; a test keeps them equal)
+GEMV_MAX_M = 2  # route to the GEMV up to here (the kernel takes up to fourbit.kernels.matmul.GEMV_MAX_M = 4)
 FUSED_MAX_M = 64  # above, dequantize + cuBLAS (module docstring)
 
 _BACKENDS = ("auto", "reference", "triton")
