@@ -8,13 +8,14 @@ Three ways to compute it, named by (op, path) as `fourbit.dispatch.matmul_route`
   * ("gemv", "fused"), M <= GEMV_MAX_M: `matmul_gemv.gemv_kernel`, built for the HBM roofline (codes
     looked up with warp shuffles, scales once per 32-weight run, one reduction at the end, no split-K).
     Not bit-identical to the reference: the scale multiplies partial sums (see matmul_gemv).
+  * ("gemm" | "backward", "fused"): `matmul_gemm`, tensor cores on tiles decoded in registers with
+    the same shuffle lookups, small-M tiles that fill the SMs; the dispatcher's choice for the forward
+    at 3 <= M <= 64 and the backward at M <= 64 (memory-bound there: W is read once, 4.127 bits each).
   * ("gemm" | "backward", "dequantize+cublas"): the one-launch Triton dequantize writes W in x's
     dtype into a workspace reused across calls (one per device and dtype, grown on demand), then
     cuBLAS: torch.addmm / torch.mm. Bit-identical to the reference (`fourbit.nf4.matmul`), which is
     F.linear on the weight dequantized into x's dtype; dx = dy @ W the same way. At M = 2048 the
     decode costs one extra pass over W (read 0.5 B, write 2 B per weight) next to 2*M FLOP per weight.
-  * ("gemm" | "backward", "fused"): `matmul_gemm`, tensor cores on tiles decoded in registers; kept
-    selectable for measuring the crossover; the dispatcher does not choose it (see matmul_gemm).
 The workspace is only valid until the next call on the same stream; cuBLAS consumes it in stream
 order right after the decode, so a caller never sees it.
 
