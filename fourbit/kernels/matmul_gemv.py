@@ -29,7 +29,9 @@ addresses (~1.6 per byte). The kernel this replaced (32x128 tile, split-K) spent
 FADD 226, 21 LDG including the pair-table gathers. The static cost model
 (`python -m fourbit.kernels.costmodel`) reads the same loops; it predicts 0.88 of the 4.127-bit HBM
 roofline at M = 1 for the five Llama shapes, issue-bound (the goal of 6 instructions per byte is
-not reached: lookups + one FMA per weight alone cost 5.75).
+not reached: lookups + one FMA per weight alone cost 5.75). Tried and dropped: 32-byte runs (two
+interleaved 16-byte halves per thread, one scale per bs-64 block) reach 8.1 per byte at M = 1 but
+double the x conversions through shared memory: 12.5 at M = 2 and local-memory use at M = 4.
 
 Numerics: the scale multiplies a partial sum of 32 products code*x instead of each code, and W is
 never rounded to x's dtype, so y is not bit-identical to the reference; each product and sum is
