@@ -4,7 +4,8 @@
                                       [--ms 1 16 ...] [--shapes 4096x14336 ...] [--smoke] [--full] [--out DIR]
 
 Providers: fourbit-reference (the chunked PyTorch path, what CPU training runs), fourbit-triton and
-fourbit-triton-nodq (fused kernels with and without double-quantized scales; CUDA only),
+fourbit-triton-nodq (`fourbit.dispatch.matmul` on CUDA: the GEMV, the fused tensor-core kernels or
+dequantize + cuBLAS, by M; with and without double-quantized scales),
 bitsandbytes (`bnb.matmul_4bit`, NF4 + double quant, blocksize 64) and dense (torch.matmul on the
 weight already dequantized into x's dtype). W is [N, K]; shapes from Llama-3 8B/70B projections.
 
@@ -95,7 +96,7 @@ def run(device: str = "cpu", smoke: bool = False, full: bool = False, dtypes=(to
                          "bitsandbytes": lambda: bnb.matmul_4bit(x, bnb_packed.t(), bnb_state),
                          "dense": lambda: torch.matmul(x, dense_w.T)}
             if cuda:
-                kmm = importlib.import_module("fourbit.kernels.matmul").matmul
+                kmm = importlib.import_module("fourbit.dispatch").matmul  # the route the library takes at this M
                 providers["fourbit-triton"] = lambda: kmm(x, *weights[True])
                 providers["fourbit-triton-nodq"] = lambda: kmm(x, *weights[False])
                 providers.pop("fourbit-reference")  # the reference is the CPU path; on a GPU it is bnb's fallback
