@@ -4,7 +4,9 @@ run.sh starts `python -m fourbit.kernels.costmodel --arch sm_90a --json OUT/cost
 background at the beginning of the session (it compiles on the CPU, so it overlaps the GPU stages).
 Its rows carry {op, M, N, K, config, path, limiter, predicted_fraction, predicted_time_us,
 loop_instructions_per_weight_byte, arch}; `op` is gemv | gemm | backward | dequantize, which the
-timing rows carry as `kernel_op`. They join on (op, M, N, K); dequantize rows on (op, N, K).
+timing rows carry as `kernel_op`. They join on (op, M, N, K); dequantize rows on (op, N, K) (the
+model writes M = 0 there). Where the model marks the rows the dispatcher would run (`chosen`), only
+those are joined: they are what was timed.
 
 The measured fraction is read the way the model states its prediction:
     gemv, dequantize   (bytes moved / measured copy bandwidth) / measured time   (of the roofline)
@@ -51,12 +53,15 @@ def join(predictions: list[dict], timings: list[dict], copy_gbs: float | None) -
         else:
             peer_ms = dense.get((t["op"], t["shape"]))
             fraction = peer_ms / t["median_ms"] if peer_ms and t["median_ms"] > 0 else None
-        for p in by_key.get(key(t["kernel_op"], t["M"], t["N"], t["K"]), []):
+        matches = by_key.get(key(t["kernel_op"], t["M"], t["N"], t["K"]), [])
+        if any(p.get("chosen") for p in matches):  # the row(s) the dispatcher would run: what was timed
+            matches = [p for p in matches if p.get("chosen")]
+        for p in matches:
             predicted_us = p.get("predicted_time_us")
             joined.append({
                 "op": t["kernel_op"], "M": t["M"], "N": t["N"], "K": t["K"],
                 **{f: p.get(f) for f in ("config", "path", "limiter", "predicted_fraction", "predicted_time_us",
-                                         "loop_instructions_per_weight_byte", "arch")},
+                                         "loop_instructions_per_weight_byte", "arch", "chosen")},
                 "measured_us": measured_us, "measured_fraction": fraction,
                 "measured_over_predicted": measured_us / predicted_us if predicted_us else None,
             })

@@ -1,6 +1,6 @@
 """The session's last stage: check what came back, write OUT/summary.md, print the summary line.
 
-    python -m benchmarks.gpu.summary OUT --budget "install=20 env=30 ..." [--limit 420]
+    python -m benchmarks.gpu.summary OUT [--budget "install=15 env=30 ..."] [--limit 420]
 
 Reads OUT/results.jsonl only (no torch: it runs even when the budget is spent). Checks the schema of
 every line, the number of files under OUT (the device tool brings back at most 8, at most two
@@ -114,14 +114,19 @@ def render(lines: list[dict], budget: dict[str, int], limit: int, problems: list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.summary", description=__doc__.splitlines()[0])
     parser.add_argument("out")
-    parser.add_argument("--budget", required=True, help='the GPU stage budget, "stage=seconds ..."')
+    parser.add_argument("--budget", default=None,
+                        help='the GPU stage budget, "stage=seconds ..." (default: the one run.sh recorded in results.jsonl)')
     parser.add_argument("--limit", type=int, default=420, help="seconds the whole GPU session may take")
     args = parser.parse_args(argv)
     out = Path(args.out)
     lines, problems = read_results(out)
     summary_path = out / "summary.md"
     summary_path.touch()  # counted with the rest
-    summary, text, ok = render(lines, parse_budget(args.budget), args.limit, problems, files_under(out))
+    if args.budget is not None:
+        budget = parse_budget(args.budget)
+    else:  # re-rendering a finished session (benchmarks/results/h200/): the budget it ran under
+        budget = {x["name"]: x["gpu_budget_s"] for x in lines if x["kind"] == "stage" and "gpu_budget_s" in x}
+    summary, text, ok = render(lines, budget, args.limit, problems, files_under(out))
     summary_path.write_text(text)
     print(summary)
     return 0 if ok else 1
