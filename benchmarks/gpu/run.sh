@@ -47,7 +47,7 @@ fi
 total=0; for s in "${stages[@]}"; do total=$((total + ${budget[$s]})); done
 gpu_text=""; for s in "${stages[@]}"; do gpu_text+="$s=${gpu_budget[$s]} "; done
 
-export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 if ((dry)); then
   export TRITON_INTERPRET=1 FOURBIT_BACKEND=triton CUDA_VISIBLE_DEVICES=""
@@ -125,12 +125,13 @@ stage install preflight && [ -n "$(ls -A "$site")" ] && export PYTHONPATH="$site
 
 cm_pid=""
 if [ -f fourbit/kernels/costmodel.py ]; then  # CPU work: overlaps the GPU stages, done before 'predicted'
-  if ((dry)); then  # the dry run's shapes, so that the join has rows to make
-    cm_args=(--op gemv --op dequantize --m 1 --shape 64x128 --shape 96x192); cm_left=120
+  if ((dry)); then  # the dry run's shapes, so that the join has rows to make (compiled, not interpreted)
+    cm_args=(--op gemv --op dequantize --m 1 --shape 64x128 --shape 96x192)
   else  # the five Llama-3 shapes (its default) at the Ms the timings measure
-    cm_args=(--m 1 --m 16 --m 2048); cm_left=$((limit - SECONDS - ${budget[predicted]} - ${budget[summary]}))
+    cm_args=(--m 1 --m 16 --m 2048)
   fi
-  ( timeout -k 3 "$cm_left" nice -n 10 python3 -m fourbit.kernels.costmodel --arch sm_90a "${cm_args[@]}" \
+  cm_left=$(( (dry ? dry_limit : limit) - SECONDS - ${budget[predicted]} - ${budget[summary]} ))
+  ( timeout -k 3 "$cm_left" env -u TRITON_INTERPRET python3 -m fourbit.kernels.costmodel --arch sm_90a "${cm_args[@]}" \
       --json "$out/costmodel.json" 2>&1 | sed 's/^/costmodel: /' ) &
   cm_pid=$!
 fi

@@ -99,11 +99,12 @@ def render(lines: list[dict], budget: dict[str, int], limit: int, problems: list
                       f"{'' if speedup is None else f'{speedup:.2f}×'} |")
     if by_kind["prediction"]:
         md += ["", "## Cost model: predicted vs measured", "",
-               "| op | M | N | K | config | limiter | predicted fraction | measured fraction | predicted µs | measured µs |",
-               "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
-        md += [f"| {p['op']} | {p['M']} | {p['N']} | {p['K']} | {p.get('config')} | {p.get('limiter')} | "
-               f"{_ms(p.get('predicted_fraction'))} | {_ms(p.get('measured_fraction'))} | {_ms(p.get('predicted_time_us'))} | "
-               f"{_ms(p.get('measured_us'))} |" for p in by_kind["prediction"]]
+               "| op | M | N | K | path | config | limiter | predicted fraction | measured fraction | predicted µs | measured µs "
+               "| measured / predicted |", "|---|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
+        md += [f"| {p['op']} | {'' if p['M'] is None else p['M']} | {p['N']} | {p['K']} | {p.get('path')} | {p.get('config')} | "
+               f"{p.get('limiter')} | {_ms(p.get('predicted_fraction'))} | {_ms(p.get('measured_fraction'))} | "
+               f"{_ms(p.get('predicted_time_us'))} | {_ms(p.get('measured_us'))} | {_ms(p.get('measured_over_predicted'))} |"
+               for p in by_kind["prediction"]]
     md += ["", f"## Checks ({len(failed)} required failed of {len(checks)})", ""]
     md += [f"- {'ok' if c['ok'] else 'FAILED' if c['required'] else 'differs (informative)'}: {c['name']}" for c in checks]
     md += ["", "## Notes", ""] + [f"- {n['stage']}: {n['name']}: {n['text']}" for n in by_kind["note"]]
