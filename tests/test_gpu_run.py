@@ -105,6 +105,16 @@ def test_without_bitsandbytes_fourbit_and_dense_are_still_timed(tmp_path):
     assert {x["provider"] for x in lines if x["kind"] == "timing"} == {"fourbit", "fourbit-nodq", "dense"}
     assert any(x["kind"] == "note" and "bitsandbytes missing" in x["text"] for x in lines)
 
+    env.pop("FOURBIT_BACKEND")  # the training stage runs the reference on the CPU, as run.sh's dry run does
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", "--smoke", "--model", "tiny-llama:1", "--seq-len", "16",
+           "--session", str(out)]
+    child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    lines, problems = read_results(out)
+    assert not problems
+    assert [x["provider"] for x in lines if x["kind"] == "train"] == ["fourbit"]
+    assert any(x["kind"] == "note" and x["text"].startswith("bnb+peft missing") for x in lines)
+
 
 def test_schema_rejects_malformed_lines(tmp_path):
     good = {"stage": "env", "kind": "check", "name": "x", "t": 1.0, "ok": True, "required": False}

@@ -31,8 +31,12 @@ def smi(s: Session, when: str) -> None:
     if shutil.which("nvidia-smi") is None:
         s.emit("note", f"nvidia-smi {when}", text="nvidia-smi not found")
         return
-    done = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader"],
-                          capture_output=True, text=True, timeout=20)
+    try:
+        done = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:  # a fact we can do without
+        s.emit("note", f"nvidia-smi {when}", text=f"nvidia-smi failed: {err}")
+        return
     values = [v.strip() for v in done.stdout.strip().split(",")]
     s.emit("fact", f"nvidia-smi {when}", value=dict(zip(SMI_FIELDS.split(","), values)) if done.returncode == 0 else done.stderr[-300:])
 

@@ -132,7 +132,7 @@ def run(s: Session) -> None:
     facts = s.facts()
     copy_gbs = facts.get("copy_gb_per_s")
     if peer()[0] is None:
-        s.emit("note", "bitsandbytes missing", text="bitsandbytes is not installed: fourbit and dense only")
+        s.emit("note", "bitsandbytes missing", text="bitsandbytes missing (not installed): fourbit and dense only")
     weights = [Weight(n, k, s.device, s.dtype) for n, k in s.shapes]
     cases = [("dequantize", 0)] + [("matmul", m) for m in GEMV_MS] + [("matmul", s.train_m), ("backward", s.train_m)]
     for case, m in cases:
