@@ -33,14 +33,6 @@ MATMUL_CASES = [(1, 4096, 4096, False), (16, 4096, 14336, False), (2048, 14336, 
 DRY_MATMUL_CASES = [(1, 64, 128, False), (16, 96, 192, False), (33, 64, 128, True)]
 
 
-def matmul_backward():
-    """fourbit's input-gradient op: dispatch's (issue 11) or, before it, the public launcher."""
-    backward = getattr(dispatch, "matmul_backward", None)
-    if backward is None:
-        from fourbit.kernels.matmul import matmul_backward as backward
-    return backward
-
-
 def poison_allocator(numel: int, dtype: torch.dtype, device: str) -> None:
     """Fill a freed block of this size with NaN: the caching allocator hands it to the next
     allocation of the same size, so an output element the kernel never writes stays NaN."""
@@ -147,7 +139,7 @@ def matmul_case(s: Session, m: int, n: int, k: int, with_bias: bool) -> None:
             rel_err=err, tol=MATMUL_TOL)
     grad_y = torch.randn(m, n, device=s.device).to(dtype)
     poison_allocator(m * k, dtype, s.device)
-    err = rel_err(matmul_backward()(grad_y, packed, state), grad_y.double() @ w64)
+    err = rel_err(dispatch.matmul_backward(grad_y, packed, state), grad_y.double() @ w64)
     s.check(f"matmul backward {m}x{n}x{k} {str(dtype)[6:]} vs float64", err < MATMUL_TOL, rel_err=err, tol=MATMUL_TOL)
 
 

@@ -23,7 +23,7 @@ import fourbit.nf4 as reference
 from fourbit import dispatch
 
 from ..harness import record, time_fn
-from .checks import MATMUL_TOL, matmul_backward
+from .checks import MATMUL_TOL
 from .common import GEMV_MS, Session, peer, rel_err
 
 BLOCKSIZE = 64
@@ -82,10 +82,9 @@ def providers(case: str, w: Weight, m: int, device: str) -> dict[str, tuple]:
             out["bitsandbytes"] = (lambda: bnb.matmul_4bit(x, packed.t(), state), x.double() @ w.bnb_w64.T, dq_bytes)
         out["dense"] = (lambda: torch.matmul(x, w.dense.T), want, dense_bytes)
         return out
-    backward = matmul_backward()
     dy = torch.randn(m, w.n, device=device, dtype=w.dtype)
     want = dy.double() @ w.w64
-    out = {"fourbit": (lambda: backward(dy, *w.dq), want, dq_bytes)}
+    out = {"fourbit": (lambda: dispatch.matmul_backward(dy, *w.dq), want, dq_bytes)}
     if bnbf:
         out["bitsandbytes"] = (lambda: torch.matmul(dy, bnbf.dequantize_4bit(*w.bnb).to(dy.dtype)),
                                dy.double() @ w.bnb_w64, dq_bytes)
