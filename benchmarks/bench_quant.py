@@ -44,7 +44,7 @@ def run(device: str = "cpu", smoke: bool = False) -> list[dict]:
             mismatched = int((packed != ref).sum()) + int((state.nested.absmax != ref_state.state2.absmax).sum())
             # On CPU the bytes must be identical. bitsandbytes' CUDA build normalises with an
             # approximate reciprocal, which can flip a code sitting within an ulp of a threshold
-            # (SPEC §0), so on a GPU the count is recorded (benchmarks/gpu/quant_gpu.py explains each).
+            # (SPEC §0), so on a GPU the count is recorded (benchmarks/gpu/checks.py explains each).
             if mismatched and torch.device(device).type == "cpu":
                 raise AssertionError(f"fourbit and bitsandbytes bytes differ for {shape} {dtype}")
             for provider, fn in (("fourbit", ours_q), ("bitsandbytes", theirs_q)):

@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per example for the random models")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per provider, alternating; steps pooled")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per provider (0: torch's default)")
+    p.add_argument("--session", default=None, metavar="OUT",
+                   help="append rows to OUT/results.jsonl as each provider finishes (benchmarks/gpu/run.sh) "
+                        "instead of writing train.json/.md/.png; without bitsandbytes or peft, fourbit alone")
     p.add_argument("--provider", choices=PROVIDERS, help=argparse.SUPPRESS)  # internal: one provider, JSON to stdout
     args = p.parse_args(argv)
     steps, batch = (1, 1) if args.smoke else (args.steps, args.batch_size)
@@ -234,14 +237,37 @@ def main(argv: list[str] | None = None) -> int:
 
     from .harness import record, write_results
 
-    rows, results = [], {}
     dtype_name = "bfloat16" if torch.cuda.is_available() else "float32"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs: dict[str, list[dict]] = {provider: [] for provider in PROVIDERS}
+    providers = PROVIDERS if peer_available() else PROVIDERS[:1]
+    if args.session is not None:
+        from .gpu.common import append_line
+
+        emit = lambda kind, name, **fields: append_line(args.session, "train", kind, name, **fields)  # noqa: E731
+        if len(providers) == 1:
+            emit("note", "bnb+peft missing", text="bitsandbytes or peft is not installed: fourbit only")
+    elif len(providers) == 1:
+        raise SystemExit("bench_train compares against bitsandbytes + PEFT: install the test extra")
+
+    def row(provider: str, pooled: list[dict]) -> dict:
+        res = summarize([t for r in pooled for t in r["times_s"]], [n for r in pooled for n in r["tokens"]],
+                        max(r["peak_mib"] for r in pooled), pooled[0]["losses"])
+        res["rounds"] = len(pooled)
+        return record(
+            "qlora_step", provider, (batch, round(res["tokens_per_step"] / batch)), dtype_name, res,
+            peak_mem_bytes=int(res["peak_mib"] * 2**20), tokens_per_s=res["tokens_per_s"],
+            config={"model": args.model, "r": args.r, "batch_size": batch, "optimizer": "PagedAdamW", "threads": args.threads,
+                    "seq_len": args.seq_len if is_random(args.model) else None},
+        )
+
+    runs: dict[str, list[dict]] = {provider: [] for provider in providers}
+    failed = []
     # Rounds alternate the providers (A B, B A, A B, ...), each in a fresh process, and the steps of
-    # all rounds are pooled: a shared machine's slow spells then hit both sides alike.
-    for round_ in range(1 if args.smoke else args.rounds):
-        for provider in (PROVIDERS if round_ % 2 == 0 else PROVIDERS[::-1]):
+    # all rounds are pooled: a shared machine's slow spells then hit both sides alike. A GPU session
+    # (--session) runs one round and appends each provider's row as soon as it is measured.
+    rounds = 1 if args.smoke or args.session is not None else args.rounds
+    for round_ in range(rounds):
+        for provider in (providers if round_ % 2 == 0 else providers[::-1]):
             cmd = [sys.executable, "-m", "benchmarks.bench_train", "--provider", provider, "--model", args.model,
                    "--steps", str(steps), "--batch-size", str(batch), "--r", str(args.r),
                    "--threads", str(args.threads), "--seq-len", str(args.seq_len)]
@@ -249,34 +275,63 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.append("--smoke")
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
             if done.returncode != 0:
-                raise RuntimeError(f"{provider} run failed:\n{done.stderr[-3000:]}")
+                if args.session is None:
+                    raise RuntimeError(f"{provider} run failed:\n{done.stderr[-3000:]}")
+                last = (done.stderr.strip().splitlines() or [""])[-1]
+                if provider == "bnb+peft" and ("ImportError" in last or "ModuleNotFoundError" in last):
+                    emit("note", "bnb+peft missing", text=f"bnb+peft missing: {last[:300]}; fourbit only")
+                    continue  # the peer is missing, not broken: fourbit's row stands alone
+                emit("note", f"{provider} failed", text=done.stderr[-2000:])
+                failed.append(provider)
+                continue
             runs[provider].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    for provider in PROVIDERS:
-        pooled = runs[provider]
-        results[provider] = res = summarize(
-            [t for r in pooled for t in r["times_s"]], [n for r in pooled for n in r["tokens"]],
-            max(r["peak_mib"] for r in pooled), pooled[0]["losses"],
-        )
-        res["rounds"] = len(pooled)
-        rows.append(record(
-            "qlora_step", provider, (batch, round(res["tokens_per_step"] / batch)), dtype_name, res,
-            peak_mem_bytes=int(res["peak_mib"] * 2**20), tokens_per_s=res["tokens_per_s"],
-            config={"model": args.model, "r": args.r, "batch_size": batch, "optimizer": "PagedAdamW", "threads": args.threads,
-                    "seq_len": args.seq_len if is_random(args.model) else None},
-        ))
-    ours, theirs = results["fourbit"], results["bnb+peft"]
-    # Same bytes, same adapters, same batches: the first warm-up loss must agree (fp32: 1e-3; bf16
-    # autocast rounds differently in the two implementations' matmuls: 2e-2).
-    first = abs(ours["losses"][0] - theirs["losses"][0]) / abs(theirs["losses"][0])
-    if first > (1e-3 if dtype_name == "float32" else 2e-2):
+            if args.session is not None:
+                emit("train", f"qlora_step {provider} {args.model}", **row(provider, runs[provider]))
+    if args.session is not None:
+        return session_verdict(runs, dtype_name, emit) if not failed else 1
+
+    rows = [row(provider, runs[provider]) for provider in PROVIDERS]
+    ours, theirs = rows
+    first = first_loss_gap(ours, theirs)
+    if first > loss_tolerance(dtype_name):
         raise RuntimeError(f"first-step losses differ: fourbit {ours['losses'][0]} vs bnb+peft {theirs['losses'][0]}")
     speedup = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    for row in rows:
-        row["speedup_vs_bnb_peft"] = speedup if row["provider"] == "fourbit" else 1.0
+    for r in rows:
+        r["speedup_vs_bnb_peft"] = speedup if r["provider"] == "fourbit" else 1.0
     out = write_results("train", rows, out_dir=args.out)
     print(f"fourbit {ours['tokens_per_s']:.0f} tok/s, {ours['peak_mib']:.0f} MiB | bnb+peft {theirs['tokens_per_s']:.0f} tok/s, "
           f"{theirs['peak_mib']:.0f} MiB | speedup {speedup:.2f}x -> {out}")
     return 0
+
+
+def peer_available() -> bool:
+    """bitsandbytes and peft importable (looked up, not imported: importing them takes seconds)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("bitsandbytes", "peft"))
+
+
+def loss_tolerance(dtype_name: str) -> float:
+    # Same bytes, same adapters, same batches: the first warm-up loss must agree (fp32: 1e-3; bf16
+    # autocast rounds differently in the two implementations' matmuls: 2e-2).
+    return 1e-3 if dtype_name == "float32" else 2e-2
+
+
+def first_loss_gap(ours: dict, theirs: dict) -> float:
+    return abs(ours["losses"][0] - theirs["losses"][0]) / abs(theirs["losses"][0])
+
+
+def session_verdict(runs: dict[str, list[dict]], dtype_name: str, emit) -> int:
+    """The GPU session's closing lines: the first-step loss agreement (a required check) and the speedup."""
+    if len(runs) < 2 or not all(runs.values()):
+        return 0
+    ours, theirs = (runs[p][0] for p in PROVIDERS)
+    gap, tol = first_loss_gap(ours, theirs), loss_tolerance(dtype_name)
+    emit("check", "first-step losses agree (fourbit vs bnb+peft)", ok=gap <= tol, required=True, rel_gap=gap, tol=tol,
+         losses={"fourbit": ours["losses"][0], "bnb+peft": theirs["losses"][0]})
+    emit("fact", "qlora step speedup vs bnb+peft", value=ours["tokens_per_s"] / theirs["tokens_per_s"],
+         memory_ratio=ours["peak_mib"] / theirs["peak_mib"])
+    return 0 if gap <= tol else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ markdown table and the PNG are rendered from it (`python -m benchmarks.report FI
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -78,9 +79,9 @@ def environment() -> dict[str, Any]:
     if _ENV is None:
         versions = {"python": platform.python_version(), "torch": torch.__version__}
         for name in ("triton", "bitsandbytes", "fourbit", "peft", "transformers"):
-            try:
-                versions[name] = __import__(name).__version__
-            except Exception:  # not installed, or no __version__
+            try:  # the installed distribution's metadata: importing peft or bitsandbytes takes seconds
+                versions[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
                 versions[name] = None
         try:
             sha = subprocess.run(
