@@ -76,6 +76,12 @@ class QuantState(_state.QuantState):
     def state2(self):
         return self.nested
 
+    def __eq__(self, other):
+        """Bit-for-bit equality (bitsandbytes compares with allclose; equal states are equal both ways)."""
+        return isinstance(other, _state.QuantState) and self.equal(other)
+
+    __hash__ = None
+
     def to(self, device):
         moved = _state.QuantState.to(self, device)
         self.absmax, self.code, self.offset, self.nested = moved.absmax, moved.code, moved.offset, moved.nested
