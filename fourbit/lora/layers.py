@@ -51,7 +51,7 @@ from torch import nn
 from .. import dispatch
 from ..nf4.checks import check_blocksize, check_quant_type
 from ..nf4.state import QuantState
-from .functional import matmul_4bit
+from .autograd import matmul_4bit
 from .params import Params4bit
 
 __all__ = ["Linear4bit", "Params4bit"]
