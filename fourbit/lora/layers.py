@@ -80,6 +80,13 @@ def _share_tables(state: QuantState) -> QuantState:
     return dataclasses.replace(state, code=_shared(state.code, state.quant_type), nested=nested)
 
 
+@torch.compiler.disable
+def _quantize_outside_graph(weight: Params4bit) -> None:
+    """A first forward under torch.compile quantizes eagerly, outside the graph (its checks are
+    data-dependent); with fullgraph=True that is an error: quantize before compiling."""
+    weight._quantize(weight.device)
+
+
 def _check_compute_dtype(compute_dtype) -> None:
     if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype}")
@@ -242,7 +249,7 @@ class Linear4bit(nn.Linear):
         weight = self.weight
         if isinstance(weight, Params4bit):
             if not weight.bnb_quantized:
-                weight._quantize(weight.device)
+                _quantize_outside_graph(weight)
                 weight = self.weight
             if weight.quant_state is not self.__dict__.get("_quant_state"):
                 self._install(weight)
