@@ -24,6 +24,8 @@ Life cycle (bitsandbytes 0.50's, see params.py):
     with a real device; `load_state_dict` (a dense checkpoint is quantized with the layer's
     settings, a 4-bit one replaces bytes and QuantState together); the first forward.
   * `from_linear` quantizes at once (what `quantize_model` calls, layer by layer).
+  * Under torch.compile a still-dense layer quantizes eagerly, outside the graph, on the first
+    call; `fullgraph=True` needs a layer quantized before compiling.
   * Afterwards nothing quantizes as a side effect: `.to()` / `.cuda()` / `.half()` move the packed
     bytes and the QuantState bit for bit (dtype casts never touch a float `quant_storage` view).
 
