@@ -134,9 +134,10 @@ def test_quant_state_as_dict_matches_bitsandbytes():
 
 
 def test_compat_layer_is_the_fourbit_layer():
-    layer = fnn.LinearNF4(64, 16, compute_dtype=torch.float32)
+    layer = fnn.LinearNF4(64, 16, compute_dtype=torch.float32).to("cpu")  # quantizes here, as bitsandbytes
     assert isinstance(layer, CoreLinear4bit) and isinstance(layer.weight, fnn.Params4bit)
-    assert layer.weight.quant_state is layer.quant_state
+    assert layer.weight.bnb_quantized and layer.weight.quant_state is layer.quant_state
+    assert isinstance(layer.quant_state, FF.QuantState)
     x = torch.randn(3, 64)
     bytes_before = layer.weight.data.clone()
     layer.eval()
@@ -147,6 +148,28 @@ def test_compat_layer_is_the_fourbit_layer():
     twin = copy.deepcopy(layer)
     assert twin.weight.quant_state is twin.quant_state and twin.quant_state is not layer.quant_state
     assert twin.quant_state.equal(layer.quant_state) and torch.equal(twin(x), y)
+
+
+@pytest.mark.parametrize("ns", [bnb, FOURBIT], ids=["bitsandbytes", "fourbit"])
+def test_bitsandbytes_life_cycle_and_bias_handling(ns):
+    """The same user code on both: construction quantizes nothing, `.to()` quantizes the dense weight
+    in place, the first float32 input fixes compute_dtype, and the forward converts the bias
+    Parameter in place to it."""
+    torch.manual_seed(0)
+    layer = ns.nn.Linear4bit(128, 64, bias=True, quant_type="nf4", compress_statistics=False)
+    assert isinstance(layer, nn.Linear) and layer.weight.dtype == torch.float32 and not layer.weight.bnb_quantized
+    w = torch.randn(64, 128)
+    layer.weight.detach().copy_(w)
+    layer.bias = nn.Parameter(torch.randn(64).half())
+    param = layer.weight
+    layer = layer.to("cpu")
+    assert layer.weight is param and param.bnb_quantized and param.dtype == torch.uint8
+    assert torch.equal(param.data, FF.quantize_4bit(w, quant_type="nf4")[0])
+    layer.support_avx512bf16_for_cpu = False
+    layer.train()(torch.randn(2, 128))
+    assert layer.compute_dtype == torch.float32 and layer.bias.dtype == torch.float32
+    meta = ns.nn.Linear4bit(128, 64, quant_type="nf4", device="meta")
+    assert meta.weight.is_meta and not meta.weight.bnb_quantized
 
 
 def test_dequantize_4bit_without_quant_state_and_out_buffers():
@@ -178,6 +201,6 @@ def test_import_fourbit_as_bnb_reaches_every_compatible_name():
     assert child.returncode == 0 and child.stdout.strip() == "7", child.stderr[-2000:]
     import fourbit.optim as fopt
 
-    for name in ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"):
+    for name in fopt.__all__:  # AdamW* and Adam*, 32-bit, 8-bit and paged
         theirs, ours = _params(getattr(bnb.optim, name).__init__), _params(getattr(fopt, name).__init__)
         assert ours[: len(theirs)] == theirs, (name, ours, theirs)  # ours only adds pager knobs after them

@@ -26,6 +26,7 @@ from fourbit.kernels._triton_utils import interpreting
 from fourbit.nf4 import dynamic_map, quantize_blockwise
 from fourbit.optim import AdamW, AdamW8bit
 from fourbit.nf4.adamw import adamw_update_8bit
+from fourbit.train.optim.saved_state import WRAPPED
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = interpreting()
@@ -109,7 +110,7 @@ def test_states_after_one_step_equal_bitsandbytes_except_the_lut_quirk(shape):
         opt = cls([p], lr=1e-3)
         p.grad = grad.clone()
         opt.step()
-        states[name] = opt.state[p] if name == "bnb" else opt.state_dict()["state"][0]
+        states[name] = opt.state[p] if name == "bnb" else opt.state_dict()["state"][0][WRAPPED]
     ours, theirs = states["ours"], states["bnb"]
     # The float states before quantization (zero states, one step): m = (1-b1) g, v = (1-b2) g^2.
     m = torch.zeros(grad.numel()).mul_(0.9).add_(grad.view(-1), alpha=1 - 0.9)

@@ -1,11 +1,22 @@
 """The saved form of fourbit's AdamW states: `state_dict()` and `load_state_dict()` of every optimizer
 in `adamw.py`.
 
-The dict keeps bitsandbytes' key names per parameter index (step, state1, state2, absmax1, absmax2,
-qmap1, qmap2), whole unpaged tensors (paged and unpaged optimizers read each other's dicts), and a
-"fourbit" entry naming the format, the state bits and min_8bit_size. Loading validates every entry
-against its parameter before changing anything, so a mismatched dict leaves the optimizer as it was.
-The functions take the optimizer as `self`: they are its methods, kept in their own module.
+The layout is bitsandbytes 0.50's (`Optimizer8bit.state_dict`), so checkpoints move both ways
+between fourbit's and bitsandbytes' AdamW / AdamW8bit / PagedAdamW / PagedAdamW8bit / Adam*:
+
+    {"state": {i: {"step": int, "nonfinite_skips": int,
+                   "__bnb_optimizer_quant_state__": {"state1": m, "state2": v,       shaped like p
+                                                     "absmax1", "absmax2",          8-bit: float32,
+                                                     "qmap1", "qmap2"}}},           one per 256
+     "param_groups": [...], "fourbit": {"format", "optim_bits", "min_8bit_size"}}
+
+bitsandbytes nests the state tensors under that key so that FSDP's optimizer-state gathering, which
+expects parameter-shaped tensors, leaves them alone; it ignores "fourbit" and "nonfinite_skips".
+Tensors are whole and unpaged (paged and unpaged optimizers read each other's dicts). A dict
+without the "fourbit" entry is read as bitsandbytes' (tensors nested or not). Loading validates
+every entry against its parameter before changing anything, so a mismatched dict leaves the
+optimizer as it was. The functions take the optimizer as `self`: they are its methods, kept in
+their own module.
 """
 
 from __future__ import annotations
@@ -15,9 +26,12 @@ import torch
 from ...nf4.adamw import QBLOCK
 from .pager import StateLayout
 
-__all__ = ["FORMAT", "export_state_dict", "import_state_dict"]
+__all__ = ["FORMAT", "WRAPPED", "export_state_dict", "import_state_dict"]
 
 FORMAT = "fourbit-adamw"
+WRAPPED = "__bnb_optimizer_quant_state__"  # bitsandbytes' key for the nested state tensors
+# bitsandbytes' AdEMAMix knobs, present in every one of its param groups; neutral for AdamW
+_BNB_GROUP_KEYS = {"alpha": (0, 0.0), "t_alpha": (None,), "t_beta3": (None,)}
 
 
 def _export(self, p: torch.Tensor) -> dict:
@@ -33,9 +47,10 @@ def _export(self, p: torch.Tensor) -> dict:
         tensors = {key: torch.cat(chunks) for key, chunks in parts.items()}
     else:
         tensors = {k: state[k].clone() for k in ("state1", "state2", "absmax1", "absmax2") if k in state}
-    out.update(tensors)
+    tensors["state1"], tensors["state2"] = tensors["state1"].view(p.shape), tensors["state2"].view(p.shape)
     if state["bits"] == 8:
-        out["qmap1"], out["qmap2"] = (q.clone() for q in self._qmaps_on(p.device))
+        tensors["qmap1"], tensors["qmap2"] = (q.clone() for q in self._qmaps_on(p.device))
+    out[WRAPPED] = tensors
     return out
 
 
@@ -51,6 +66,13 @@ def export_state_dict(self) -> dict:
     }
     info = {"format": FORMAT, "optim_bits": self.optim_bits, "min_8bit_size": self.min_8bit_size}
     return {"state": state, "param_groups": groups, "fourbit": info}
+
+
+def _unwrap(saved: dict) -> dict:
+    """One parameter's saved entry with bitsandbytes' nested tensors brought up a level."""
+    flat = {k: v for k, v in saved.items() if k != WRAPPED}
+    flat.update(saved.get(WRAPPED, {}))
+    return flat
 
 
 def _check_saved(self, p: torch.Tensor, i: int, saved: dict) -> int:
@@ -78,6 +100,10 @@ def _check_saved(self, p: torch.Tensor, i: int, saved: dict) -> int:
             t = saved.get(name)
             if t is None or t.dtype != torch.float32 or t.numel() != nb:
                 raise ValueError(f"saved {name} of parameter {i} must be float32 with {nb} blocks, got {t!r}")
+        for name, qmap in zip(("qmap1", "qmap2"), self._qmaps_on(torch.device("cpu"))):
+            t = saved.get(name)
+            if t is not None and not torch.equal(t.detach().cpu(), qmap):
+                raise ValueError(f"saved {name} of parameter {i} is not the {'signed' if name == 'qmap1' else 'unsigned'} dynamic map")
     return bits
 
 
@@ -99,16 +125,46 @@ def _import(self, p: torch.Tensor, saved: dict) -> None:
         self.pool.write(pid, page)
 
 
-def import_state_dict(self, state_dict: dict) -> None:
-    info = state_dict.get("fourbit") if isinstance(state_dict, dict) else None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+def _check_format(self, state_dict) -> None:
+    """ValueError unless state_dict is fourbit's AdamW dict or bitsandbytes' 0.50 layout."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-        raise ValueError(f"not a fourbit AdamW state dict (no 'fourbit' format entry); it has {keys}")
+        raise ValueError(f"not a fourbit AdamW state dict (nor a bitsandbytes one); it has {keys}")
+    info = state_dict.get("fourbit")
+    if info is None:  # bitsandbytes': every saved entry holds state1/state2, nested or not
+        for i, saved in state_dict["state"].items():
+            if not isinstance(saved, dict) or "state1" not in _unwrap(saved):
+                keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+                raise ValueError(
+                    f"not a fourbit AdamW state dict (nor a bitsandbytes one): parameter {i} holds {keys}, "
+                    "not state1/state2"
+                )
+        return
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"not a fourbit AdamW state dict: its 'fourbit' entry is {info!r}")
     if info["optim_bits"] != self.optim_bits:
         raise ValueError(
             f"the state dict comes from an AdamW with {info['optim_bits']}-bit states; this optimizer "
             f"({type(self).__name__}) keeps {self.optim_bits}-bit states"
         )
+
+
+def _group_items(saved: dict) -> dict:
+    """A saved param group's settings; bitsandbytes' AdEMAMix keys are dropped when neutral."""
+    items = {}
+    for key, value in saved.items():
+        if key == "params":
+            continue
+        if key in _BNB_GROUP_KEYS:
+            if value not in _BNB_GROUP_KEYS[key]:
+                raise ValueError(f"the saved param group has {key}={value!r}: an AdEMAMix state, not AdamW")
+            continue
+        items[key] = value
+    return items
+
+
+def import_state_dict(self, state_dict: dict) -> None:
+    _check_format(self, state_dict)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(self.param_groups):
         raise ValueError(
@@ -121,7 +177,8 @@ def import_state_dict(self, state_dict: dict) -> None:
                 f"parameter group {g} has {len(group['params'])} parameters, the saved one {len(saved['params'])}"
             )
         pairs += [(p, i) for p, i in zip(group["params"], saved["params"])]
-    saved_state = state_dict["state"]
+    saved_state = {i: _unwrap(saved) for i, saved in state_dict["state"].items()}
+    group_items = [_group_items(saved) for saved in saved_groups]
     for p, i in pairs:  # validate everything before changing anything
         if i in saved_state:
             _check_saved(self, p, i, saved_state[i])
@@ -130,5 +187,5 @@ def import_state_dict(self, state_dict: dict) -> None:
             _import(self, p, saved_state[i])
         elif p in self.state:
             del self.state[p]
-    for group, saved in zip(self.param_groups, saved_groups):
-        group.update({k: v for k, v in saved.items() if k != "params"})
+    for group, items in zip(self.param_groups, group_items):
+        group.update(items)
