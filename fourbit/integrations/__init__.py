@@ -1,0 +1,9 @@
+"""Hooks that let unmodified Hugging Face code run on fourbit.
+
+    fourbit.integrations.transformers   `FourbitConfig` for `from_pretrained(quantization_config=...)`,
+                                        `use_for_bitsandbytes_config()` for existing BitsAndBytesConfig code
+    fourbit.integrations.peft           a PEFT LoRA layer for fourbit's Linear4bit (merge, save, reload)
+
+Each submodule imports its library (transformers, peft) when it is imported itself; `import fourbit`
+imports neither. `fourbit.FourbitConfig` is the transformers one, imported on first use.
+"""
