@@ -84,6 +84,13 @@ def test_get_peft_model_equals_add_lora_outputs_and_gradients(quantized, ids):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_all_linear_targets_every_quantized_layer(quantized):
+    pm = peft_model(quantized, targets="all-linear")
+    wrapped = {n for n, m in pm.base_model.model.named_modules() if isinstance(m, fourbit_peft.Linear4bit)}
+    quantized_names = {n for n, m in quantized.named_modules() if isinstance(m, Linear4bit)}
+    assert wrapped == quantized_names and len(wrapped) == 14  # 7 per layer; lm_head stays dense and untargeted
+
+
 def test_prepare_model_for_kbit_training_does_its_work():
     model = quantize_model(tiny_llama()).to(torch.bfloat16)
     assert model.is_loaded_in_4bit

@@ -291,6 +291,13 @@ class FourbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.is_loaded_in_4bit = True
+        # save_pretrained would try to reverse the deserialize op (transformers 5.24 has no reverse
+        # for it, so re-saving a 4-bit load raises NotImplementedError, bitsandbytes' too); the
+        # layers already write the checkpoint keys, so there is nothing to reverse
+        model._weight_conversions = [
+            c for c in getattr(model, "_weight_conversions", None) or []
+            if not any(isinstance(op, FourbitDeserialize) for op in getattr(c, "operations", ()))
+        ]
         try:
             from . import peft as _peft
         except ImportError:  # PEFT is optional
