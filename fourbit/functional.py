@@ -33,6 +33,7 @@ __all__ = [
     "dequantize_4bit",
     "dequantize_fp4",
     "dequantize_nf4",
+    "gemv_4bit",
     "matmul_4bit",
     "quantize_4bit",
     "quantize_fp4",
@@ -75,6 +76,12 @@ class QuantState(_state.QuantState):
     @property
     def state2(self):
         return self.nested
+
+    def __eq__(self, other):
+        """Bit-for-bit equality (bitsandbytes compares with allclose; equal states are equal both ways)."""
+        return isinstance(other, _state.QuantState) and self.equal(other)
+
+    __hash__ = None
 
     def to(self, device):
         moved = _state.QuantState.to(self, device)
@@ -214,3 +221,14 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, out: 
     if out is not None:
         return out.copy_(result)
     return result
+
+
+def gemv_4bit(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, transposed_A=False, transposed_B=False, state=None):
+    """A @ dequantize(B)^T without autograd (bitsandbytes' inference GEMV; any number of rows here).
+    B may be the packed tensor or its `.t()`; `state` is required, as in bitsandbytes."""
+    if state is None:
+        raise ValueError("gemv_4bit needs state=, the QuantState returned by quantize_4bit")
+    if len(state.shape) != 2 or A.shape[-1] != state.shape[1]:
+        raise ValueError(f"gemv_4bit: A has {A.shape[-1]} features, the weight's shape is {list(state.shape)} ([N, K])")
+    result = dispatch.matmul(A, B.reshape(-1, 1), state, None)
+    return result if out is None else out.copy_(result)

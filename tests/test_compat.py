@@ -134,9 +134,10 @@ def test_quant_state_as_dict_matches_bitsandbytes():
 
 
 def test_compat_layer_is_the_fourbit_layer():
-    layer = fnn.LinearNF4(64, 16, compute_dtype=torch.float32)
+    layer = fnn.LinearNF4(64, 16, compute_dtype=torch.float32).to("cpu")  # quantizes here, as bitsandbytes
     assert isinstance(layer, CoreLinear4bit) and isinstance(layer.weight, fnn.Params4bit)
-    assert layer.weight.quant_state is layer.quant_state
+    assert layer.weight.bnb_quantized and layer.weight.quant_state is layer.quant_state
+    assert isinstance(layer.quant_state, FF.QuantState)
     x = torch.randn(3, 64)
     bytes_before = layer.weight.data.clone()
     layer.eval()

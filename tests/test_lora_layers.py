@@ -89,13 +89,23 @@ def test_dequantize_is_the_reference_dequantization():
     assert rel(w, lin.weight) < 0.12  # NF4 on Gaussian weights: ~10 % relative error
 
 
-def test_constructor_builds_a_quantized_nn_linear():
+def test_constructor_is_lazy_and_the_first_move_quantizes_like_from_linear():
+    """The constructor allocates nn.Linear's initialisation and quantizes nothing; the first
+    `.to(device)` quantizes that weight in place (same Parameter object) into from_linear's bytes."""
     torch.manual_seed(3)
     layer = Linear4bit(64, 16, bias=True)
     torch.manual_seed(3)
     lin = nn.Linear(64, 16)
+    assert isinstance(layer, nn.Linear) and layer.quant_state is None and not layer.weight.bnb_quantized
+    assert torch.equal(layer.weight, lin.weight) and torch.equal(layer.bias, lin.bias)
+    param = layer.weight
+    layer.to("cpu")
+    assert layer.weight is param and param.bnb_quantized and param.quant_state is layer.quant_state
     assert torch.equal(layer.weight, Linear4bit.from_linear(lin).weight)
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (64 * 16 // 2, 1)
+    moved = layer.weight.data.clone()
+    layer.to("cpu")  # a second move only moves bytes
+    assert torch.equal(layer.weight.data, moved)
 
 
 def test_state_dict_round_trip_and_dense_load():
@@ -162,7 +172,7 @@ def test_bad_checkpoints_name_the_key():
     other = Linear4bit(64, 16).state_dict()
     with pytest.raises(RuntimeError, match=r"weight.*shape \(16, 64\)"):
         layer.load_state_dict(other)
-    sd = layer.state_dict()
+    sd = layer.to("cpu").state_dict()  # quantized now (a still-dense layer saves a dense weight)
     del sd["weight.quant_state.bitsandbytes__nf4"]
     with pytest.raises(RuntimeError, match="no 'weight.quant_state.bitsandbytes__"):
         layer.load_state_dict(sd)

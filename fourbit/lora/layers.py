@@ -3,32 +3,42 @@
     y = x @ dequantize(W)^T + b          x: (..., K), W: (N, K) = (out, in), y: (..., N)
 
 Storage (SPEC §2, §5). For an N x K weight with block size bs there are nb = ceil(N*K / bs) blocks:
-    weight          ((N*K + 1)//2, 1) uint8       two 4-bit codes per byte (or a float `quant_storage`
-                                                  view of the same bytes); an nn.Parameter with
-                                                  requires_grad=False, so parameter counts see it
-    quant_state     QuantState                    absmax (nb,) (uint8 codes with double quantization,
-                                                  float32 otherwise), the code table, offset, nested
-    bias            (N,)                          ordinary trainable-or-not parameter, any float dtype
-
-The packed bytes and the QuantState belong together: replace them together (load_state_dict and
-from_linear do). Swapping `weight` for another Parameter over the same bytes is allowed (FSDP2
-does it through setattr when it shards and gathers the layer).
+    weight          Params4bit: ((N*K + 1)//2, 1) uint8, two 4-bit codes per byte (or a float
+                                `quant_storage` view of the same bytes), requires_grad=False
+    quant_state     QuantState  absmax (nb,) (uint8 codes with double quantization, float32
+                                otherwise), the code table, offset, nested; also `weight.quant_state`
+    bias            (N,)        ordinary trainable-or-not parameter, any float dtype
 
 With double quantization that is 4 bits + 8/bs bits + 32/(256*bs) bits per weight: 4.127 bits for
 bs = 64, i.e. 0.516 bytes per weight.
 
+The layer is an `nn.Linear` subclass, as bitsandbytes' is, so code that looks for linear layers
+with `isinstance(m, nn.Linear)` (PEFT's "all-linear", transformers, FSDP wrap policies) finds it.
+Code that must tell it apart from a dense layer checks `isinstance(m, Linear4bit)` first.
+
+Life cycle (bitsandbytes 0.50's, see params.py):
+  * The constructor only allocates a dense weight like `nn.Linear` (nothing on "meta" or under
+    `accelerate.init_empty_weights()`), and quantizes nothing: a random init is not worth the
+    quantization (1.29 s vs 0.14 s for the 4096 x 4096 constructor when it did).
+  * The dense weight is quantized, in place, by the first of: `.to(device)` / `.cuda()` / `.cpu()`
+    with a real device; `load_state_dict` (a dense checkpoint is quantized with the layer's
+    settings, a 4-bit one replaces bytes and QuantState together); the first forward.
+  * `from_linear` quantizes at once (what `quantize_model` calls, layer by layer).
+  * Afterwards nothing quantizes as a side effect: `.to()` / `.cuda()` / `.half()` move the packed
+    bytes and the QuantState bit for bit (dtype casts never touch a float `quant_storage` view).
+
 The forward casts x to `compute_dtype` (default: x's own dtype), runs `matmul_4bit` (which never
 keeps a dense copy of W alive after the call) and casts the result back to x's dtype. The bias is
-cast for the call only; bitsandbytes instead converts its bias Parameter in place, we do not.
+cast for the call only (fourbit.nn's bitsandbytes-flavoured layer converts it in place, as
+bitsandbytes does).
 
 What differs from `bitsandbytes.nn.Linear4bit` on purpose:
-  * Nothing quantizes as a side effect of `.to()` / `.cuda()`: moving a layer moves the packed bytes
-    and the QuantState tensors, bit for bit. Quantization happens in the constructor, in
-    `from_linear`, or when a dense weight is loaded through `load_state_dict`.
   * `load_state_dict` of a 4-bit checkpoint replaces the packed bytes *and* the whole QuantState
-    (bitsandbytes copies the bytes and keeps its old absmax, silently).
+    (bitsandbytes copies the bytes and keeps its old absmax, silently); a dense checkpoint is
+    quantized at load, not at the next `.to()`.
+  * A forward on a still-dense layer quantizes it (bitsandbytes fails an assertion there).
   * No forward ever rewrites the stored bytes (bitsandbytes repacks in place on AVX512-BF16 CPUs in
-    eval mode; SPEC §6).
+    eval mode; SPEC §6), and no `.to()` casts them.
 """
 
 from __future__ import annotations
@@ -42,8 +52,9 @@ from .. import dispatch
 from ..nf4.checks import check_blocksize, check_quant_type
 from ..nf4.state import QuantState
 from .functional import matmul_4bit
+from .params import Params4bit
 
-__all__ = ["Linear4bit"]
+__all__ = ["Linear4bit", "Params4bit"]
 
 _BLOB = "quant_state.bitsandbytes__"
 _SHARED_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -69,13 +80,20 @@ def _share_tables(state: QuantState) -> QuantState:
     return dataclasses.replace(state, code=_shared(state.code, state.quant_type), nested=nested)
 
 
-class Linear4bit(nn.Module):
-    """A frozen 4-bit linear layer; see the module docstring for storage and forward.
+def _check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype}")
 
-    Build one from a dense layer with `Linear4bit.from_linear(linear, ...)`. The constructor makes a
-    fresh layer initialised like `nn.Linear` (Kaiming-uniform weight) and quantizes it, which is what
-    a checkpoint then overwrites through `load_state_dict`.
+
+class Linear4bit(nn.Linear):
+    """A frozen 4-bit linear layer; see the module docstring for storage, life cycle and forward.
+
+    `Linear4bit.from_linear(linear, ...)` quantizes a dense layer at once. The constructor builds a
+    layer like `nn.Linear` (Kaiming-uniform dense weight, on `device`) that quantizes later, when
+    it is moved, loaded or first called.
     """
+
+    _params_class = Params4bit  # fourbit.nn's layers use its bitsandbytes-named subclass
 
     def __init__(
         self,
@@ -91,16 +109,21 @@ class Linear4bit(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        super().__init__()
-        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(
-            dense,
-            quant_type=quant_type,
-            double_quant=double_quant,
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        _check_compute_dtype(compute_dtype)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.compute_dtype = compute_dtype
+        self.quant_state = None
+        self._install_dense(self._params_class(
+            self.weight.data,
+            requires_grad=False,
             blocksize=blocksize,
-            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
             quant_storage=quant_storage,
-        )
+            module=self,
+        ))
 
     @classmethod
     def from_linear(
@@ -113,88 +136,127 @@ class Linear4bit(nn.Module):
         compute_dtype: torch.dtype | None = None,
         quant_storage: torch.dtype = torch.uint8,
     ) -> "Linear4bit":
-        """Quantize `linear.weight` (N, K) into a new layer; the bias is shared, not copied.
+        """Quantize `linear.weight` (N, K) into a new layer now; the bias is shared, not copied.
 
         The new layer's QuantState remembers the weight's dtype: `dequantize()` returns that dtype.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._setup(
-            linear,
-            quant_type=quant_type,
-            double_quant=double_quant,
-            blocksize=blocksize,
-            compute_dtype=compute_dtype,
-            quant_storage=quant_storage,
-        )
-        return layer
-
-    def _setup(self, dense: nn.Linear, *, quant_type, double_quant, blocksize, compute_dtype, quant_storage):
+        if not isinstance(linear, nn.Linear) or isinstance(linear, Linear4bit):
+            raise TypeError(f"from_linear needs a dense nn.Linear, got {type(linear).__name__}")
         check_quant_type(quant_type)
         check_blocksize(blocksize)
-        if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype}")
-        self.in_features = dense.in_features
-        self.out_features = dense.out_features
-        self.quant_type = quant_type
-        self.double_quant = bool(double_quant)
-        self.blocksize = blocksize
-        self.compute_dtype = compute_dtype
-        self.quant_storage = quant_storage
+        _check_compute_dtype(compute_dtype)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.compute_dtype = compute_dtype
+        layer.quant_state = None
         packed, state = dispatch.quantize(
-            dense.weight.detach(),
+            linear.weight.detach(),
             blocksize=blocksize,
             quant_type=quant_type,
             double_quant=double_quant,
             quant_storage=quant_storage,
         )
-        self._set_quantized(packed, state)
-        if dense.bias is None:
-            self.register_parameter("bias", None)
+        layer._set_quantized(packed, state)
+        if linear.bias is None:
+            layer.register_parameter("bias", None)
         else:
-            self.bias = nn.Parameter(dense.bias.data, requires_grad=dense.bias.requires_grad)
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=linear.bias.requires_grad)
+        return layer
+
+    # ---- installing a weight: dense (waiting) or packed with its state -------------------------
+    def _as_own_param(self, param: Params4bit) -> Params4bit:
+        """`param`, or the same tensor and attributes under this layer's Params4bit class."""
+        if type(param) is self._params_class:
+            return param
+        attrs = {k: getattr(param, k) for k in ("quant_state", "blocksize", "compress_statistics", "quant_type", "quant_storage")}
+        return self._params_class(param.data, False, module=self, bnb_quantized=param.bnb_quantized, **attrs)
 
     def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Install packed codes and their state, replacing both; the layer's config follows the state."""
+        """Install packed codes and their state, replacing both."""
+        self._install(self._params_class(packed, False, state, state.blocksize, state.nested is not None, state.quant_type, packed.dtype, self, True))
+
+    def _install(self, param: Params4bit) -> None:
+        """Make a quantized Params4bit the weight; the layer's config follows its state."""
+        param = self._as_own_param(param)
+        state = param.quant_state
         if tuple(state.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"quantized weight has shape {tuple(state.shape)} but this layer is "
                 f"(out_features, in_features) = ({self.out_features}, {self.in_features})"
             )
         need = (state.numel + 1) // 2
-        if packed.numel() * packed.element_size() != need:
-            raise ValueError(f"packed weight holds {packed.numel() * packed.element_size()} bytes, shape {tuple(state.shape)} needs {need}")
+        if param.numel() * param.element_size() != need:
+            raise ValueError(f"packed weight holds {param.numel() * param.element_size()} bytes, shape {tuple(state.shape)} needs {need}")
         state = _share_tables(state)
-        self._parameters["weight"] = self._packed_parameter(packed, state)
+        param.quant_state, param.module = state, self
+        self._parameters["weight"] = param
         self.quant_state = state
-        self.quant_type = state.quant_type
-        self.blocksize = state.blocksize
-        self.double_quant = state.double_quant
-        self.quant_storage = packed.dtype
+        self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.double_quant
+        self.quant_storage = param.dtype
 
-    def _packed_parameter(self, packed: torch.Tensor, state: QuantState) -> nn.Parameter:
-        """The frozen Parameter that holds the packed bytes (fourbit.nn wraps it in a Params4bit)."""
-        return nn.Parameter(packed, requires_grad=False)
+    def _install_dense(self, param: Params4bit) -> None:
+        """Make a dense Params4bit the weight (quantized later, with its own settings)."""
+        if tuple(param.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"dense weight has shape {tuple(param.shape)}, this layer needs ({self.out_features}, {self.in_features})")
+        param = self._as_own_param(param)
+        param.module = self
+        self._parameters["weight"] = param
+        self.quant_state = None
+        self.quant_type, self.blocksize = param.quant_type, param.blocksize
+        self.double_quant, self.quant_storage = bool(param.compress_statistics), param.quant_storage
+
+    def _weight_quantized(self, param: Params4bit) -> None:
+        """Called by a Params4bit that quantized itself in place (params.py)."""
+        if self._parameters.get("weight") is param:
+            self._install(param)
+
+    def __setattr__(self, name, value):
+        if name == "weight" and "quant_type" in self.__dict__:
+            if isinstance(value, Params4bit):
+                (self._install if value.bnb_quantized else self._install_dense)(value)
+                return
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == (self.out_features, self.in_features):
+                # a dense weight assigned as a plain tensor waits to be quantized with our settings
+                self._install_dense(self._params_class(value.detach(), False, None, self.blocksize, self.double_quant,
+                                                       self.quant_type, self.quant_storage, self, False))
+                return
+        super().__setattr__(name, value)  # anything else: e.g. FSDP2's Parameter over the packed bytes
+
+    def _resolve(self) -> tuple[torch.Tensor, QuantState]:
+        """(packed weight, its QuantState), quantizing a still-dense weight first. A Params4bit that
+        other code wrote into `_parameters` directly (accelerate does) is adopted here."""
+        weight = self.weight
+        if isinstance(weight, Params4bit):
+            if not weight.bnb_quantized:
+                weight._quantize(weight.device)
+                weight = self.weight
+            if weight.quant_state is not self.quant_state:
+                self._install(weight)
+                weight = self.weight
+        elif self.quant_state is None:
+            raise RuntimeError(f"{type(self).__name__}: weight is a {type(weight).__name__} and the layer has no QuantState for it")
+        return weight, self.quant_state
 
     # ---- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, this layer expects {self.in_features}")
+        weight, state = self._resolve()
         compute = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(compute)
-        y = matmul_4bit(x.to(compute), self.weight, self.quant_state, bias)  # (..., N)
+        y = matmul_4bit(x.to(compute), weight, state, bias)  # (..., N)
         return y.to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (N, K) weight, in `dtype` or the dtype that was quantized."""
-        return dispatch.dequantize(self.weight.detach(), self.quant_state, dtype=dtype)
+        weight, state = self._resolve()
+        return dispatch.dequantize(weight.detach(), state, dtype=dtype)
 
     def quantized_bytes(self) -> int:
         """Bytes held by the packed weight and every tensor of its QuantState (bias excluded)."""
-        state = self.quant_state
-        tensors = [self.weight, state.absmax, state.code]
+        weight, state = self._resolve()
+        tensors = [weight, state.absmax, state.code]
         if state.nested is not None:
             tensors += [state.offset, state.nested.absmax, state.nested.code]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -206,28 +268,50 @@ class Linear4bit(nn.Module):
             f"compute_dtype={self.compute_dtype}"
         )
 
-    # ---- devices: move bytes, never re-quantize ------------------------------------------------
+    # ---- devices: a dense weight quantizes on its first real move, packed bytes only move ------
     def _apply(self, fn, recurse=True):
-        """Move/cast like nn.Module, except that the packed weight only ever changes device: dtype
-        casts such as `model.half()` must not reinterpret a float `quant_storage` view of the codes."""
-        weight = self._parameters.pop("weight")
+        """Move/cast like nn.Module for the bias and children. A dense weight goes through
+        Params4bit.to (a real device quantizes it there). Packed bytes only ever change device:
+        dtype casts such as `model.half()` must not reinterpret a float `quant_storage` view."""
+        weight = self._parameters.pop("weight", None)
         try:
             super()._apply(fn, recurse)
         finally:
             rest = dict(self._parameters)
             self._parameters.clear()
             self._parameters.update({"weight": weight, **rest})  # keep "weight" first, as nn.Linear
+        if isinstance(weight, Params4bit) and not weight.bnb_quantized:
+            with torch.no_grad():
+                applied = fn(weight)
+            if applied is not weight:
+                if not isinstance(applied, Params4bit):
+                    attrs = {k: getattr(weight, k) for k in ("blocksize", "compress_statistics", "quant_type", "quant_storage")}
+                    applied = self._params_class(applied.detach(), False, module=self, **attrs)
+                (self._install if applied.bnb_quantized else self._install_dense)(applied)
+            elif weight.bnb_quantized and weight.quant_state is not self.quant_state:
+                self._install(weight)
+            return self
+        if weight is None:
+            return self
+        state = weight.quant_state if isinstance(weight, Params4bit) else self.quant_state
         target = fn(torch.empty(0, dtype=torch.uint8, device=weight.device)).device
         if target != weight.device:
-            self._set_quantized(weight.data.to(target), self.quant_state.to(target))
+            self._set_quantized(weight.data.to(target), state.to(target))
         return self
 
     # ---- checkpoints in bitsandbytes' keys -----------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """weight, bias, then weight.absmax / quant_map / nested_* / quant_state.bitsandbytes__<type>."""
-        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        """weight, bias, then weight.absmax / quant_map / nested_* / quant_state.bitsandbytes__<type>
+        (a still-dense weight is saved dense, as nn.Linear saves it)."""
+        weight = self.weight
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        if isinstance(weight, Params4bit):
+            if not weight.bnb_quantized:
+                return
+            if weight.quant_state is not self.quant_state:
+                self._install(weight)
         items = self.quant_state.to_dict(prefix=prefix + "weight.")
         # the code table is shared by all layers (see _shared); safetensors refuses tensors that
         # share memory, so each checkpoint entry gets its own 64-byte copy
@@ -257,12 +341,16 @@ class Linear4bit(nn.Module):
                 missing_keys.append(bkey)
             elif tuple(state_dict[bkey].shape) != (self.out_features,):
                 error_msgs.append(f"{bkey}: expected shape ({self.out_features},), got {tuple(state_dict[bkey].shape)}")
+            elif self.bias.is_meta:  # built on "meta": take the checkpoint's tensor (a copy)
+                self.bias = nn.Parameter(state_dict[bkey].detach().clone(), requires_grad=self.bias.requires_grad)
             else:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bkey])
 
     def _load_weight(self, weight: torch.Tensor, state_items: dict, wkey: str) -> None:
         device = self.weight.device
+        if device.type == "meta":  # built on "meta": the weight lands where the checkpoint is
+            device = weight.device
         if state_items:
             if not any(_BLOB in k for k in state_items):
                 raise KeyError(f"has {sorted(state_items)} but no '{wkey}.{_BLOB}<nf4|fp4>' blob")

@@ -170,7 +170,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
 
     Packed 4-bit weights are counted as the weights they stand for (N*K), not as stored bytes.
     """
-    logical = {id(m.weight): m.quant_state.numel for m in model.modules() if isinstance(m, Linear4bit)}
+    logical = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, Linear4bit)}
     trainable = total = 0
     for p in model.parameters():
         n = logical.get(id(p), p.numel())

@@ -63,6 +63,15 @@ class QuantState:
     def device(self) -> torch.device:
         return self.absmax.device
 
+    def __getattr__(self, name: str):
+        """`state.bitsandbytes__nf4`: the serialized blob, so the checkpoint key
+        "weight.quant_state.bitsandbytes__nf4" resolves attribute by attribute (FSDP's state-dict
+        traversal does getattr along the dotted key)."""
+        quant_type = self.__dict__.get("quant_type")
+        if quant_type is not None and name == "bitsandbytes__" + quant_type:
+            return self.to_dict()[_BLOB_KEY + quant_type]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
     def dequantized_absmax(self) -> torch.Tensor:
         """The float32 per-block scales: stored directly, or rebuilt from the nested 8-bit codes as
         fl32(code8[q] * absmax2[i // 256]) + offset (two float32 roundings, as bitsandbytes)."""

@@ -1,0 +1,108 @@
+"""Run bitsandbytes' own test files against fourbit, the way a reviewer checks a compatibility claim.
+
+    python tests/bnb_shim/run_bnb_tests.py --repo PATH_TO_BITSANDBYTES_GIT [--ref 0.50.1]
+        [--against fourbit|bitsandbytes] [--file tests/test_linear4bit.py] [--with-compile] [-k EXPR]
+
+`--repo` is a local clone (or bare mirror) of github.com/bitsandbytes-foundation/bitsandbytes; this
+script fetches nothing. The test directory at `--ref` is exported with `git archive` into a
+temporary directory and run with pytest, unchanged. With `--against fourbit` (the default) the
+package in tests/bnb_shim/bitsandbytes/ comes first on sys.path, so `import bitsandbytes` gives
+fourbit's compatible names; with `--against bitsandbytes` the installed bitsandbytes runs the same
+selection, for the baseline.
+
+By default `test_linear4bit_torch_compile` (128 cases, each an inductor compile of a 4-layer net,
+over an hour on a 2-core CPU) is deselected; `--with-compile` keeps it.
+
+Prints pass/fail/skip counts and, per failing test function, the count and first error line.
+bitsandbytes' test code is never copied into this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+SHIM = pathlib.Path(__file__).resolve().parent
+ROOT = SHIM.parents[1]
+
+
+def export_tests(repo: str, ref: str, dest: pathlib.Path) -> None:
+    """`git archive REF tests` from the clone (worktree or bare) into dest."""
+    git_dir = pathlib.Path(repo)
+    if (git_dir / ".git").exists():
+        git_dir = git_dir / ".git"
+    archive = subprocess.run(["git", f"--git-dir={git_dir}", "archive", ref, "tests"], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"git archive {ref} tests failed in {repo}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+
+
+def summarize(junit: pathlib.Path) -> int:
+    cases = ET.parse(junit).getroot().iter("testcase")
+    counts: collections.Counter = collections.Counter()
+    failures: dict[str, list[str]] = collections.defaultdict(list)
+    for case in cases:
+        bad = case.find("failure")
+        if bad is None:
+            bad = case.find("error")
+        if bad is not None:
+            counts["failed"] += 1
+            func = case.get("name", "").split("[")[0]
+            first = (bad.get("message") or bad.text or "").strip().splitlines()
+            failures[func].append(first[0][:160] if first else "")
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    total = sum(counts.values())
+    print(f"\n{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, of {total}")
+    for func, messages in sorted(failures.items()):
+        print(f"  {func}: {len(messages)} failed")
+        for message, n in collections.Counter(messages).most_common(3):
+            print(f"      {n} x {message}")
+    return 0 if counts["failed"] == 0 else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", required=True, help="local bitsandbytes clone or bare mirror")
+    parser.add_argument("--ref", default="0.50.1", help="tag or commit (default 0.50.1, same sources as 0.50.2)")
+    parser.add_argument("--against", choices=("fourbit", "bitsandbytes"), default="fourbit")
+    parser.add_argument("--file", default="tests/test_linear4bit.py")
+    parser.add_argument("--with-compile", action="store_true", help="keep test_linear4bit_torch_compile")
+    parser.add_argument("-k", default=None, help="extra pytest -k expression")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp)
+        export_tests(args.repo, args.ref, work)
+        env = dict(os.environ)
+        paths = [str(ROOT)] + ([str(SHIM)] if args.against == "fourbit" else [])
+        env["PYTHONPATH"] = os.pathsep.join(paths[::-1] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
+        selection = [] if args.with_compile else ["not test_linear4bit_torch_compile or activation_checkpointing"]
+        if args.k:
+            selection.append(args.k)
+        cmd = [sys.executable, "-m", "pytest", args.file, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               "-o", "log_cli=false", f"--junitxml={work / 'junit.xml'}", "--rootdir", str(work)]
+        if selection:
+            cmd += ["-k", " and ".join(f"({s})" for s in selection)]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=work, env=env, check=False)
+        return summarize(work / "junit.xml")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
