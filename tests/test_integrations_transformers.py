@@ -192,9 +192,9 @@ def train_three_steps(path, config, out):
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    rows = torch.randint(0, 96, (12, 16), generator=torch.Generator().manual_seed(3))
+    rows = torch.randint(0, 96, (6, 12), generator=torch.Generator().manual_seed(3))
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+        output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
         report_to=[], save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="constant", disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
@@ -253,3 +253,93 @@ def test_sft_trainer_trains_and_saves_the_adapter(tiny, tmp_path):
         p.data = p.data.float() if p.dtype == torch.bfloat16 else p.data
     x = torch.tensor(rows[:2])
     assert torch.equal(again(x).logits, trainer.model(x).logits)
+
+
+# ---- fourbit's own loader and CLI on a 4-bit directory ------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    from test_train import tiny_llama_dir as tokenized_tiny_llama_dir
+
+    return tokenized_tiny_llama_dir(str(tmp_path_factory.mktemp("tiny-tok")))
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_with_tokenizer, tmp_path_factory):
+    from fourbit.cli import main
+
+    out = tmp_path_factory.mktemp("q4") / "q4"
+    assert main(["quantize", tiny_with_tokenizer, str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Twelve prompt/response records (tokenizing the whole date task would take longer than training)."""
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 1}.", "response": str(2 * i + 1)}) + "\n" for i in range(12)))
+    return str(path)
+
+
+def first_step(model_path, data, out):
+    """fourbit's training loop, first step: (model, LoRA gradients captured before the optimizer, loss)."""
+    from fourbit.train import TrainConfig, Trainer
+
+    config = TrainConfig(model=model_path, data=data, output_dir=str(out), steps=1, batch_size=2, eval_examples=1, max_length=64, lr=1e-2)
+    trainer = Trainer(config, progress=False)
+    grads, step = {}, trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        grads.update({i: p.grad.clone() for i, p in enumerate(trainer.params)})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    loss = trainer.train_step()["loss"]
+    return trainer.model, grads, loss
+
+
+def test_finetune_on_a_quantize_output_trains_like_the_dense_model(tiny_with_tokenizer, quantized_dir, records, tmp_path):
+    from fourbit.cli import main
+
+    model, grads, loss = first_step(quantized_dir, records, tmp_path / "q4-run")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    _, dense_grads, dense_loss = first_step(tiny_with_tokenizer, records, tmp_path / "dense-run")
+    assert loss == dense_loss and grads.keys() == dense_grads.keys()
+    assert all(torch.equal(grads[k], dense_grads[k]) for k in grads)
+
+    argv = ["finetune", "--model", quantized_dir, "--data", records, "--output-dir", str(tmp_path / "cli"), "--steps", "1",
+            "--batch-size", "2", "--eval-examples", "1", "--max-length", "64", "--quiet"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == [dense_loss]
+
+
+@pytest.mark.slow
+def test_load_quantized_never_imports_bitsandbytes(quantized_dir):
+    """With bitsandbytes hidden from the import system, a 4-bit directory still loads into fourbit's
+    layers, and a transformers Trainer step with PEFT runs (transformers' own parameter count would
+    import bitsandbytes for a 4-bit model)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.machinery as m, sys
+find = m.PathFinder.find_spec
+m.PathFinder.find_spec = staticmethod(lambda name, path=None, target=None:
+    None if name.split(".")[0] == "bitsandbytes" else find(name, path, target))
+import torch, transformers, peft
+from fourbit.lora import Linear4bit
+from fourbit.train.models import load_quantized
+model, tok, _ = load_quantized({quantized_dir!r})
+assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14
+model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+rows = torch.randint(0, 1000, (2, 8))
+args = transformers.TrainingArguments(output_dir={str(quantized_dir) + "-trainer"!r}, max_steps=1, report_to=[],
+    save_strategy="no", use_cpu=True, disable_tqdm=True, per_device_train_batch_size=2)
+transformers.Trainer(model=model, args=args, train_dataset=[{{"input_ids": r, "labels": r}} for r in rows]).train()
+print("bitsandbytes" in sys.modules)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.strip().splitlines()[-1] == "False"

@@ -42,6 +42,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .. import dispatch
 from ..lora.layers import Linear4bit as _FourbitLinear4bit
+from . import transformers as _transformers  # noqa: F401  (FourbitConfig registered, num_parameters fixed)
 
 __all__ = ["Linear4bit", "dispatch_fourbit", "install"]
 

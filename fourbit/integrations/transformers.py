@@ -41,15 +41,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.quantizers import auto as _auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import dispatch
-from ..lora.layers import Linear4bit as _BaseLinear4bit
 from ..functional import QuantState
+from ..lora.layers import Linear4bit as _BaseLinear4bit
+from ..lora.params import Params4bit as _Params4bit
 from ..nf4.checks import check_blocksize, check_quant_type
 from ..nn import Linear4bit, Params4bit
 
@@ -350,12 +351,32 @@ def _merge_quantization_configs(cls, quantization_config, quantization_config_fr
     return _original_merge(cls, quantization_config, quantization_config_from_args)
 
 
+_original_num_parameters = PreTrainedModel.num_parameters
+
+
+def _num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """transformers' count, without its `import bitsandbytes` for a model with `is_loaded_in_4bit`
+    (Trainer calls this every step for its FLOP estimate): a packed fourbit weight counts as the
+    weights it holds, numel * 2 * element_size, as transformers counts bitsandbytes' ones."""
+    if not any(isinstance(p, _Params4bit) for p in self.parameters()):
+        return _original_num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    skip = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+    total = 0
+    for name, p in self.named_parameters():
+        if name in skip or (only_trainable and not p.requires_grad):
+            continue
+        packed = isinstance(p, _Params4bit) and p.bnb_quantized
+        total += p.numel() * 2 * p.element_size() if packed else p.numel()
+    return total
+
+
 def _register() -> None:
     if _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not FourbitConfig:
         _auto.register_quantization_config(QUANT_METHOD)(FourbitConfig)
     if _auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not FourbitHfQuantizer:
         _auto.register_quantizer(QUANT_METHOD)(FourbitHfQuantizer)
     _auto.AutoHfQuantizer.merge_quantization_configs = classmethod(_merge_quantization_configs)
+    PreTrainedModel.num_parameters = _num_parameters
 
 
 def use_for_bitsandbytes_config() -> None:
