@@ -1,5 +1,35 @@
-"""bitsandbytes-compatible optimizer names: `bnb.optim.PagedAdamW(...)` -> `fourbit.optim.PagedAdamW(...)`."""
+"""bitsandbytes-compatible optimizer names: `bnb.optim.PagedAdamW(...)` -> `fourbit.optim.PagedAdamW(...)`.
 
-from .train.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+Adam* are bitsandbytes' Adam: AdamW with weight_decay=0 by default and *decoupled* weight decay
+(fourbit/train/optim/aliases.py); torch.optim.Adam adds weight decay to the gradient instead.
+"""
 
-__all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
+from .train.optim import (
+    Adam,
+    Adam8bit,
+    Adam32bit,
+    AdamW,
+    AdamW8bit,
+    AdamW32bit,
+    PagedAdam,
+    PagedAdam8bit,
+    PagedAdam32bit,
+    PagedAdamW,
+    PagedAdamW8bit,
+    PagedAdamW32bit,
+)
+
+__all__ = [
+    "Adam",
+    "Adam32bit",
+    "Adam8bit",
+    "AdamW",
+    "AdamW32bit",
+    "AdamW8bit",
+    "PagedAdam",
+    "PagedAdam32bit",
+    "PagedAdam8bit",
+    "PagedAdamW",
+    "PagedAdamW32bit",
+    "PagedAdamW8bit",
+]

@@ -179,6 +179,6 @@ def test_import_fourbit_as_bnb_reaches_every_compatible_name():
     assert child.returncode == 0 and child.stdout.strip() == "7", child.stderr[-2000:]
     import fourbit.optim as fopt
 
-    for name in ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"):
+    for name in fopt.__all__:  # AdamW* and Adam*, 32-bit, 8-bit and paged
         theirs, ours = _params(getattr(bnb.optim, name).__init__), _params(getattr(fopt, name).__init__)
         assert ours[: len(theirs)] == theirs, (name, ours, theirs)  # ours only adds pager knobs after them

@@ -25,8 +25,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fourbit.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
-from fourbit.train.optim import PagePool, StateLayout, adamw_update_32bit
-from fourbit.train.optim.functional import sqrt_rn
+from fourbit.nf4.adamw import adamw_update_32bit
+from fourbit.train.optim import PagePool, StateLayout
+from fourbit.train.optim.saved_state import WRAPPED
+from fourbit.nf4.adamw import sqrt_rn
 
 SHAPES = [(1,), (7,), (63,), (65,), (33, 17), (4097,), (64, 129)]
 
@@ -34,6 +36,13 @@ SHAPES = [(1,), (7,), (63,), (65,), (33, 17), (4097,), (64, 129)]
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double(), b.double()
     return ((a64 - b64).norm() / b64.norm().clamp_min(1e-30)).item()
+
+
+def flat(entry: dict) -> dict:
+    """One parameter's saved state with bitsandbytes' nested state tensors brought up a level."""
+    out = {k: v for k, v in entry.items() if k != WRAPPED}
+    out.update(entry.get(WRAPPED, {}))
+    return out
 
 
 def make_params(shapes, dtype, seed):
@@ -155,7 +164,7 @@ def test_defaults_zero_grad_and_min_8bit_size():
     opt.zero_grad(set_to_none=True)
     assert small.grad is None and big.grad is None
     state = opt.state_dict()["state"]
-    assert state[0]["state1"].dtype == torch.float32 and state[1]["state1"].dtype == torch.uint8
+    assert flat(state[0])["state1"].dtype == torch.float32 and flat(state[1])["state1"].dtype == torch.uint8
 
 
 # -- the pager alone ----------------------------------------------------------------------------
@@ -291,8 +300,10 @@ def test_paged_equals_unpaged_for_any_layout(shapes, eight_bit, page_bytes, budg
     got, want = opt.state_dict(), plain_opt.state_dict()
     assert got["param_groups"] == want["param_groups"] and got["state"].keys() == want["state"].keys()
     for i, entry in want["state"].items():
-        for key, value in entry.items():
-            assert torch.equal(got["state"][i][key], value) if torch.is_tensor(value) else got["state"][i][key] == value
+        assert got["state"][i].keys() == entry.keys()
+        for key, value in flat(entry).items():
+            mine = flat(got["state"][i])[key]
+            assert torch.equal(mine, value) if torch.is_tensor(value) else mine == value
 
 
 def test_lr_scheduler_drives_the_paged_optimizer():
@@ -348,9 +359,10 @@ def test_resume_is_bit_identical(cls):
         assert torch.equal(a, b)
     saved, want = opt2.state_dict()["state"], opt.state_dict()["state"]
     for i in want:
-        assert saved[i].keys() == want[i].keys()
-        for key, value in want[i].items():
-            assert torch.equal(saved[i][key], value) if torch.is_tensor(value) else saved[i][key] == value
+        assert saved[i].keys() == want[i].keys() and flat(saved[i]).keys() == flat(want[i]).keys()
+        for key, value in flat(want[i]).items():
+            got = flat(saved[i])[key]
+            assert torch.equal(got, value) if torch.is_tensor(value) else got == value
 
 
 def test_paged_and_unpaged_state_dicts_are_interchangeable():
@@ -358,9 +370,84 @@ def test_paged_and_unpaged_state_dicts_are_interchangeable():
     paged = PagedAdamW8bit([torch.nn.Parameter(p.detach().clone()) for p in params], page_bytes=4096,
                            device_budget_bytes=4096)  # fmt: skip
     paged.load_state_dict(opt.state_dict())
-    for key, value in opt.state_dict()["state"][0].items():
-        got = paged.state_dict()["state"][0][key]
+    for key, value in flat(opt.state_dict()["state"][0]).items():
+        got = flat(paged.state_dict()["state"][0])[key]
         assert torch.equal(got, value) if torch.is_tensor(value) else got == value
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize("name", ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "Adam8bit"])
+def test_state_dicts_move_between_fourbit_and_bitsandbytes(name):
+    """Three steps in one library, its state_dict loaded into the other's optimizer: the states arrive
+    as they were (bitsandbytes' layout, tensors shaped like the parameter), and three more steps
+    there land where the first library's own next three steps land (32-bit: within 1e-6; 8-bit:
+    bitsandbytes' CPU quantizer rounds a few codes differently, test_optim8bit.py, so within 1e-3)."""
+    import bitsandbytes as bnb
+
+    import fourbit.optim as fopt
+
+    shapes = [(64, 129), (33, 17)]  # 8-bit optimizers keep the small one in float32 (min_8bit_size)
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]
+    tol = 1e-3 if "8bit" in name else 1e-6
+
+    def steps(params, opt, which):
+        for grad_set in grads[which]:
+            for p, grad in zip(params, grad_set):
+                p.grad = grad.clone()
+            opt.step()
+
+    for first, second in ((getattr(fopt, name), getattr(bnb.optim, name)), (getattr(bnb.optim, name), getattr(fopt, name))):
+        params = make_params(shapes, torch.float32, 5)
+        opt = first(params, lr=1e-2)
+        steps(params, opt, slice(0, 3))
+        saved = copy_of(opt.state_dict())
+        moved = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        other = second(moved, lr=1e-2)
+        other.load_state_dict(saved)
+        for i, p in enumerate(moved):  # the states arrived unchanged
+            mine = flat(saved["state"][i])
+            got = other.state[p] if second.__module__.startswith("bitsandbytes") else flat(other.state_dict()["state"][i])
+            assert int(got["step"]) == 3
+            for key in ("state1", "state2", "absmax1", "absmax2"):
+                if key in mine:
+                    assert got[key].shape == mine[key].shape and torch.equal(got[key], mine[key]), (key, first, second)
+        steps(params, opt, slice(3, 6))
+        steps(moved, other, slice(3, 6))
+        for a, b in zip(moved, params):
+            assert rel(a.detach(), b.detach()) < tol, (first, second)
+
+
+def copy_of(state_dict: dict) -> dict:
+    """What a checkpoint file gives back: torch.save then torch.load."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.bnb
+def test_adam_aliases_are_bitsandbytes_adam_with_decoupled_weight_decay():
+    """bitsandbytes' Adam applies weight decay decoupled, like AdamW (not torch.optim.Adam's L2 on
+    the gradient): fourbit's Adam follows it, and differs from torch's Adam when weight_decay > 0."""
+    import bitsandbytes as bnb
+
+    import fourbit.optim as fopt
+
+    hyper = dict(lr=1e-2, weight_decay=0.1)
+    ours, _ = run(lambda ps: fopt.Adam(ps, **hyper), [(64, 129)], torch.float32, 4, 20)
+    theirs, _ = run(lambda ps: bnb.optim.Adam(ps, **hyper), [(64, 129)], torch.float32, 4, 20)
+    decoupled, _ = run(lambda ps: torch.optim.AdamW(ps, **hyper), [(64, 129)], torch.float32, 4, 20)
+    coupled, _ = run(lambda ps: torch.optim.Adam(ps, **hyper), [(64, 129)], torch.float32, 4, 20)
+    assert rel(ours[0].detach(), theirs[0].detach()) < 1e-6 and rel(ours[0].detach(), decoupled[0].detach()) < 1e-6
+    assert rel(ours[0].detach(), coupled[0].detach()) > 1e-3
+    p = [torch.nn.Parameter(torch.zeros(5000))]
+    for n in ("Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit", "AdamW32bit", "PagedAdamW32bit"):
+        opt, ref = getattr(fopt, n)(p), getattr(bnb.optim, n)(p)
+        bits = 8 if "8bit" in n else 32
+        assert (opt.optim_bits, opt.paged) == (bits, n.startswith("Paged")), n
+        assert opt.defaults["weight_decay"] == ref.defaults["weight_decay"], n
+    with pytest.raises(ValueError, match="leave optim_bits at 32"):
+        fopt.Adam32bit(p, optim_bits=8)
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -378,14 +465,14 @@ def test_nonfinite_gradient_skips_that_tensor(cls):
     bad.grad, good.grad = torch.randn(5000), torch.randn(300)
     opt.step()
     before_bad, before_good = bad.detach().clone(), good.detach().clone()
-    state_before = opt.state_dict()["state"][0]
+    state_before = flat(opt.state_dict()["state"][0])
     bad.grad[17] = float("nan")
     bad.grad[4000] = float("inf")
     good.grad = torch.randn(300)
     with pytest.warns(RuntimeWarning, match="NaN or inf"):
         opt.step()
     assert torch.equal(bad, before_bad) and not torch.equal(good, before_good)
-    state_after = opt.state_dict()["state"][0]
+    state_after = flat(opt.state_dict()["state"][0])
     assert state_after["step"] == 1 and state_after["nonfinite_skips"] == 1 and opt.nonfinite_skips == 1
     assert torch.equal(state_after["state1"], state_before["state1"])
     assert opt.state_dict()["state"][1]["step"] == 2
@@ -403,7 +490,7 @@ def test_foreign_or_mismatched_state_dicts_are_rejected():
         AdamW([p]).load_state_dict(eight.state_dict())
     torch_opt = torch.optim.AdamW([p])
     torch_opt.step()
-    with pytest.raises(ValueError, match="not a fourbit AdamW state dict"):
+    with pytest.raises(ValueError, match="not a fourbit AdamW state dict .nor a bitsandbytes one.: parameter 0 holds"):
         AdamW([p]).load_state_dict(torch_opt.state_dict())
     other = torch.nn.Parameter(torch.randn(64, 130))
     with pytest.raises(ValueError, match="64, 130"):

@@ -51,7 +51,7 @@ from torch import nn
 from .. import dispatch
 from ..nf4.checks import check_blocksize, check_quant_type
 from ..nf4.state import QuantState
-from .functional import matmul_4bit
+from .autograd import matmul_4bit
 from .params import Params4bit
 
 __all__ = ["Linear4bit", "Params4bit"]
@@ -206,6 +206,19 @@ class Linear4bit(nn.Linear):
         self.quant_type, self.blocksize = param.quant_type, param.blocksize
         self.double_quant, self.quant_storage = bool(param.compress_statistics), param.quant_storage
 
+    @property
+    def quant_state(self) -> QuantState | None:
+        """The weight's QuantState (None while it is dense). When other code has swapped the weight
+        for a plain Parameter over the same bytes (FSDP2 does), the state installed with them."""
+        weight = self._parameters.get("weight")
+        if isinstance(weight, Params4bit):
+            return weight.quant_state
+        return self.__dict__.get("_quant_state")
+
+    @quant_state.setter
+    def quant_state(self, state: QuantState | None) -> None:
+        self.__dict__["_quant_state"] = state
+
     def _weight_quantized(self, param: Params4bit) -> None:
         """Called by a Params4bit that quantized itself in place (params.py)."""
         if self._parameters.get("weight") is param:
@@ -231,7 +244,7 @@ class Linear4bit(nn.Linear):
             if not weight.bnb_quantized:
                 weight._quantize(weight.device)
                 weight = self.weight
-            if weight.quant_state is not self.quant_state:
+            if weight.quant_state is not self.__dict__.get("_quant_state"):
                 self._install(weight)
                 weight = self.weight
         elif self.quant_state is None:
@@ -288,7 +301,7 @@ class Linear4bit(nn.Linear):
                     attrs = {k: getattr(weight, k) for k in ("blocksize", "compress_statistics", "quant_type", "quant_storage")}
                     applied = self._params_class(applied.detach(), False, module=self, **attrs)
                 (self._install if applied.bnb_quantized else self._install_dense)(applied)
-            elif weight.bnb_quantized and weight.quant_state is not self.quant_state:
+            elif weight.bnb_quantized and weight.quant_state is not self.__dict__.get("_quant_state"):
                 self._install(weight)
             return self
         if weight is None:
@@ -310,7 +323,7 @@ class Linear4bit(nn.Linear):
         if isinstance(weight, Params4bit):
             if not weight.bnb_quantized:
                 return
-            if weight.quant_state is not self.quant_state:
+            if weight.quant_state is not self.__dict__.get("_quant_state"):
                 self._install(weight)
         items = self.quant_state.to_dict(prefix=prefix + "weight.")
         # the code table is shared by all layers (see _shared); safetensors refuses tensors that

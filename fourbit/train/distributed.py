@@ -462,7 +462,7 @@ def _ordered_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """`optimizer.state_dict()` with full tensors on the CPU, keyed by parameter name (collective).
 
-        {"state": {name: {key: tensor|number}}, "param_groups": [{hyper-parameters, "params": [names]}],
+        {"state": {name: {key: tensor|number|nested dict}}, "param_groups": [{hyper-parameters, "params": [names]}],
          ...any other top-level entries of the optimizer's own state_dict (format tags)}
 
     Names are those of the unwrapped model, so the dict loads into DDP, FSDP or a single process
@@ -477,10 +477,13 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     order = [names[id(p)] for p in _ordered_params(optimizer)]
     sharded = {names[id(p)] for p in _ordered_params(optimizer) if isinstance(p, DTensor)}
     saved = optimizer.state_dict()
-    state = {}
-    for index, entries in saved["state"].items():
-        name, full = order[index], {}
+
+    def gathered(name: str, entries: dict) -> dict:
+        full = {}
         for key, value in entries.items():
+            if isinstance(value, dict):  # bitsandbytes' layout nests the state tensors one level down
+                full[key] = gathered(name, value)
+                continue
             if isinstance(value, DTensor):
                 value = value.full_tensor()
             elif name in sharded and isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -490,7 +493,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
                     "(torch.optim.AdamW's states can)"
                 )
             full[key] = value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
-        state[name] = full
+        return full
+
+    state = {order[index]: gathered(order[index], entries) for index, entries in saved["state"].items()}
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
     rest = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
     return {**rest, "state": state, "param_groups": groups}
@@ -512,15 +517,18 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ful
     if mine != theirs:
         raise ValueError(f"optimizer state is for parameter groups {theirs}, this optimizer has {mine}")
     index = {names[id(p)]: i for i, p in enumerate(params)}
-    state = {}
-    for name, entries in full["state"].items():
-        p = params[index[name]]
-        local = {}
+
+    def local(p: torch.Tensor, entries: dict) -> dict:
+        out = {}
         for key, value in entries.items():
-            if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
+            if isinstance(value, dict):  # bitsandbytes' nested layout
+                value = local(p, value)
+            elif isinstance(p, DTensor) and isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
                 value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-            local[key] = value
-        state[index[name]] = local
+            out[key] = value
+        return out
+
+    state = {index[name]: local(params[index[name]], entries) for name, entries in full["state"].items()}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
     rest = {k: v for k, v in full.items() if k not in ("state", "param_groups")}
     optimizer.load_state_dict({**rest, "state": state, "param_groups": groups})

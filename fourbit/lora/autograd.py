@@ -15,13 +15,12 @@ breaks and `torch.library.opcheck` can test the registration. A QuantState is no
 schema can hold, so it crosses the op boundary as its tensors plus (shape, blocksize, quant_type,
 dtype) and is rebuilt inside.
 
-Both ops route through `fourbit.dispatch` (FOURBIT_BACKEND): the fused Triton kernels
-(`fourbit.kernels.matmul`) for CUDA tensors, the chunked reference (`fourbit.nf4.matmul`) otherwise.
+Both ops call `fourbit.dispatch` and nothing else: it picks the fused Triton kernels
+(`fourbit.kernels.matmul`) or the chunked reference (`fourbit.nf4.matmul`) per FOURBIT_BACKEND.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -31,9 +30,6 @@ from ..nf4.codes import code_for
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
 
 __all__ = ["matmul_4bit"]
-
-_MODULES = {"reference": "fourbit.nf4.matmul", "triton": "fourbit.kernels.matmul"}
-
 
 _CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
@@ -87,8 +83,7 @@ def _matmul_backward_op(grad_y: torch.Tensor, packed: torch.Tensor, absmax: torc
                         offset: Optional[torch.Tensor], shape: list[int], blocksize: int, quant_type: str,
                         dtype: torch.dtype) -> torch.Tensor:
     state = _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype)
-    module = importlib.import_module(_MODULES[dispatch.backend_for(grad_y)])
-    return module.matmul_backward(grad_y, packed, state)
+    return dispatch.matmul_backward(grad_y, packed, state)
 
 
 @_matmul_backward_op.register_fake
