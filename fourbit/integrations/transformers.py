@@ -29,6 +29,11 @@ refuse a config class that differs from the stored one, so importing this module
 4-bit config. The format (quant type, double quantization, storage, skipped modules) then comes from
 the checkpoint, the compute dtype from the FourbitConfig passed in.
 
+Importing this module also replaces `PreTrainedModel.num_parameters` by a version that counts a
+fourbit weight as the weights it holds: transformers' own imports bitsandbytes for any model with
+`is_loaded_in_4bit`, and `Trainer` calls it every step (a FLOP estimate), so without this a
+`Trainer` run fails where bitsandbytes is not installed. Other models get transformers' count.
+
 `use_for_bitsandbytes_config()` points transformers' "bitsandbytes_4bit" quantizer at ours, so code
 that passes `BitsAndBytesConfig(load_in_4bit=True, ...)` (or loads a bitsandbytes 4-bit checkpoint)
 runs on fourbit; 8-bit configs stay with bitsandbytes.
