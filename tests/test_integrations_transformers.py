@@ -343,3 +343,21 @@ print("bitsandbytes" in sys.modules)
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert child.returncode == 0, child.stderr[-3000:]
     assert child.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.slow
+def test_smollm2_through_fourbitconfig():
+    """The real model (SmolLM2-135M): 210 quantized layers, the tied lm_head left dense, and a
+    sample of layers holding exactly the bytes of quantizing the checkpoint's weight directly."""
+    import safetensors
+
+    from fourbit.train.models import smollm2_dir
+
+    path = smollm2_dir()
+    model = load(path)
+    layers = quantized_layers(model)
+    assert len(layers) == 210 and model.lm_head.weight is model.model.embed_tokens.weight
+    with safetensors.safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.14.mlp.down_proj", "model.layers.29.self_attn.v_proj"):
+            packed, state = dispatch.quantize(f.get_tensor(name + ".weight").float(), blocksize=64, quant_type="nf4", double_quant=True)
+            assert torch.equal(layers[name].weight.data, packed) and torch.equal(layers[name].quant_state.absmax, state.absmax)
