@@ -150,6 +150,28 @@ def test_compat_layer_is_the_fourbit_layer():
     assert twin.quant_state.equal(layer.quant_state) and torch.equal(twin(x), y)
 
 
+@pytest.mark.parametrize("ns", [bnb, FOURBIT], ids=["bitsandbytes", "fourbit"])
+def test_bitsandbytes_life_cycle_and_bias_handling(ns):
+    """The same user code on both: construction quantizes nothing, `.to()` quantizes the dense weight
+    in place, the first float32 input fixes compute_dtype, and the forward converts the bias
+    Parameter in place to it."""
+    torch.manual_seed(0)
+    layer = ns.nn.Linear4bit(128, 64, bias=True, quant_type="nf4", compress_statistics=False)
+    assert isinstance(layer, nn.Linear) and layer.weight.dtype == torch.float32 and not layer.weight.bnb_quantized
+    w = torch.randn(64, 128)
+    layer.weight.detach().copy_(w)
+    layer.bias = nn.Parameter(torch.randn(64).half())
+    param = layer.weight
+    layer = layer.to("cpu")
+    assert layer.weight is param and param.bnb_quantized and param.dtype == torch.uint8
+    assert torch.equal(param.data, FF.quantize_4bit(w, quant_type="nf4")[0])
+    layer.support_avx512bf16_for_cpu = False
+    layer.train()(torch.randn(2, 128))
+    assert layer.compute_dtype == torch.float32 and layer.bias.dtype == torch.float32
+    meta = ns.nn.Linear4bit(128, 64, quant_type="nf4", device="meta")
+    assert meta.weight.is_meta and not meta.weight.bnb_quantized
+
+
 def test_dequantize_4bit_without_quant_state_and_out_buffers():
     w = torch.randn(8, 64)
     absmax = torch.empty(8)

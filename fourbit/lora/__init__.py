@@ -14,12 +14,14 @@ from .adapters import load_adapter, save_adapter
 from .autograd import matmul_4bit
 from .layers import Linear4bit
 from .lora_linear import LoRALinear
+from .params import Params4bit
 from .surgery import ParameterCount, adapters_disabled, add_lora, lora_layers, quantize_model, trainable_parameters
 
 __all__ = [
     "Linear4bit",
     "LoRALinear",
     "ParameterCount",
+    "Params4bit",
     "adapters_disabled",
     "add_lora",
     "load_adapter",

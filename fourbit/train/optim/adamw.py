@@ -23,10 +23,11 @@ Choices where bitsandbytes gives none or differs:
   bitsandbytes' 32-bit step lets the NaN into the states; its CUDA 8-bit step zeroes the states of
   the non-finite elements. Skipping keeps a single bad batch from erasing what the states learnt.
 * Sparse gradients raise (AdamW's states are dense).
-* `state_dict()` (saved_state.py) stores bitsandbytes' key names (step, state1, state2, absmax1, absmax2, qmap1,
-  qmap2) plus a "fourbit" entry naming the state format; `load_state_dict` refuses a dict from
-  another optimizer, with other state bits, or with other shapes. Paged and unpaged dicts are
-  interchangeable.
+* `state_dict()` (saved_state.py) has bitsandbytes 0.50's layout (its key names, tensors shaped like
+  the parameter under "__bnb_optimizer_quant_state__") plus a "fourbit" entry naming the state
+  format, so checkpoints move both ways between fourbit's and bitsandbytes' optimizers;
+  `load_state_dict` refuses a dict from another optimizer (torch's), with other state bits, or
+  with other shapes. Paged and unpaged dicts are interchangeable.
 """
 
 from __future__ import annotations
