@@ -180,6 +180,8 @@ def test_bad_configs_are_clear_errors():
         FourbitConfig(compute_dtype="int8")
     with pytest.raises(ValueError, match="blocksize"):
         FourbitConfig(blocksize=48)
+    with pytest.raises(ValueError, match="unknown arguments"):
+        FourbitConfig(quant_typ="nf4")
     with pytest.raises(ValueError, match="4-bit bitsandbytes configs only"):
         FourbitConfig.from_bitsandbytes(BitsAndBytesConfig(load_in_8bit=True))
 

@@ -47,18 +47,9 @@ from . import transformers as _transformers  # noqa: F401  (FourbitConfig regist
 __all__ = ["Linear4bit", "dispatch_fourbit", "install"]
 
 
-def _quant_state(layer):
-    return getattr(layer.weight, "quant_state", None) or layer.quant_state
-
-
-def _dequantize(layer) -> torch.Tensor:
-    """The base layer's dense (N, K) weight in float32."""
-    return dispatch.dequantize(layer.weight.detach(), _quant_state(layer), dtype=torch.float32)
-
-
 def _requantize(layer, dense: torch.Tensor) -> None:
-    """Quantize `dense` (N, K) with the layer's settings, in the dtype the layer was quantized from."""
-    state = _quant_state(layer)
+    """Quantize `dense` (N, K) into `layer` with its settings, from the dtype it was quantized from."""
+    state = layer.quant_state
     packed, new_state = dispatch.quantize(
         dense.to(state.dtype),
         blocksize=state.blocksize,
@@ -108,10 +99,10 @@ class Linear4bit(_PeftLinear):
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lora_A:
                 continue
-            merged = _dequantize(base) + self.get_delta_weight(name).float()
+            merged = base.dequantize(torch.float32) + self.get_delta_weight(name).float()  # (N, K)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self._stashed.append((base.weight.data, _quant_state(base)))
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; nothing was merged")
+            self._stashed.append((base.weight.data, base.quant_state))
             _requantize(base, merged)
             if self.lora_bias[name]:
                 base.bias.data += self.lora_B[name].bias * self.scaling[name]
@@ -120,7 +111,7 @@ class Linear4bit(_PeftLinear):
     def unmerge(self) -> None:
         """Put back the bytes and state saved by each merge, newest first (exact, no re-quantizing)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("no adapter is merged into this layer; unmerge() changed nothing")
             return
         base = self.get_base_layer()
         while self.merged_adapters:

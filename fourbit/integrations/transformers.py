@@ -115,6 +115,9 @@ class FourbitConfig(QuantizationConfigMixin):
         skip_modules: list[str] | None = None,
         **kwargs,
     ):
+        unknown = sorted(set(kwargs) - {"quant_method"})
+        if unknown:
+            raise ValueError(f"FourbitConfig got unknown arguments {unknown}; see help(FourbitConfig)")
         self.quant_method = QUANT_METHOD
         check_quant_type(quant_type)
         check_blocksize(blocksize)
@@ -279,9 +282,10 @@ class FourbitHfQuantizer(HfQuantizer):
             raise ValueError("fourbit keeps 4-bit layers on a device; a device_map with 'disk' entries is not supported")
 
     def update_device_map(self, device_map):
-        """As bitsandbytes: without a device_map the model loads onto the current GPU, else the CPU."""
-        if device_map is None:
-            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        """As bitsandbytes: without a device_map the model loads (and quantizes) on the current GPU
+        if there is one; on a CPU-only machine it stays None, which loads on the CPU."""
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
         return device_map
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -322,9 +326,9 @@ class FourbitHfQuantizer(HfQuantizer):
         """`model.dequantize()`: each Linear4bit back to an nn.Linear with the dequantized weight."""
         for name, module in list(model.named_modules()):
             if isinstance(module, _BaseLinear4bit):
-                weight = dispatch.dequantize(module.weight.detach(), module.weight.quant_state, dtype=dtype)
+                weight = module.dequantize(dtype)
                 dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-                dense.weight = nn.Parameter(weight, requires_grad=False)
+                dense.weight = nn.Parameter(weight)
                 if module.bias is not None:
                     dense.bias = module.bias
                 model.set_submodule(name, dense)
