@@ -8,13 +8,18 @@ Subpackages: `fourbit.nf4` (format + pure-PyTorch reference), `fourbit.kernels` 
 from .nf4 import QuantState, dequantize, quantize
 
 __version__ = "0.1.0"
-__all__ = ["QuantState", "dequantize", "matmul_4bit", "quantize", "__version__"]
+__all__ = ["FourbitConfig", "QuantState", "dequantize", "matmul_4bit", "quantize", "__version__"]
 
 
 def __getattr__(name):
-    """bitsandbytes' top-level names, imported on first use: `fourbit.matmul_4bit` and the
-    submodules `fourbit.functional`, `fourbit.nn`, `fourbit.optim` (so `import fourbit as bnb`
-    followed by `bnb.optim.PagedAdamW(...)` works without importing them one by one)."""
+    """Names imported on first use: `fourbit.FourbitConfig` (imports transformers), and
+    bitsandbytes' top-level names `fourbit.matmul_4bit` and the submodules `fourbit.functional`,
+    `fourbit.nn`, `fourbit.optim` (so `import fourbit as bnb` followed by
+    `bnb.optim.PagedAdamW(...)` works without importing them one by one)."""
+    if name == "FourbitConfig":  # imports transformers, and registers the config with it
+        from .integrations.transformers import FourbitConfig
+
+        return FourbitConfig
     if name == "matmul_4bit":
         from .functional import matmul_4bit
 

@@ -67,7 +67,9 @@ def quantize_model(
     Layer by layer: each dense weight is quantized, the module swapped, and the dense layer dropped
     before the next one, so peak memory stays about one dense layer above the quantized model
     (provided the caller holds no other reference to the dense layers). A module registered under
-    two names is quantized once and both names point at the same Linear4bit. Returns `model`.
+    two names is quantized once and both names point at the same Linear4bit. Sets
+    `model.is_loaded_in_4bit = True` (as transformers does for a 4-bit load) when anything was
+    quantized. Returns `model`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model needs an nn.Module, got {type(model).__name__}")
@@ -91,6 +93,8 @@ def quantize_model(
             )
         _replace(model, name, done[id(dense)])
         del dense
+    if done:
+        model.is_loaded_in_4bit = True  # the flag PEFT's prepare_model_for_kbit_training and TRL read
     return model
 
 

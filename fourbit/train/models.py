@@ -6,7 +6,10 @@ Three sources:
                          takes ~15 s, so the first load writes a plain transformers copy (safetensors,
                          ~540 MB) to a user cache directory keyed by the package version, and later
                          loads read that in well under a second.
-    a directory          a transformers checkpoint (config.json + safetensors).
+    a directory          a transformers checkpoint (config.json + safetensors), dense or 4-bit: a
+                         4-bit one (what `fourbit quantize` or transformers + bitsandbytes write) loads
+                         into fourbit's Linear4bit through FourbitConfig, its bytes unchanged, and
+                         bitsandbytes is never imported.
     a file "*.gguf"      any GGUF file transformers can read (dequantized on load).
 
 Memory: transformers materializes the dense model once (fp32 on CPU); `quantize_model` then swaps
@@ -24,7 +27,7 @@ import tempfile
 
 import torch
 
-__all__ = ["EMBEDDED", "cache_dir", "smollm2_dir", "load_dense", "load_quantized", "export_4bit"]
+__all__ = ["EMBEDDED", "cache_dir", "export_4bit", "load_dense", "load_quantized", "smollm2_dir", "stored_quantization"]
 
 EMBEDDED = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,18 +114,29 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
     return model, tokenizer, os.path.abspath(spec)
 
 
-def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=("lm_head",)):
-    """(model, tokenizer, source) with every nn.Linear but `skip` replaced by an NF4 Linear4bit
-    (double quantization, blocksize 64: the QLoRA recipe)."""
-    from ..lora import Linear4bit, quantize_model
+def stored_quantization(spec: str) -> dict | None:
+    """The `quantization_config` in a transformers directory's config.json, or None (also for
+    "smollm2", GGUF files and anything that is not such a directory)."""
+    path = os.path.join(spec, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return config.get("quantization_config") if isinstance(config, dict) else None
 
-    model, tokenizer, source = load_dense(spec)
-    quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
-    # transformers may hand out tensors that are views of the memory-mapped safetensors file; while
-    # one of them (the embedding, a norm) lives, the whole mapping stays, and every page of it touched
-    # while quantizing counts in the process's RSS. Copying the remaining dense tensors into ordinary
-    # memory lets the mapping go. Measured for SmolLM2-135M: file-backed RSS after loading 581 ->
-    # 176 MiB, peak RSS over the first training steps 2873 -> 2486 MiB.
+
+def _own_memory(model) -> None:
+    """Copy the dense tensors outside the Linear4bit layers into ordinary memory.
+
+    transformers may hand out tensors that are views of the memory-mapped safetensors file; while
+    one of them (the embedding, a norm) lives, the whole mapping stays, and every page of it touched
+    while loading counts in the process's RSS. Measured for SmolLM2-135M: file-backed RSS after
+    loading 581 -> 176 MiB, peak RSS over the first training steps 2873 -> 2486 MiB."""
+    from ..lora import Linear4bit
+
     seen: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
@@ -132,6 +146,41 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
                     tensor.data = tensor.data.clone()
+
+
+def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
+    """(model, tokenizer, source) for a 4-bit directory (`fourbit quantize` output, or one written by
+    transformers + bitsandbytes), always with fourbit's layers: through FourbitConfig, which takes the
+    format from the checkpoint and never imports bitsandbytes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..integrations.transformers import FourbitConfig
+
+    if not stored.get("load_in_4bit"):
+        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else repr(stored.get("quant_method"))
+        raise ValueError(f"{spec!r} holds a {method} checkpoint; fourbit loads dense or 4-bit (NF4/FP4) directories")
+    model = AutoModelForCausalLM.from_pretrained(
+        spec, quantization_config=FourbitConfig(compute_dtype=compute_dtype), dtype=torch.float32, device_map={"": "cpu"}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, os.path.abspath(spec)
+
+
+def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=("lm_head",)):
+    """(model, tokenizer, source) with every nn.Linear but `skip` replaced by fourbit's NF4 Linear4bit
+    (double quantization, blocksize 64: the QLoRA recipe). A directory that is already 4-bit keeps
+    its stored bytes and its own skipped modules (`skip` does not apply)."""
+    from ..lora import quantize_model
+
+    stored = stored_quantization(spec) if os.path.isdir(spec) else None
+    if stored is not None:
+        model, tokenizer, source = _load_4bit_directory(spec, stored, compute_dtype)
+    else:
+        model, tokenizer, source = load_dense(spec)
+        quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
+    _own_memory(model)
     return model, tokenizer, source
 
 
