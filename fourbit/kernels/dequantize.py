@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4.checks import ALLOWED_BLOCKSIZES, FLOAT_DTYPES
+from ..nf4.checks import ALLOWED_BLOCKSIZES, check_float_dtype
 from ..nf4.quant import check_packed
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
 from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device
@@ -96,8 +96,7 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     `fourbit.nf4.dequantize` bit for bit."""
     data = check_packed(packed, state)  # (nbytes,) uint8 view; packed and absmax on one device
     dtype = dtype or state.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype(dtype)
     nested = state.nested
     n, bs = state.numel, state.blocksize
     nb = _check_scales(state)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ...dispatch import backend_for
+from ...errors import BadFile
 from ...nf4 import dynamic_map
 from . import functional
 from .pager import DEFAULT_PAGE_BYTES, PagePool, PagerStats, StateLayout
@@ -352,6 +353,12 @@ class _AdamWBase(torch.optim.Optimizer):
             raise ValueError(
                 f"the state dict comes from an AdamW with {info['optim_bits']}-bit states; this optimizer "
                 f"({type(self).__name__}) keeps {self.optim_bits}-bit states"
+            )
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        if missing:
+            raise BadFile(
+                f"the optimizer state dict has no {' or '.join(repr(k) for k in missing)} entry (it has {sorted(state_dict)})",
+                "pass the dict optimizer.state_dict() returned, unmodified",
             )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
