@@ -29,6 +29,7 @@ __all__ = [
 
 class UserError(Exception):
     default_fix = "check the arguments (--help lists them)"
+    exit_code = 2  # the CLI's exit status
 
     def __init__(self, what: str, fix: str | None = None):
         self.what, self.fix = what, fix or self.default_fix
@@ -63,7 +64,8 @@ class Unavailable(UserError, RuntimeError):
 
 
 class Diverged(UserError, RuntimeError):
-    default_fix = "lower --lr (or --alpha), or raise --clip-norm's effect by lowering it; resume with --resume"
+    default_fix = "lower --lr or --alpha (or --clip-norm) and start again; the last good checkpoint is kept"
+    exit_code = 3
 
 
 _REASONS = {
@@ -81,5 +83,6 @@ _REASONS = {
 
 def output_error(path: str | os.PathLike, err: OSError) -> OutputError:
     """The OutputError for an OSError raised while writing `path` (what happened, in words)."""
-    what, fix = _REASONS.get(err.errno, (err.strerror or str(err), "choose another output location"))
-    return OutputError(f"cannot write {os.fspath(path)}: {what}", fix)
+    what, fix = _REASONS.get(err.errno, (None, "choose another output location"))
+    detail = err.strerror or str(err)
+    return OutputError(f"cannot write {os.fspath(path)}: {what} ({detail})" if what else f"cannot write {os.fspath(path)}: {detail}", fix)

@@ -13,17 +13,22 @@ learning rate is a pure function of the step (see `loop.lr_at`), and the RNG sta
 Atomicity: a checkpoint is written into `<run>/.checkpoint-new`, then swapped in with renames
 (old -> .checkpoint-old, new -> checkpoint, delete old). If any write fails -- a full disk, Ctrl-C --
 the previous `checkpoint/` is untouched; `load` also recovers the one window where `checkpoint` is
-briefly absent (the old copy is still at .checkpoint-old).
+briefly absent (the old copy is still at .checkpoint-old). Every file is fsync'd before the swap and
+the run directory after it, so a power loss cannot leave a torn file behind a completed rename.
+Reading a truncated or damaged file raises BadFile naming it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 
 import torch
+
+from ..errors import MissingFile, output_error
+from ..nf4.files import fsync_dir
+from .rundir import read_json, read_torch, write_json, write_torch
 
 __all__ = ["save", "load", "exists", "CHECKPOINT"]
 
@@ -55,22 +60,21 @@ def save(run_dir: str, *, model, optimizer, step: int, config: dict, metrics: li
 
     new, old, final = (os.path.join(run_dir, d) for d in (_NEW, _OLD, CHECKPOINT))
     shutil.rmtree(new, ignore_errors=True)
-    os.makedirs(new)
     try:
-        save_adapter(model, new, base_model_name_or_path=source)
-        torch.save(optimizer.state_dict(), os.path.join(new, "optimizer.pt"))
-        torch.save(_rng_state(), os.path.join(new, "rng.pt"))
-        with open(os.path.join(new, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "config": config, "metrics": metrics, "source": source}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
+        os.makedirs(new)
+        save_adapter(model, new, base_model_name_or_path=source)  # each file written like the ones below
+        write_torch(os.path.join(new, "optimizer.pt"), optimizer.state_dict())
+        write_torch(os.path.join(new, "rng.pt"), _rng_state())
+        write_json(os.path.join(new, "trainer_state.json"), {"step": step, "config": config, "metrics": metrics, "source": source})
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(new, final)
+        fsync_dir(run_dir)
+    except OSError as err:
+        raise output_error(new, err) from err
+    finally:
         shutil.rmtree(new, ignore_errors=True)
-        raise
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -83,10 +87,11 @@ def load(run_dir: str, *, model, optimizer) -> dict:
     if not os.path.isdir(path) and os.path.isdir(os.path.join(run_dir, _OLD)):
         os.replace(os.path.join(run_dir, _OLD), path)  # a swap was interrupted after moving the old copy aside
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{run_dir!r} has no checkpoint to resume from (expected {path})")
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
+        raise MissingFile(f"{run_dir!r} has no checkpoint to resume from (expected {path})", "drop --resume")
+    state = read_json(os.path.join(path, "trainer_state.json"))
+    optimizer_state = read_torch(os.path.join(path, "optimizer.pt"))  # read everything before changing anything
+    rng_state = read_torch(os.path.join(path, "rng.pt"))
     load_adapter(model, path)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
-    _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
+    optimizer.load_state_dict(optimizer_state)
+    _set_rng_state(rng_state)
     return state
