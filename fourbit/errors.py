@@ -74,9 +74,9 @@ _REASONS = {
     errno.EROFS: ("read-only file system", "write somewhere else"),
     errno.EACCES: ("permission denied", "write somewhere you may write, or fix the permissions"),
     errno.EPERM: ("permission denied", "write somewhere you may write, or fix the permissions"),
-    errno.ENOTDIR: ("a path component is a file, not a directory", "choose a path whose parents are directories"),
+    errno.ENOTDIR: ("a path component is a file, not a directory", "choose another path"),
     errno.EISDIR: ("it is a directory", "choose a file path"),
-    errno.EEXIST: ("it exists and is not a directory", "choose another path or remove it"),
+    errno.EEXIST: ("a file is in the way: a path component is a file, not a directory", "choose another path"),
     errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
 }
 

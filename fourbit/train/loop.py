@@ -23,8 +23,8 @@ Failures (README "Failure behaviour"):
     the step at once (the previous checkpoint stays).
   * Divergence: a step whose loss or gradient norm is not finite, or the GRAD_NORM_PATIENCE-th
     consecutive step with a gradient norm (before clipping) above GRAD_NORM_LIMIT, raises Diverged
-    before the optimizer applies it; nothing is written, so the last checkpoint (and adapter) stay
-    as they were.
+    before the optimizer applies it; so does a step after which a LoRA weight exceeds WEIGHT_LIMIT
+    (or is not finite). Nothing is written then, so the last checkpoint (and adapter) stay as they were.
   * Everything is validated before the run directory changes: the environment, the config of a
     resumed run (read from trainer_state.json before any tensor loads), the model and the data.
     --overwrite then moves the old run aside and deletes it only once the new run has written a
@@ -57,12 +57,16 @@ from .config import TrainConfig
 from .data import IGNORE, batch_at, encode_all, read_jsonl
 from .task import date_task, exact_match
 
-__all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE"]
+__all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
 
 # Divergence: a healthy QLoRA run's gradient norm (before clipping) stays below ~10 (SmolLM2 on the
 # date task: 0.3-4); 1e4 is far outside that, and three steps in a row rule out a single spike.
 GRAD_NORM_LIMIT = 1e4
 GRAD_NORM_PATIENCE = 3
+# LoRA weights start at |A| <= 1/sqrt(in_features), B = 0, and stay below ~1 in healthy runs. A huge
+# learning rate can saturate the model instead of producing NaN: with --lr 1e30 on the tiny test
+# Llama the loss stays finite (10.8), the gradients go to exactly 0 and the weights sit at ~3e29.
+WEIGHT_LIMIT = 1e4
 
 
 class RunDirExists(RunExists):
@@ -165,8 +169,9 @@ class Trainer:
         self._barrier()
 
     def _check_same_config(self, saved: dict) -> None:
+        """InvalidInput naming each field that differs; output_dir may (a run directory can move)."""
         wanted = self.config.to_dict()
-        changed = sorted(k for k in set(wanted) | set(saved) if saved.get(k) != wanted.get(k))
+        changed = sorted(k for k in set(wanted) | set(saved) if saved.get(k) != wanted.get(k) and k != "output_dir")
         if changed:
             listing = ", ".join(f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}" for k in changed[:6])
             raise InvalidInput(
@@ -194,6 +199,21 @@ class Trainer:
         self.autocast = (c.precision == "bf16") or (c.precision == "auto" and self.device.type == "cuda")
         compute = torch.bfloat16 if self.autocast else torch.float32
 
+        # the data first: a bad file fails in a second, not after the model has loaded
+        if c.data == "dates":
+            train_records, self.eval_records = date_task(n_eval=c.eval_examples)
+        else:
+            records = read_jsonl(c.data, on_bad_line=c.on_bad_line)
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed)).tolist()
+            records = [records[i] for i in order]
+            n_eval = min(c.eval_examples, len(records) // 10)
+            self.eval_records, train_records = records[:n_eval], records[n_eval:]
+        per_epoch = len(train_records) // c.batch_size
+        if per_epoch == 0:
+            raise InvalidInput(
+                f"batch_size={c.batch_size} exceeds the {len(train_records)} training examples", "lower --batch-size or add data"
+            )
+        self.total_steps = c.steps or max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         model, tokenizer, self.source = load_quantized(c.model, compute_dtype=compute)
@@ -214,21 +234,7 @@ class Trainer:
             model.to(self.device)
         self.model = model
 
-        if c.data == "dates":
-            train_records, self.eval_records = date_task(n_eval=c.eval_examples)
-        else:
-            records = read_jsonl(c.data, on_bad_line=c.on_bad_line)
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed)).tolist()
-            records = [records[i] for i in order]
-            n_eval = min(c.eval_examples, len(records) // 10)
-            self.eval_records, train_records = records[:n_eval], records[n_eval:]
         self.data = encode_all(tokenizer, train_records, c.max_length)
-        per_epoch = len(train_records) // c.batch_size
-        if per_epoch == 0:
-            raise InvalidInput(
-                f"batch_size={c.batch_size} exceeds the {len(train_records)} training examples", "lower --batch-size or add data"
-            )
-        self.total_steps = c.steps or max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _build_optimizer(c, self.params)
@@ -290,6 +296,20 @@ class Trainer:
             if self._big_norms < GRAD_NORM_PATIENCE:
                 return
             why = f"gradient norm {grad_norm:.3g} above {GRAD_NORM_LIMIT:g} for {GRAD_NORM_PATIENCE} steps in a row"
+        self._diverged(why)
+
+    def _check_weights(self) -> None:
+        """Diverged if a LoRA weight left the healthy range (WEIGHT_LIMIT) in the step just taken."""
+        local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in self.params]  # FSDP: own shard
+        top = torch.stack([t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32) for t in local]).max()
+        if self.ctx is not None:  # every rank must reach the same verdict
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+        top = float(top)
+        if not (math.isfinite(top) and top <= WEIGHT_LIMIT):
+            self._diverged(f"a LoRA weight reached magnitude {top:.3g} (limit {WEIGHT_LIMIT:g})")
+
+    def _diverged(self, why: str):
+        step = self.step + 1
         kept = f"the checkpoint in {os.path.join(self.run_dir, checkpoint.CHECKPOINT)} is kept" if checkpoint.exists(self.run_dir) else "no checkpoint had been written"
         raise Diverged(
             f"training diverged at step {step}: {why} (lr {lr_at(self.step, self.config, self.total_steps):.3g}); {kept}, "
@@ -333,6 +353,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._check_weights()
         self.step += 1
         seconds = time.perf_counter() - t0
         return {

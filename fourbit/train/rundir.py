@@ -19,6 +19,7 @@ run wrote raise BadFile naming it when it is truncated or damaged (torch's own m
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -50,14 +51,19 @@ def prepare(run_dir: str) -> None:
     """Create run_dir and prove it writable, before any work: OutputError names the problem
     (a file in the way, a read-only or full disk)."""
     probe = os.path.join(run_dir, ".write-test")
+    created = not os.path.lexists(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"fourbit")
             os.fsync(f.fileno())
-        os.unlink(probe)
     except OSError as err:
+        if os.path.lexists(probe):
+            os.unlink(probe)
+        if created and os.path.isdir(run_dir):
+            os.rmdir(run_dir)  # leave nothing behind
         raise output_error(run_dir, err) from err
+    os.unlink(probe)
 
 
 def _move(src_dir: str, dst_dir: str, names) -> None:
@@ -141,6 +147,10 @@ def read_torch(path: str):
     try:
         # weights_only=False: the optimizer and RNG states hold Python objects (random.getstate)
         return torch.load(path, weights_only=False)
+    except OSError as err:  # a truncated zip archive makes torch seek past the end: EINVAL
+        if err.errno not in (errno.EINVAL, None):
+            raise BadFile(f"{path} cannot be read ({err.strerror})", "check its permissions and the disk") from None
+        raise BadFile(f"{path} is truncated or damaged ({err})", "start again with --overwrite") from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadFile(f"{path} is truncated or damaged ({first})", "start again with --overwrite") from None
