@@ -10,7 +10,7 @@ Signatures and defaults are bitsandbytes 0.50's, including the trap: `quant_type
 False here while `Linear4bit` defaults it to True. Pass both explicitly. fourbit's own API
 (`fourbit.quantize`, `fourbit.lora.Linear4bit`) defaults to nf4 with double quantization.
 
-Everything delegates to fourbit's implementation (`fourbit.dispatch`, `fourbit.lora.functional`);
+Everything delegates to fourbit's implementation (`fourbit.dispatch`, `fourbit.lora.autograd`);
 this module only adapts argument conventions. Bytes follow bitsandbytes' CUDA kernels (SPEC §0).
 """
 
@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from . import dispatch
-from .lora.functional import matmul_4bit as _matmul_4bit
+from .lora.autograd import matmul_4bit as _matmul_4bit
 from .nf4 import state as _state
 from .nf4.checks import check_blocksize, check_quant_type
 from .nf4.codes import code_for

@@ -129,8 +129,8 @@ CASES = [
      "fields ['targets']", None),
     ("resume with another model", ["finetune", "--model", "smollm2", "--output-dir", "{run}", *RUN_ARGS, "--resume"], "fields ['model']", None),
     ("resume, corrupt adapter", ["finetune", "--model", "{tiny}", "--output-dir", "{run}", *RUN_ARGS, "--resume"],
-     "checkpoint/adapter_model.safetensors is not a readable safetensors file",
-     lambda tmp, run, mp: _truncate(os.path.join(run, "checkpoint", "adapter_model.safetensors"), 0.3)),
+     "checkpoint/adapter/adapter_model.safetensors is not a readable safetensors file",
+     lambda tmp, run, mp: _truncate(os.path.join(run, "checkpoint", "adapter", "adapter_model.safetensors"), 0.3)),
     ("resume, truncated optimizer.pt", ["finetune", "--model", "{tiny}", "--output-dir", "{run}", *RUN_ARGS, "--resume"],
      "checkpoint/optimizer.pt is truncated or damaged", lambda tmp, run, mp: _truncate(os.path.join(run, "checkpoint", "optimizer.pt"))),
     ("resume, truncated rng.pt", ["finetune", "--model", "{tiny}", "--output-dir", "{run}", *RUN_ARGS, "--resume"],
@@ -244,7 +244,7 @@ def test_divergence_stops_before_the_step_and_keeps_the_last_checkpoint(tiny, tm
     assert info.value.exit_code == 3 and t.step == 1  # the diverged step was never applied
     state = json.load(open(os.path.join(run, "checkpoint", "trainer_state.json")))
     assert state["step"] == 1 and not os.path.exists(os.path.join(run, "adapter"))
-    adapter = safetensors.torch.load_file(os.path.join(run, "checkpoint", "adapter_model.safetensors"))
+    adapter = safetensors.torch.load_file(os.path.join(run, "checkpoint", "adapter", "adapter_model.safetensors"))
     weights = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
     assert all(torch.isfinite(v).all() for v in adapter.values()) and all(torch.isfinite(p).all() for p in weights.values())
 
@@ -388,11 +388,13 @@ def test_checkpoint_files_and_directories_are_fsynced(tiny, tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "fsync", fsync)
     path = t.save_checkpoint()
-    names = sorted(os.listdir(path))
-    assert names == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json"]
     new = os.path.join(str(tmp_path / "run"), ".checkpoint-new")
-    for name in names:  # each written as .tmp-*<name> in the new directory, fsync'd, then renamed
-        assert any(os.path.dirname(p) == new and os.path.basename(p).endswith(name) for p in synced), (name, synced)
+    files = sorted(os.path.relpath(os.path.join(base, f), path) for base, _, fs in os.walk(path) for f in fs)
+    assert files == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt", "rng.pt",
+                     "trainer_state.json"]
+    for name in files:  # each written as .tmp-*<name> in the new directory, fsync'd, then renamed
+        folder, base = os.path.split(os.path.join(new, name))
+        assert any(os.path.dirname(p) == folder and os.path.basename(p).endswith(base) for p in synced), (name, synced)
     assert new in synced and str(tmp_path / "run") in synced  # the renames inside them, too
 
 

@@ -208,18 +208,6 @@ def test_dequantize_many_nested_blocks_and_storage_view(poisoned):
     assert_dequant_equal(got, packed, state, torch.float32, "bf16 weight, fp16 storage")
 
 
-@kernels_here
-def test_dispatch_routes_triton_backend(monkeypatch):
-    from fourbit import dispatch, kernels
-
-    monkeypatch.setenv("FOURBIT_BACKEND", "triton")
-    x = fresh((16, 64), torch.float32)
-    assert dispatch.implementation("quantize", x) is kernels.quantize
-    assert dispatch.implementation("dequantize", x) is kernels.dequantize
-    packed, state = dispatch.quantize(x)
-    assert torch.equal(dispatch.dequantize(packed, state), reference.dequantize(packed, state))
-
-
 # ---- bad input --------------------------------------------------------------------------------
 
 

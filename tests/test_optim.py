@@ -25,8 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fourbit.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
-from fourbit.train.optim import PagePool, StateLayout, adamw_update_32bit
-from fourbit.train.optim.functional import sqrt_rn
+from fourbit.nf4.adamw import adamw_update_32bit
+from fourbit.train.optim import PagePool, StateLayout
+from fourbit.nf4.adamw import sqrt_rn
 
 SHAPES = [(1,), (7,), (63,), (65,), (33, 17), (4097,), (64, 129)]
 

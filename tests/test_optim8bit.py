@@ -25,7 +25,7 @@ import torch
 from fourbit.kernels._triton_utils import interpreting
 from fourbit.nf4 import dynamic_map, quantize_blockwise
 from fourbit.optim import AdamW, AdamW8bit
-from fourbit.train.optim import adamw_update_8bit
+from fourbit.nf4.adamw import adamw_update_8bit
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = interpreting()
@@ -198,7 +198,7 @@ def random_states(n: int, g: torch.Generator, device: str):
 @pytest.mark.parametrize("n", [1, 255, 256, 1000, 4097])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_reference(n, dtype):
-    from fourbit.kernels.optim8bit import adamw_update_8bit as kernel_update
+    from fourbit.kernels.adamw import adamw_update_8bit as kernel_update
 
     device = "cuda" if ON_GPU else "cpu"
     seed = fresh_seed()
@@ -228,8 +228,8 @@ def test_kernel_equals_reference(n, dtype):
 @pytest.mark.parametrize("n", [1, 1000, 4097])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_32bit_equals_reference(n, dtype):
-    from fourbit.kernels.optim8bit import adamw_update_32bit as kernel_update
-    from fourbit.train.optim import adamw_update_32bit
+    from fourbit.kernels.adamw import adamw_update_32bit as kernel_update
+    from fourbit.nf4.adamw import adamw_update_32bit
 
     device = "cuda" if ON_GPU else "cpu"
     seed = fresh_seed()
@@ -279,7 +279,7 @@ def test_kernel_optimizer_equals_reference_optimizer(monkeypatch, cls_name):
 
 @kernels_here
 def test_kernel_rejects_bad_input():
-    from fourbit.kernels.optim8bit import adamw_update_8bit as kernel_update
+    from fourbit.kernels.adamw import adamw_update_8bit as kernel_update
 
     device = "cuda" if ON_GPU else "cpu"
     p = torch.zeros(300, device=device)

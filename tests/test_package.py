@@ -1,4 +1,4 @@
-"""Package plumbing: backend dispatch, the README's commands, the demo main job."""
+"""Package plumbing: the README's commands, the demo main job (backend dispatch: test_dispatch.py)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
-from fourbit import dispatch, nf4
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def test_dispatch_picks_reference_on_cpu(monkeypatch):
-    monkeypatch.delenv("FOURBIT_BACKEND", raising=False)
-    x = torch.randn(64, 64)
-    assert dispatch.backend_for(x) == "reference"
-    packed, state = dispatch.quantize(x)
-    assert torch.equal(dispatch.dequantize(packed, state), nf4.dequantize(packed, state))
-    monkeypatch.setenv("FOURBIT_BACKEND", "reference")
-    assert dispatch.implementation("quantize", x) is nf4.quantize
-
-
-def test_dispatch_rejects_unknown_backend_and_cpu_triton(monkeypatch):
-    monkeypatch.setenv("FOURBIT_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match="auto.*reference.*triton"):
-        dispatch.backend_for(torch.zeros(1))
-    monkeypatch.setenv("FOURBIT_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        dispatch.backend_for(torch.zeros(1))
 
 
 def _readme_commands():

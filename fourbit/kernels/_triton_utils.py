@@ -10,6 +10,9 @@
 * `LAUNCH_OPTIONS`: those options. fourbit's kernels must equal the reference bit for bit, so no
   multiply-add may be contracted into an FMA (one rounding instead of two); Triton 3.9 also warns when
   a launch leaves the choice unspecified.
+* `POINTER_TYPES`: Triton's pointer type for each float dtype a kernel takes (compile signatures).
+* `nearest_code(s, mid_ptr)`: the 8-bit nearest-code search inside a kernel, the twin of
+  `fourbit.nf4.blockwise.nearest_code` (used by double quantization and the 8-bit AdamW states).
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import os
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 from ..nf4.checks import check_same_device
 from .compile import CompileSpec
 
-__all__ = ["interpreting", "check_launch_device", "KernelSpec", "LAUNCH_OPTIONS"]
+__all__ = ["interpreting", "check_launch_device", "KernelSpec", "LAUNCH_OPTIONS", "POINTER_TYPES", "nearest_code"]
 
 LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": False}
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def interpreting() -> bool:
@@ -77,3 +83,19 @@ class KernelSpec(CompileSpec):
     """CompileSpec plus the keyword options the launcher passes to the kernel launch."""
 
     options: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(LAUNCH_OPTIONS))
+
+
+@triton.jit
+def nearest_code(s, mid_ptr):
+    """Index (int32, s's shape) of the nearest of 256 sorted codes for float32 s, ties to the even
+    index, as bitsandbytes' CUDA binary search. mid_ptr holds the 255 float32 midpoints
+    fl32(code[j] + code[j+1]) * 0.5 (`fourbit.nf4.blockwise.code_midpoints`). Eight branch-free
+    probes count the midpoints strictly below s; a ninth detects an exact tie, where an odd count
+    moves up by one."""
+    below = tl.zeros(s.shape, dtype=tl.int32)  # midpoints strictly below s, 0..255
+    for i in tl.static_range(8):  # steps 128, 64, ..., 1
+        probe = tl.load(mid_ptr + below + ((128 >> i) - 1))
+        below = tl.where(probe < s, below + (128 >> i), below)
+    at = tl.load(mid_ptr + below, mask=below < 255, other=0.0)
+    tie = (below < 255) & (at == s)
+    return tl.where(tie & ((below & 1) == 1), below + 1, below)

@@ -41,7 +41,7 @@ import triton.language as tl
 from ..nf4.checks import ALLOWED_BLOCKSIZES, check_float_dtype
 from ..nf4.quant import check_packed
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
-from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device
+from ._triton_utils import LAUNCH_OPTIONS, POINTER_TYPES, KernelSpec, check_launch_device
 
 __all__ = ["dequantize", "compile_specs"]
 
@@ -57,18 +57,18 @@ def _rows(blocksize: int) -> int:
 def _dequantize_4bit_kernel(
     packed_ptr,  # (nbytes,) uint8: two codes per byte, the even element in the high nibble
     code_ptr,  # (16,) fp32: the NF4 / FP4 table
-    absmax_ptr,  # (nb,) fp32 scales, or (nb,) uint8 scale codes when DOUBLE
-    absmax2_ptr,  # (ceil(nb / NESTED),) fp32 nested scales (DOUBLE only)
-    code8_ptr,  # (256,) fp32 signed dynamic map (DOUBLE only)
-    offset_ptr,  # () fp32 mean of the scales (DOUBLE only)
+    absmax_ptr,  # (nb,) fp32 scales, or (nb,) uint8 scale codes when NESTED
+    absmax2_ptr,  # (ceil(nb / NESTED_BLOCKSIZE),) fp32 nested scales (NESTED only)
+    code8_ptr,  # (256,) fp32 signed dynamic map (NESTED only)
+    offset_ptr,  # () fp32 mean of the scales (NESTED only)
     out_ptr,  # (n,) fp32 / fp16 / bf16 out
     n,
     nbytes,
     nb,
     BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
-    NESTED: tl.constexpr,
-    DOUBLE: tl.constexpr,
+    NESTED: tl.constexpr,  # the scales are double-quantized
+    NESTED_BLOCKSIZE: tl.constexpr,  # 256
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(0).to(tl.int64)
@@ -79,9 +79,9 @@ def _dequantize_4bit_kernel(
     low = tl.load(code_ptr + (packed & 15))  # (ROWS, bs/2) fp32, elements 2j+1
 
     in_range = rows < nb
-    if DOUBLE:
+    if NESTED:
         qabs = tl.load(absmax_ptr + rows, mask=in_range, other=0).to(tl.int32)
-        absmax2 = tl.load(absmax2_ptr + rows // NESTED, mask=in_range, other=0.0)
+        absmax2 = tl.load(absmax2_ptr + rows // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
         scale = tl.load(code8_ptr + qabs) * absmax2 + tl.load(offset_ptr)  # (ROWS,) two roundings
     else:
         scale = tl.load(absmax_ptr + rows, mask=in_range, other=0.0)  # (ROWS,)
@@ -97,31 +97,25 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     data = check_packed(packed, state)  # (nbytes,) uint8 view; packed and absmax on one device
     dtype = dtype or state.dtype
     check_float_dtype(dtype)
-    nested = state.nested
     n, bs = state.numel, state.blocksize
     nb = _check_scales(state)
-    device = check_launch_device(
-        packed=data,
-        absmax=state.absmax,
-        code=state.code,
-        offset=state.offset,
-        nested_absmax=None if nested is None else nested.absmax,
-        nested_code=None if nested is None else nested.code,
-    )
+    absmax, absmax2, code8, offset = state.as_tensors()
+    nested = absmax2 is not None
+    device = check_launch_device(packed=data, absmax=absmax, code=state.code, offset=offset, nested_absmax=absmax2,
+                                 nested_code=code8)
 
     out = torch.empty(n, dtype=dtype, device=device)
     code = state.code.contiguous()
-    if nested is None:
-        absmax = state.absmax.contiguous()
-        absmax2, code8, offset = absmax, absmax, absmax  # unused when DOUBLE is False
+    absmax = absmax.contiguous()
+    if nested:
+        absmax2, code8, offset = absmax2.contiguous(), code8.contiguous(), offset.reshape(())
     else:
-        absmax, absmax2 = state.absmax.contiguous(), nested.absmax.contiguous()
-        code8, offset = nested.code.contiguous(), state.offset.reshape(())
+        absmax2, code8, offset = absmax, absmax, absmax  # unused when NESTED is False
     rows = _rows(bs)
     if n:
         _dequantize_4bit_kernel[(triton.cdiv(nb, rows),)](
             data, code, absmax, absmax2, code8, offset, out, n, data.numel(), nb,
-            BLOCKSIZE=bs, ROWS=rows, NESTED=NESTED_BLOCKSIZE, DOUBLE=nested is not None,
+            BLOCKSIZE=bs, ROWS=rows, NESTED=nested, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
             num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return out.view(state.shape)
@@ -156,9 +150,6 @@ def _check_scales(state: QuantState) -> int:
     return nb
 
 
-_OUT_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def compile_specs() -> list[KernelSpec]:
     """Every config the launcher may run: each block size (ROWS follows from it) with nested scales
     and bf16 output (the QLoRA case), plus fp32/fp16 output and plain fp32 scales at bs 64."""
@@ -172,11 +163,11 @@ def compile_specs() -> list[KernelSpec]:
                 kernel=_dequantize_4bit_kernel,
                 signature={
                     "packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8" if double else "*fp32",
-                    "absmax2_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": _OUT_TYPES[dtype],
+                    "absmax2_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": POINTER_TYPES[dtype],
                     "n": "i32", "nbytes": "i32", "nb": "i32",
-                    "BLOCKSIZE": "constexpr", "ROWS": "constexpr", "NESTED": "constexpr", "DOUBLE": "constexpr",
+                    "BLOCKSIZE": "constexpr", "ROWS": "constexpr", "NESTED": "constexpr", "NESTED_BLOCKSIZE": "constexpr",
                 },  # fmt: skip
-                constexprs={"BLOCKSIZE": bs, "ROWS": _rows(bs), "NESTED": NESTED_BLOCKSIZE, "DOUBLE": double},
+                constexprs={"BLOCKSIZE": bs, "ROWS": _rows(bs), "NESTED": double, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE},
                 num_warps=NUM_WARPS,
                 expect_vector_bits=128,
             )

@@ -21,8 +21,9 @@ The two halves are interleaved back into k order ([BN, BK/2] x 2 -> [BN, BK]) an
 launcher requires K % blocksize == 0, so blocks never cross rows, and K % 64 == 0, so K splits
 into whole tiles and every row of bytes starts 16-byte aligned (128-bit loads). A tile of BK
 columns then holds one scale per row (BK <= blocksize) or BK/blocksize of them (BK > blocksize,
-applied on a [BN, BK/bs, bs] view). Other shapes take the reference (dequantize + torch.matmul): blocks that
-cross rows would need a scale per element, and such layers are rare (bitsandbytes falls back too).
+applied on a [BN, BK/bs, bs] view). The launchers raise ValueError on other shapes and
+`fourbit.dispatch` runs the reference for them (dequantize + torch.matmul): blocks that cross rows
+would need a scale per element, and such layers are rare (bitsandbytes falls back too).
 
 Three kernels, each reading W in the same row-major [BN rows x BK/2 bytes] tiles:
   * `_gemv_kernel` (M <= 4, decode): each program owns BN output features and a slice of K
@@ -43,11 +44,9 @@ import triton
 import triton.language as tl
 
 from ..nf4.matmul import check_matmul_args, pair_table
-from ..nf4.matmul import matmul as _reference_matmul
-from ..nf4.matmul import matmul_backward as _reference_backward
 from ..nf4.quant import check_packed
 from ..nf4.state import QuantState
-from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device, interpreting
+from ._triton_utils import LAUNCH_OPTIONS, POINTER_TYPES, KernelSpec, check_launch_device, interpreting
 
 __all__ = ["matmul", "matmul_backward", "compile_specs", "fused_shape_supported"]
 
@@ -201,6 +200,13 @@ def fused_shape_supported(state: QuantState) -> bool:
     return len(state.shape) == 2 and k % state.blocksize == 0 and k % 64 == 0
 
 
+def _check_fused_shape(state: QuantState) -> None:
+    """ValueError for weights the kernels cannot run (fourbit.dispatch sends those to the reference)."""
+    if not fused_shape_supported(state):
+        raise ValueError(f"the fused matmul needs K % blocksize == 0 and K % 64 == 0, got K={int(state.shape[-1])} "
+                         f"with blocksize {state.blocksize} (fourbit.dispatch.matmul runs the reference for these)")
+
+
 def _prune(table: dict[str, list] | None, configs, named_args, **kwargs):
     """Keep the configs whose BLOCK_K divides K and, given a table, those of this GPU's shortlist."""
     fits = [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
@@ -236,10 +242,10 @@ def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
     """(packed bytes, pair table, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
     data = check_packed(packed, state)  # (N*K/2,) uint8
     table = pair_table(state.quant_type, data.device)  # (256,) int64
-    if state.nested is None:
-        return data, table, state.absmax, state.absmax, state.absmax, state.absmax
-    offset = state.offset.to(device=data.device, dtype=torch.float32).reshape(1)
-    return data, table, state.absmax, state.nested.absmax, state.nested.code, offset
+    absmax, absmax2, code8, offset = state.as_tensors()
+    if absmax2 is None:
+        return data, table, absmax, absmax, absmax, absmax
+    return data, table, absmax, absmax2, code8, offset.to(device=data.device, dtype=torch.float32).reshape(1)
 
 
 def _m_bucket(m: int) -> int:
@@ -266,9 +272,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         raise TypeError(f"the Triton matmul takes float32/float16/bfloat16 x, got {x.dtype} (use the reference)")
     check_launch_device(x=x, packed=packed, absmax=state.absmax, bias=bias)
     n, k = (int(d) for d in state.shape)
-    if not fused_shape_supported(state):  # the documented fallback: dequantize (in chunks) + matmul
-        y = _reference_matmul(x, packed, state, bias)
-        return y if out is None else out.copy_(y)
+    _check_fused_shape(state)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -326,9 +330,7 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
     if grad_y.dtype not in _DOT_PRECISION:
         raise TypeError(f"grad_y must be float32/float16/bfloat16, got {grad_y.dtype}")
     check_launch_device(grad_y=grad_y, packed=packed, absmax=state.absmax)
-    if not fused_shape_supported(state):  # the documented fallback
-        g = _reference_backward(grad_y, packed, state)
-        return g if out is None else out.copy_(g)
+    _check_fused_shape(state)
     dy = grad_y.reshape(-1, n)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
@@ -361,7 +363,7 @@ def _output(out: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> torch
 
 
 # ---- compile report -----------------------------------------------------------------------------
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}  # also the short names
+_PTR = POINTER_TYPES  # "*bf16"[1:] is also the short name
 
 
 def _state_signature(nested: bool) -> dict[str, str]:

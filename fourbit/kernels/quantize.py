@@ -22,9 +22,9 @@ dependency allows when the mean must be torch's:
      as bitsandbytes' CUDA binary search), store uint8 codes and absmax2.       reads and writes nb
 Steps 2-3 touch 1/bs of the data, so the cost is launch latency, not bandwidth.
 
-The nearest-code search in step 3 is a branch-free binary search over the 255 midpoints
-fl32(code[j] + code[j+1]) * 0.5: eight probes find how many midpoints lie strictly below s, a ninth
-detects an exact tie (then an odd count moves up by one, so ties land on the even index).
+The nearest-code search in step 3 is `_triton_utils.nearest_code`, a branch-free binary search over
+the 255 midpoints fl32(code[j] + code[j+1]) * 0.5: eight probes find how many midpoints lie strictly
+below s, a ninth detects an exact tie (then an odd count moves up by one, so ties land on the even index).
 
 Configuration: no autotuning. Each program handles 4096 values (ROWS = 4096 // bs blocks, at least
 one) with 4 warps (32 values per thread, loaded 128 bits at a time), or 8 warps for bs >= 1024 and
@@ -40,10 +40,11 @@ import triton
 import triton.language as tl
 
 from ..nf4.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_finite, check_float_tensor, check_quant_type
+from ..nf4.blockwise import code_midpoints
 from ..nf4.checks import check_scales_fit, check_storage
 from ..nf4.codes import FP4_THRESHOLDS, NF4_THRESHOLDS, code_for, dynamic_map
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
-from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device
+from ._triton_utils import LAUNCH_OPTIONS, POINTER_TYPES, KernelSpec, check_launch_device, nearest_code
 
 __all__ = ["quantize", "compile_specs"]
 
@@ -114,12 +115,12 @@ def _quantize_nested_kernel(
     absmax2_ptr,  # (nb2,) fp32 out
     nb,
     nb2,
-    NESTED: tl.constexpr,  # 256
+    NESTED_BLOCKSIZE: tl.constexpr,  # 256 scales per nested block
     ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,) nested block indices
-    offs = rows[:, None] * NESTED + tl.arange(0, NESTED)[None, :]  # (ROWS, 256)
+    offs = rows[:, None] * NESTED_BLOCKSIZE + tl.arange(0, NESTED_BLOCKSIZE)[None, :]  # (ROWS, 256)
     mask = offs < nb
     offset = tl.load(offset_ptr)
     v = tl.where(mask, tl.load(absmax_ptr + offs, mask=mask, other=0.0) - offset, 0.0)  # pad with 0
@@ -128,13 +129,7 @@ def _quantize_nested_kernel(
     tl.store(absmax2_ptr + rows, absmax2, mask=rows < nb2)
     s = v * tl.math.div_rn(1.0, absmax2)[:, None]  # NaN where absmax2 == 0 (fixed below)
 
-    below = tl.zeros((ROWS, NESTED), dtype=tl.int32)  # midpoints strictly below s, 0..255
-    for i in tl.static_range(8):  # steps 128, 64, ..., 1
-        probe = tl.load(midpoints_ptr + below + ((128 >> i) - 1))
-        below = tl.where(probe < s, below + (128 >> i), below)
-    at = tl.load(midpoints_ptr + below, mask=below < 255, other=0.0)
-    tie = (below < 255) & (at == s)
-    q = tl.where(tie & ((below & 1) == 1), below + 1, below)
+    q = nearest_code(s, midpoints_ptr)  # (ROWS, 256) int32
     q = tl.where(absmax2[:, None] == 0.0, 0, q)
     tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
 
@@ -194,27 +189,16 @@ def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     nb = absmax.numel()
     nb2 = -(-nb // NESTED_BLOCKSIZE)
     code8 = dynamic_map(signed=True).to(absmax.device)
-    midpoints = (code8[:-1] + code8[1:]) * 0.5  # (255,) exactly as the reference's nearest_code
+    midpoints = code_midpoints(code8)  # (255,) exactly as the reference's nearest_code
     offset = absmax.mean() if nb else absmax.new_zeros(())
     q = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
     absmax2 = torch.empty(nb2, dtype=torch.float32, device=absmax.device)
     if nb:
         _quantize_nested_kernel[(triton.cdiv(nb2, NESTED_ROWS),)](
             absmax, offset, midpoints, q, absmax2, nb, nb2,
-            NESTED=NESTED_BLOCKSIZE, ROWS=NESTED_ROWS, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+            NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ROWS=NESTED_ROWS, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
-    nested = QuantState(
-        absmax=absmax2,
-        shape=torch.Size([nb]),
-        dtype=torch.float32,
-        blocksize=NESTED_BLOCKSIZE,
-        quant_type="dynamic8",
-        code=code8,
-    )
-    return q, offset, nested
-
-
-_X_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    return q, offset, QuantState.nested_state(absmax2, nb, code8)
 
 
 def compile_specs() -> list[KernelSpec]:
@@ -231,7 +215,7 @@ def compile_specs() -> list[KernelSpec]:
                 name=f"quantize_4bit[{quant_type},{str(dtype)[6:]},bs{bs}]",
                 kernel=_quantize_4bit_kernel,
                 signature={
-                    "x_ptr": _X_TYPES[dtype], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "thresholds_ptr": "*fp32",
+                    "x_ptr": POINTER_TYPES[dtype], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "thresholds_ptr": "*fp32",
                     "n": "i32", "nbytes": "i32", "nb": "i32",
                     "BLOCKSIZE": "constexpr", "ROWS": "constexpr", "NUM_THRESHOLDS": "constexpr", "FP4": "constexpr",
                 },  # fmt: skip
@@ -246,9 +230,9 @@ def compile_specs() -> list[KernelSpec]:
             kernel=_quantize_nested_kernel,
             signature={
                 "absmax_ptr": "*fp32", "offset_ptr": "*fp32", "midpoints_ptr": "*fp32", "q_ptr": "*u8",
-                "absmax2_ptr": "*fp32", "nb": "i32", "nb2": "i32", "NESTED": "constexpr", "ROWS": "constexpr",
+                "absmax2_ptr": "*fp32", "nb": "i32", "nb2": "i32", "NESTED_BLOCKSIZE": "constexpr", "ROWS": "constexpr",
             },  # fmt: skip
-            constexprs={"NESTED": NESTED_BLOCKSIZE, "ROWS": NESTED_ROWS},
+            constexprs={"NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "ROWS": NESTED_ROWS},
             num_warps=NUM_WARPS,
             expect_vector_bits=128,
         )

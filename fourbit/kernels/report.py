@@ -3,7 +3,7 @@
     python -m fourbit.kernels.report [--arch sm_80 sm_89 sm_90a] [--only NAME]... [--module M]... [--json PATH]
 
 For each `CompileSpec` of the kernel modules (`compile_specs()` in quantize, dequantize, matmul and
-optim8bit; a module that does not exist yet is skipped with a note) and each architecture:
+adamw; a module that fails to import is reported as a failure) and each architecture:
   1. `triton.compile` with a `GPUTarget` builds PTX and a cubin; no driver or GPU is involved.
      Pointer arguments are marked 16-byte aligned and integer arguments divisible by 16, the
      specialization Triton's launcher picks for torch allocations and sizes that are multiples of
@@ -36,7 +36,7 @@ from ..nf4.files import atomic_write
 __all__ = ["ARCHS", "MODULES", "collect_specs", "analyse", "sass_counts", "ptxas_usage", "main"]
 
 ARCHS = {"sm_80": 80, "sm_89": 89, "sm_90a": 90}
-MODULES = ("fourbit.kernels.quantize", "fourbit.kernels.dequantize", "fourbit.kernels.matmul", "fourbit.kernels.optim8bit")
+MODULES = ("fourbit.kernels.quantize", "fourbit.kernels.dequantize", "fourbit.kernels.matmul", "fourbit.kernels.adamw")
 
 
 def collect_specs(modules=MODULES, only: list[str] | None = None) -> tuple[list[Any], list[str], bool]:
@@ -45,11 +45,6 @@ def collect_specs(modules=MODULES, only: list[str] | None = None) -> tuple[list[
     for name in modules:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            notes.append(f"{name}: not written yet, skipped")
-            continue
         except Exception as err:  # a broken kernel module is a report finding, not a crash
             notes.append(f"{name}: import failed: {type(err).__name__}: {err}")
             ok = False

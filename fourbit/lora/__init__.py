@@ -7,13 +7,13 @@
     load_adapter(model, "out/")
     with adapters_disabled(model): ...                     # the base model alone, for evaluation
 
-`matmul_4bit` (fourbit.lora.functional) is the autograd op the layers run on.
+`matmul_4bit` (fourbit.lora.autograd) is the autograd op the layers run on.
 """
 
 from .adapters import load_adapter, save_adapter
-from .functional import matmul_4bit
+from .autograd import matmul_4bit
 from .layers import Linear4bit
-from .lora import LoRALinear
+from .lora_linear import LoRALinear
 from .surgery import ParameterCount, adapters_disabled, add_lora, lora_layers, quantize_model, trainable_parameters
 
 __all__ = [

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import BadFile, InvalidInput, MissingFile, output_error
 from ..nf4.files import atomic_write, safetensors_bytes, write_bytes
 from .layers import Linear4bit
-from .lora import LoRALinear, check_lora_args
+from .lora_linear import LoRALinear, check_lora_args
 from .surgery import lora_layers
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]

@@ -41,7 +41,7 @@ from torch import nn
 from .. import dispatch
 from ..nf4.checks import check_blocksize, check_quant_type
 from ..nf4.state import QuantState
-from .functional import matmul_4bit
+from .autograd import matmul_4bit
 
 __all__ = ["Linear4bit"]
 
@@ -193,11 +193,8 @@ class Linear4bit(nn.Module):
 
     def quantized_bytes(self) -> int:
         """Bytes held by the packed weight and every tensor of its QuantState (bias excluded)."""
-        state = self.quant_state
-        tensors = [self.weight, state.absmax, state.code]
-        if state.nested is not None:
-            tensors += [state.offset, state.nested.absmax, state.nested.code]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.weight, self.quant_state.code, *self.quant_state.as_tensors()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
         return (

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .layers import Linear4bit
-from .lora import LoRALinear, check_lora_args
+from .lora_linear import LoRALinear, check_lora_args
 
 __all__ = [
     "ParameterCount",

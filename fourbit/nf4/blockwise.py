@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize_blockwise", "dequantize_blockwise", "nearest_code"]
+__all__ = ["quantize_blockwise", "dequantize_blockwise", "nearest_code", "code_midpoints"]
+
+
+def code_midpoints(code: torch.Tensor) -> torch.Tensor:
+    """(len(code) - 1,) float32 midpoints fl32(code[j] + code[j+1]) * 0.5 of a sorted code: the
+    decision boundaries of `nearest_code` (the Triton kernels search the same tensor)."""
+    return (code[:-1] + code[1:]) * 0.5
 
 
 def nearest_code(s: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of the sorted `code` for each float32 s; ties to the even index."""
-    midpoints = (code[:-1] + code[1:]) * 0.5  # (len(code) - 1,)
+    midpoints = code_midpoints(code)  # (len(code) - 1,)
     below = torch.bucketize(s, midpoints, right=False)  # midpoints strictly below s
     # s sits exactly on a midpoint when the first midpoint >= s equals it (one gather, not a second search)
     tie = (below < midpoints.numel()) & (midpoints[below.clamp(max=midpoints.numel() - 1)] == s)

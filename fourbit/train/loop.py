@@ -26,15 +26,17 @@ Failures (README "Failure behaviour"):
     before the optimizer applies it; so does a step after which a LoRA weight exceeds WEIGHT_LIMIT
     (or is not finite). Nothing is written then, so the last checkpoint (and adapter) stay as they were.
   * Everything is validated before the run directory changes: the environment, the config of a
-    resumed run (read from trainer_state.json before any tensor loads), the model and the data.
+    resumed run (read from trainer_state.json before any tensor loads), the data and the model.
     --overwrite then moves the old run aside and deletes it only once the new run has written a
     checkpoint (see rundir.py).
 
-Under torchrun (`distributed="ddp"|"fsdp"`, see docs/distributed.md) the same loop runs on every
-rank with `fourbit.train.distributed`: the model is wrapped after add_lora, each global micro-batch
-is sharded by rows, the loss is scaled with `global_mean_loss` so the averaged gradient is that of
-the global token mean, checkpoints use `distributed.save_checkpoint` (collective, rank 0 writes), and
-only rank 0 writes metrics, the adapter, the plot and the summary.
+Where it runs is one object, `self.runtime` (`fourbit.train.distributed.Runtime`), the same code
+path in one process and under torchrun (`distributed="ddp"|"fsdp"`, see docs/distributed.md): the
+model is wrapped after add_lora (`parallel.wrap_model`; in one process it is only moved), each
+global micro-batch is sharded by rows (one process: all of them), the loss is scaled with
+`global_mean_loss` so the averaged gradient is that of the global token mean (one process: the
+token mean), checkpoints are `checkpoint.save/load` (one format for every mode; collective, rank 0
+writes), and only rank 0 writes metrics, the adapter, the plot and the summary.
 """
 
 from __future__ import annotations
@@ -50,11 +52,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import Diverged, InvalidInput, MissingFile, RunExists
-from . import checkpoint, rundir
+from ..lora import add_lora, save_adapter, trainable_parameters
+from ..nf4.files import write_bytes
+from . import checkpoint, distributed, optim, rundir
 from .config import TrainConfig
 from .data import IGNORE, batch_at, encode_all, read_jsonl
+from .models import load_quantized
+from .parallel import full_lora_weights, wrap_model
+from .plot import plot_metrics
 from .task import date_task, exact_match
 
 __all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
@@ -92,8 +100,6 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _build_optimizer(config: TrainConfig, params):
-    from . import optim
-
     if config.optimizer == "torch_adamw":  # PyTorch's own, e.g. for parameters another engine shards
         return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     cls = {
@@ -108,16 +114,11 @@ def _build_optimizer(config: TrainConfig, params):
     return cls(params, **kwargs)
 
 
-def _logical_parameters(model) -> int:
-    from ..lora import trainable_parameters
-
-    return trainable_parameters(model).total
-
-
 class Trainer:
     """Holds the model, data and optimizer of one run directory.
 
-    `resume`: continue from `<output_dir>/checkpoint`. `overwrite`: delete an existing run first.
+    `resume`: continue from `<output_dir>/checkpoint`. `overwrite`: replace an existing run (set
+    aside by train(), deleted once this run has a checkpoint, restored if it fails before that).
     Without either, an output directory that already holds a run is refused.
     """
 
@@ -128,15 +129,11 @@ class Trainer:
         self.config = config
         self.run_dir = config.output_dir
         self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
-        self.ctx = None  # a distributed.DistContext under torchrun (config.distributed != "none")
-        if config.distributed != "none":
-            from . import distributed
-
-            self.ctx = distributed.setup(config.distributed)
-        self.is_main = self.ctx is None or self.ctx.is_main  # only rank 0 writes files
+        self.runtime = distributed.setup(config.distributed, device=config.device)  # one process or a torchrun rank
+        self.is_main = self.runtime.is_main  # only rank 0 writes files
         self.progress = progress and self.is_main
         self.resume = resume
-        self._replacing = False  # True once --overwrite has moved an old run aside
+        self._replacing = False  # True while an old run that --overwrite replaces is set aside
         self._big_norms = 0  # consecutive steps with a gradient norm above GRAD_NORM_LIMIT
         self._check_run_dir(resume, overwrite)
         self.metrics: list[dict] = []
@@ -145,20 +142,21 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
         """Refuse what cannot work before anything loads or changes; --overwrite's replacement
-        happens in train(), after the model and data have loaded."""
+        happens in train(), after the data and model have loaded."""
         if self.is_main and os.path.isdir(self.run_dir):
             rundir.recover(self.run_dir)  # a replacement a kill interrupted
-        self._barrier()
+        self.runtime.barrier()
         present = rundir.present(self.run_dir)
         self.overwrite = bool(present) and overwrite and not resume
         if resume:
-            if not checkpoint.exists(self.run_dir):
+            if not checkpoint.exists(self.checkpoint_dir):
                 raise MissingFile(
                     f"{self.run_dir!r} has no checkpoint to continue from",
                     "drop --resume to start a new run, or give the --output-dir of the run to continue",
                 )
-            saved = rundir.read_json(os.path.join(self.run_dir, checkpoint.CHECKPOINT, "trainer_state.json"))
-            self._check_same_config(saved.get("config", {}))
+            if os.path.isdir(self.checkpoint_dir):  # (else load() recovers an interrupted swap, then checks)
+                saved = rundir.read_json(os.path.join(self.checkpoint_dir, "trainer_state.json"))
+                self._check_same_config(saved.get("config", {}))
         elif present and not overwrite:
             raise RunDirExists(
                 f"{self.run_dir!r} already holds a run ({', '.join(present)})",
@@ -166,7 +164,7 @@ class Trainer:
             )
         if self.is_main:
             rundir.prepare(self.run_dir)
-        self._barrier()
+        self.runtime.barrier()
 
     def _check_same_config(self, saved: dict) -> None:
         """InvalidInput naming each field that differs; output_dir may (a run directory can move)."""
@@ -179,23 +177,13 @@ class Trainer:
                 "resume with the original settings, or start a new run with --overwrite",
             )
 
-    def _barrier(self) -> None:
-        if self.ctx is not None:
-            from . import distributed
-
-            distributed.barrier()
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.run_dir, checkpoint.CHECKPOINT)
 
     def _setup(self) -> None:
-        from ..lora import add_lora, trainable_parameters
-        from .models import load_quantized
-
         c = self.config
-        if self.ctx is not None:
-            self.device = self.ctx.device
-        elif c.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(c.device)
+        self.device = self.runtime.device
         self.autocast = (c.precision == "bf16") or (c.precision == "auto" and self.device.type == "cuda")
         compute = torch.bfloat16 if self.autocast else torch.float32
 
@@ -214,6 +202,7 @@ class Trainer:
                 f"batch_size={c.batch_size} exceeds the {len(train_records)} training examples", "lower --batch-size or add data"
             )
         self.total_steps = c.steps or max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
+
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         model, tokenizer, self.source = load_quantized(c.model, compute_dtype=compute)
@@ -221,18 +210,12 @@ class Trainer:
         torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
         add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
         self.param_summary = str(trainable_parameters(model))
-        n_params = _logical_parameters(model)
+        n_params = trainable_parameters(model).total
         self.checkpointing = c.grad_checkpointing == "on" or (c.grad_checkpointing == "auto" and n_params > c.checkpointing_above)
         if self.checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.ctx is not None:
-            from . import distributed
-
-            model = distributed.wrap_model(model, self.ctx)  # DDP or FSDP2; moves to ctx.device
-        else:
-            model.to(self.device)
-        self.model = model
+        self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
 
         self.data = encode_all(tokenizer, train_records, c.max_length)
 
@@ -240,22 +223,15 @@ class Trainer:
         self.optimizer = _build_optimizer(c, self.params)
         self.step = 0
         if self.resume:
-            if self.ctx is not None:
-                from . import distributed
-
-                state = distributed.load_checkpoint(model, self.optimizer, os.path.join(self.run_dir, checkpoint.CHECKPOINT))
-            else:
-                state = checkpoint.load(self.run_dir, model=model, optimizer=self.optimizer)
-            self._check_same_config(state["config"])  # checked before loading too; the files may have changed
+            state = checkpoint.load(self.checkpoint_dir, model, self.optimizer)
+            self._check_same_config(state["config"])  # checked before loading too, unless a swap was recovered
             self.step, self.metrics = state["step"], state["metrics"]
             if self.is_main:
                 self._rewrite_metrics()
-            self._barrier()
+            self.runtime.barrier()
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _rewrite_metrics(self) -> None:
-        from ..nf4.files import write_bytes
-
         write_bytes(os.path.join(self.run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
 
     def _log(self, row: dict) -> None:
@@ -270,50 +246,38 @@ class Trainer:
             return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device)
 
     def save_checkpoint(self) -> str:
-        if self.ctx is not None:  # collective: every rank gathers, rank 0 writes
-            from . import distributed
-
-            path = os.path.join(self.run_dir, checkpoint.CHECKPOINT)
-            extra = {"config": self.config.to_dict(), "metrics": self.metrics, "source": self.source}
-            distributed.save_checkpoint(self.model, self.optimizer, path, step=self.step, extra=extra)
-        else:
-            path = checkpoint.save(
-                self.run_dir, model=self.model, optimizer=self.optimizer, step=self.step,
-                config=self.config.to_dict(), metrics=self.metrics, source=self.source,
-            )
+        """Collective: every rank gathers, rank 0 writes."""
+        extra = {"config": self.config.to_dict(), "metrics": self.metrics, "source": self.source}
+        path = checkpoint.save(self.checkpoint_dir, self.model, self.optimizer, step=self.step, extra=extra)
         if self._replacing and self.is_main:  # the new run can now be resumed: the old one may go
             rundir.discard(self.run_dir)
         self._replacing = False
         return path
 
+    # ---- divergence --------------------------------------------------------------------------
     def _check_divergence(self, loss: float, grad_norm: float) -> None:
-        """Diverged before the optimizer applies a step that wrecks the weights (module docstring)."""
-        step = self.step + 1
+        """Diverged before the optimizer applies a step that wrecks the weights (module docstring).
+        loss and grad_norm are global values, so every rank reaches the same verdict."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            why = f"loss {loss}, gradient norm {grad_norm}"
-        else:
-            self._big_norms = self._big_norms + 1 if grad_norm > GRAD_NORM_LIMIT else 0
-            if self._big_norms < GRAD_NORM_PATIENCE:
-                return
-            why = f"gradient norm {grad_norm:.3g} above {GRAD_NORM_LIMIT:g} for {GRAD_NORM_PATIENCE} steps in a row"
-        self._diverged(why)
+            self._diverged(f"loss {loss}, gradient norm {grad_norm}")
+        self._big_norms = self._big_norms + 1 if grad_norm > GRAD_NORM_LIMIT else 0
+        if self._big_norms >= GRAD_NORM_PATIENCE:
+            self._diverged(f"gradient norm {grad_norm:.3g} above {GRAD_NORM_LIMIT:g} for {GRAD_NORM_PATIENCE} steps in a row")
 
     def _check_weights(self) -> None:
         """Diverged if a LoRA weight left the healthy range (WEIGHT_LIMIT) in the step just taken."""
         local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in self.params]  # FSDP: own shard
         top = torch.stack([t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32) for t in local]).max()
-        if self.ctx is not None:  # every rank must reach the same verdict
-            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-        top = float(top)
+        top = float(self.runtime.reduce(top, op="max"))  # every rank must reach the same verdict
         if not (math.isfinite(top) and top <= WEIGHT_LIMIT):
             self._diverged(f"a LoRA weight reached magnitude {top:.3g} (limit {WEIGHT_LIMIT:g})")
 
     def _diverged(self, why: str):
-        step = self.step + 1
-        kept = f"the checkpoint in {os.path.join(self.run_dir, checkpoint.CHECKPOINT)} is kept" if checkpoint.exists(self.run_dir) else "no checkpoint had been written"
+        kept = (f"the checkpoint in {self.checkpoint_dir} is kept" if checkpoint.exists(self.checkpoint_dir)
+                else "no checkpoint had been written")
         raise Diverged(
-            f"training diverged at step {step}: {why} (lr {lr_at(self.step, self.config, self.total_steps):.3g}); {kept}, "
-            f"nothing of this step was saved",
+            f"training diverged at step {self.step + 1}: {why} (lr {lr_at(self.step, self.config, self.total_steps):.3g}); "
+            f"{kept}, nothing of this step was saved",
             "lower --lr (or --alpha) and start again with --overwrite",
         )
 
@@ -323,10 +287,7 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         batches = [batch_at(self.data, self.step * c.grad_accum + i, c.batch_size, c.seed, pad) for i in range(c.grad_accum)]
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # of the global batches
-        if self.ctx is not None:
-            from . import distributed
-
-            batches = [distributed.shard(b) for b in batches]  # this rank's rows
+        batches = [self.runtime.shard(b) for b in batches]  # this rank's rows
         n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         self.model.train()
         total = 0.0
@@ -337,17 +298,14 @@ class Trainer:
             loss_sum = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
             )
-            if self.ctx is None:
-                loss = loss_sum / n_answer
-                total += loss.item()
-            else:  # scaled so the ranks' averaged gradients are those of the global token mean
-                loss = distributed.global_mean_loss(loss_sum, n_answer)
-                total += distributed.reduce(loss.item())
+            # scaled so the ranks' averaged gradients are those of the global token mean
+            loss = self.runtime.global_mean_loss(loss_sum, n_answer)
+            total += self.runtime.reduce(loss.item())
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm if c.clip_norm > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
-        self._check_divergence(total, float(grad_norm))  # the same numbers on every rank
+        self._check_divergence(total, float(grad_norm))
         lr = lr_at(self.step, c, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -370,21 +328,16 @@ class Trainer:
         if self.overwrite and self.is_main:
             rundir.set_aside(self.run_dir)
             self._replacing = True
-        self._barrier()
+        self.runtime.barrier()
         try:
             return self._train()
         except BaseException:
             if self._replacing and self.is_main:
                 rundir.restore(self.run_dir)
-                print(f"the run {self.run_dir!r} replaced by --overwrite was restored")
+                print(f"the run in {self.run_dir!r} that --overwrite was replacing is restored")
             raise
 
     def _train(self) -> dict:
-        from tqdm.auto import tqdm
-
-        from ..lora import save_adapter
-        from .plot import plot_metrics
-
         c = self.config
         stop: list[int] = []  # the signal that asked to stop, once one did
 
@@ -393,9 +346,8 @@ class Trainer:
                 raise KeyboardInterrupt
             stop.append(signum)
 
-        handled = (signal.SIGINT, signal.SIGTERM)
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, on_signal) for s in handled} if in_main_thread else {}
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
         try:
             if self.step == 0 and not any("exact_match" in r for r in self.metrics):
                 before = self.evaluate()
@@ -416,8 +368,7 @@ class Trainer:
             bar.close()
             if stop:  # still under the handler: a second signal here abandons the checkpoint write
                 path = self.save_checkpoint()
-                name = signal.Signals(stop[0]).name
-                print(f"{name}: stopped after step {self.step}; checkpoint in {path}")
+                print(f"{signal.Signals(stop[0]).name}: stopped after step {self.step}; checkpoint in {path}")
                 return {"interrupted": True, "signal": stop[0], "step": self.step, "checkpoint": path}
         finally:
             for s, handler in previous.items():
@@ -427,19 +378,14 @@ class Trainer:
         if after is not None:
             self._log({"step": self.step, "exact_match": after})
         self.save_checkpoint()
-        if self.ctx is not None:
-            from . import distributed
-
-            with distributed.full_lora_weights(self.model) as plain:  # collective
-                if self.is_main:
-                    save_adapter(plain, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
-        else:
-            save_adapter(self.model, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
+        with full_lora_weights(self.model) as plain:  # collective under FSDP (gathers the LoRA tensors)
+            if self.is_main:
+                save_adapter(plain, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
         summary = self._summary()
         if self.is_main:
             plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
             rundir.write_json(os.path.join(self.run_dir, "summary.json"), summary)
-        self._barrier()
+        self.runtime.barrier()
         return summary
 
     def _summary(self) -> dict:

@@ -117,7 +117,7 @@ def recover(run_dir: str) -> None:
 
 # ---- files ---------------------------------------------------------------------------------------
 def write_json(path: str, obj) -> None:
-    write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def write_torch(path: str, obj) -> None:
@@ -142,11 +142,10 @@ def read_json(path: str):
         raise BadFile(f"{path} is truncated or damaged ({err})", "start again with --overwrite") from None
 
 
-def read_torch(path: str):
+def read_torch(path: str, *, weights_only: bool = True):
     _need(path)
     try:
-        # weights_only=False: the optimizer and RNG states hold Python objects (random.getstate)
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=weights_only)
     except OSError as err:  # a truncated zip archive makes torch seek past the end: EINVAL
         if err.errno not in (errno.EINVAL, None):
             raise BadFile(f"{path} cannot be read ({err.strerror})", "check its permissions and the disk") from None

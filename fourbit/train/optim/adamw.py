@@ -12,9 +12,9 @@
 
 Defaults follow bitsandbytes: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, and in
 8-bit optimizers tensors with fewer than `min_8bit_size` = 4096 elements keep float32 states.
-The maths is in `functional.py` (the reference); on CUDA each step runs as one fused Triton launch
-per state segment (`fourbit.kernels.optim8bit`, bit-identical; FOURBIT_BACKEND picks). The paging is
-in `pager.py`. Paged and unpaged optimizers give the same bits: the pager only decides where the
+The maths is in `fourbit/nf4/adamw.py` (the reference); on CUDA each step runs as one fused Triton
+launch per state segment (`fourbit/kernels/adamw.py`, bit-identical); `fourbit.dispatch` picks. The
+paging is in `pager.py`, the saved form (`state_dict`) in `saved_state.py`. Paged and unpaged optimizers give the same bits: the pager only decides where the
 states live.
 
 Choices where bitsandbytes gives none or differs:
@@ -23,7 +23,7 @@ Choices where bitsandbytes gives none or differs:
   bitsandbytes' 32-bit step lets the NaN into the states; its CUDA 8-bit step zeroes the states of
   the non-finite elements. Skipping keeps a single bad batch from erasing what the states learnt.
 * Sparse gradients raise (AdamW's states are dense).
-* `state_dict()` stores bitsandbytes' key names (step, state1, state2, absmax1, absmax2, qmap1,
+* `state_dict()` (saved_state.py) stores bitsandbytes' key names (step, state1, state2, absmax1, absmax2, qmap1,
   qmap2) plus a "fourbit" entry naming the state format; `load_state_dict` refuses a dict from
   another optimizer, with other state bits, or with other shapes. Paged and unpaged dicts are
   interchangeable.
@@ -36,26 +36,16 @@ from typing import Any
 
 import torch
 
-from ...dispatch import backend_for
-from ...errors import BadFile
+from ... import dispatch
 from ...nf4 import dynamic_map
-from . import functional
+from ...nf4.adamw import QBLOCK
+from . import saved_state
 from .pager import DEFAULT_PAGE_BYTES, PagePool, PagerStats, StateLayout
 
 __all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
 
-_FORMAT = "fourbit-adamw"
 _NONFINITE = ("skip", "raise")
 _DEVICE_HEADROOM = 0.9  # default budget: this share of the device memory free at the first step
-
-
-def _update_for(name: str, p: torch.Tensor):
-    """`functional.<name>` or its Triton twin, as FOURBIT_BACKEND chooses for p (auto: Triton on CUDA)."""
-    if backend_for(p) == "triton":
-        from ...kernels import optim8bit
-
-        return getattr(optim8bit, name)
-    return getattr(functional, name)
 
 
 class _AdamWBase(torch.optim.Optimizer):
@@ -140,7 +130,7 @@ class _AdamWBase(torch.optim.Optimizer):
             pool = self._pool_for(p.device)
             space = self._spaces.setdefault(bits, {"pages": [], "size": 0})
             state["offset"] = space["size"]
-            space["size"] += -(-n // functional.QBLOCK) * functional.QBLOCK
+            space["size"] += -(-n // QBLOCK) * QBLOCK
             chunk = StateLayout(bits, self.page_bytes).chunk
             while len(space["pages"]) * chunk < space["size"]:
                 space["pages"].append(pool.new_page())
@@ -148,7 +138,7 @@ class _AdamWBase(torch.optim.Optimizer):
             state["state1"] = torch.zeros(n, dtype=torch.float32, device=p.device)
             state["state2"] = torch.zeros(n, dtype=torch.float32, device=p.device)
         else:
-            nb = -(-n // functional.QBLOCK)
+            nb = -(-n // QBLOCK)
             state["state1"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
             state["state2"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
             state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
@@ -171,12 +161,12 @@ class _AdamWBase(torch.optim.Optimizer):
     def _update(self, p_flat, g_flat, views: dict[str, torch.Tensor], hyper: dict) -> None:
         if "absmax1" in views:
             qmap1, qmap2 = self._qmaps_on(p_flat.device)
-            _update_for("adamw_update_8bit", p_flat)(
+            dispatch.adamw_update_8bit(
                 p_flat, g_flat, views["state1"], views["state2"], views["absmax1"], views["absmax2"], qmap1, qmap2,
                 **hyper,
             )
         else:
-            _update_for("adamw_update_32bit", p_flat)(p_flat, g_flat, views["state1"], views["state2"], **hyper)
+            dispatch.adamw_update_32bit(p_flat, g_flat, views["state1"], views["state2"], **hyper)
 
     def _ready_params(self) -> list[tuple[dict, torch.Tensor]]:
         """(group, p) for every parameter to update now; initialises states, skips non-finite grads."""
@@ -268,121 +258,12 @@ class _AdamWBase(torch.optim.Optimizer):
             self.pool.release(pid)
         return loss
 
-    # -- saving and loading --------------------------------------------------------------------
-    def _export(self, p: torch.Tensor) -> dict:
-        """The saved form of p's state: bitsandbytes' keys, whole (unpaged) tensors, fresh copies."""
-        state = self.state[p]
-        out = {"step": state["step"], "nonfinite_skips": state["nonfinite_skips"]}
-        if self.paged:
-            layout = StateLayout(state["bits"], self.page_bytes)
-            parts: dict[str, list[torch.Tensor]] = {}
-            for _, pid, at, count, _ in self._segments(p):
-                for key, view in layout.views(self.pool.read(pid), at, count).items():
-                    parts.setdefault(key, []).append(view)
-            tensors = {key: torch.cat(chunks) for key, chunks in parts.items()}
-        else:
-            tensors = {k: state[k].clone() for k in ("state1", "state2", "absmax1", "absmax2") if k in state}
-        out.update(tensors)
-        if state["bits"] == 8:
-            out["qmap1"], out["qmap2"] = (q.clone() for q in self._qmaps_on(p.device))
-        return out
-
+    # -- saving and loading (fourbit/train/optim/saved_state.py) -------------------------------
     def state_dict(self) -> dict:
-        index: dict[int, int] = {}
-        groups = []
-        for group in self.param_groups:
-            saved = {k: v for k, v in group.items() if k != "params"}
-            saved["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
-            groups.append(saved)
-        state = {
-            index[id(p)]: self._export(p) for group in self.param_groups for p in group["params"] if p in self.state
-        }
-        info = {"format": _FORMAT, "optim_bits": self.optim_bits, "min_8bit_size": self.min_8bit_size}
-        return {"state": state, "param_groups": groups, "fourbit": info}
-
-    def _check_saved(self, p: torch.Tensor, i: int, saved: dict) -> int:
-        """The state bits of a saved entry for parameter index i; ValueError if it cannot be p's state."""
-        for key in ("step", "state1", "state2"):
-            if key not in saved:
-                raise ValueError(f"saved state of parameter {i} lacks {key!r}; it has {sorted(saved)}")
-        s1, s2 = saved["state1"], saved["state2"]
-        bits = 8 if s1.dtype == torch.uint8 else 32
-        if bits != self._bits_for(p):
-            raise ValueError(
-                f"parameter {i} ({p.numel()} elements) needs {self._bits_for(p)}-bit states here, "
-                f"the saved ones are {bits}-bit"
-            )
-        want_dtype = torch.uint8 if bits == 8 else torch.float32
-        for name, t in (("state1", s1), ("state2", s2)):
-            if t.dtype != want_dtype or t.numel() != p.numel():
-                raise ValueError(
-                    f"saved {name} of parameter {i} is {t.dtype} with {t.numel()} elements; "
-                    f"the parameter has shape {tuple(p.shape)} ({p.numel()} elements), so {want_dtype} is needed"
-                )
-        if bits == 8:
-            nb = -(-p.numel() // functional.QBLOCK)
-            for name in ("absmax1", "absmax2"):
-                t = saved.get(name)
-                if t is None or t.dtype != torch.float32 or t.numel() != nb:
-                    raise ValueError(f"saved {name} of parameter {i} must be float32 with {nb} blocks, got {t!r}")
-        return bits
-
-    def _import(self, p: torch.Tensor, saved: dict) -> None:
-        state = self.state[p] if p in self.state else self._init_state(p)
-        state["step"] = int(saved["step"])
-        state["nonfinite_skips"] = int(saved.get("nonfinite_skips", 0))
-        if not self.paged:
-            for key in ("state1", "state2", "absmax1", "absmax2"):
-                if key in state:
-                    state[key].copy_(saved[key].reshape(-1))
-            return
-        layout = StateLayout(state["bits"], self.page_bytes)
-        for _, pid, at, count, start in self._segments(p):  # pages are shared: read, modify, write
-            page = self.pool.read(pid)
-            for key, view in layout.views(page, at, count).items():
-                scale = 1 if key in ("state1", "state2") else functional.QBLOCK
-                view.copy_(saved[key].reshape(-1)[start // scale : start // scale + view.numel()])
-            self.pool.write(pid, page)
+        return saved_state.export_state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        info = state_dict.get("fourbit") if isinstance(state_dict, dict) else None
-        if not isinstance(info, dict) or info.get("format") != _FORMAT:
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            raise ValueError(f"not a fourbit AdamW state dict (no 'fourbit' format entry); it has {keys}")
-        if info["optim_bits"] != self.optim_bits:
-            raise ValueError(
-                f"the state dict comes from an AdamW with {info['optim_bits']}-bit states; this optimizer "
-                f"({type(self).__name__}) keeps {self.optim_bits}-bit states"
-            )
-        missing = [k for k in ("state", "param_groups") if k not in state_dict]
-        if missing:
-            raise BadFile(
-                f"the optimizer state dict has no {' or '.join(repr(k) for k in missing)} entry (it has {sorted(state_dict)})",
-                "pass the dict optimizer.state_dict() returned, unmodified",
-            )
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"the state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
-            )
-        pairs = []
-        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"parameter group {g} has {len(group['params'])} parameters, the saved one {len(saved['params'])}"
-                )
-            pairs += [(p, i) for p, i in zip(group["params"], saved["params"])]
-        saved_state = state_dict["state"]
-        for p, i in pairs:  # validate everything before changing anything
-            if i in saved_state:
-                self._check_saved(p, i, saved_state[i])
-        for p, i in pairs:
-            if i in saved_state:
-                self._import(p, saved_state[i])
-            elif p in self.state:
-                del self.state[p]
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        saved_state.import_state_dict(self, state_dict)
 
 
 def _common(lr, betas, eps, weight_decay, amsgrad, args, min_8bit_size, device_budget_bytes, page_bytes, nonfinite):

@@ -1,5 +1,8 @@
 """One AdamW step on flat tensors: the reference (plain PyTorch) for 32-bit and 8-bit states.
 
+`fourbit.kernels.adamw` holds the Triton twins (same names, same signatures, same bits);
+`fourbit.dispatch` picks one; the optimizers (`fourbit.train.optim`) call dispatch.
+
 AdamW (Loshchilov & Hutter), in the form bitsandbytes computes on CPU (SPEC §7), step t >= 1:
 
     m  <- beta1 m + (1 - beta1) g                    first moment
@@ -42,7 +45,7 @@ import math
 
 import torch
 
-from ...nf4 import dequantize_blockwise, quantize_blockwise
+from .blockwise import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["adamw_update_32bit", "adamw_update_8bit", "sqrt_rn", "QBLOCK"]
 

@@ -1,9 +1,9 @@
 """Triton fused AdamW steps: 8-bit blockwise states (dequantize, update, requantize in one pass),
 and the same step with 32-bit states.
 
-Each must equal its namesake in `fourbit.train.optim.functional` bit for bit (same name, same
+Each must equal its namesake in `fourbit.nf4.adamw` (the reference) bit for bit (same name, same
 signature). Per element i of block b (256 elements), with fl = one float32 rounding and every
-constant rounded to float32 first, exactly as torch's CPU ops round (see functional.py):
+constant rounded to float32 first, exactly as torch's CPU ops round (see fourbit/nf4/adamw.py):
 
   8-bit, `adamw_update_8bit`:
     m  = fl(qmap1[q1[i]] * absmax1[b]);  v = fl(qmap2[q2[i]] * absmax2[b])      dequantize
@@ -17,9 +17,9 @@ constant rounded to float32 first, exactly as torch's CPU ops round (see functio
   32-bit, `adamw_update_32bit`: m and v as above, read and written as float32, then
     P  = fl(P * (1 - lr wd));   P = fma(fl(m / fl(sqrt(v) + fl(eps c2))), -lr c2 / c1, P)
 
-`nearest` is the nearest code with exact ties going to the even index (bitsandbytes' CUDA search):
-eight binary-search probes into the 255 float32 midpoints count those strictly below s, a ninth
-probe detects a tie. An all-zero block gets absmax 0 and codes 0.
+`nearest` is the nearest code with exact ties going to the even index (bitsandbytes' CUDA search,
+`_triton_utils.nearest_code`): eight binary-search probes into the 255 float32 midpoints count those
+strictly below s, a ninth probe detects a tie. An all-zero block gets absmax 0 and codes 0.
 
 Memory traffic per element with fp32 p and g: 8-bit reads p, g, q1, q2 (10 bytes) and writes p, q1,
 q2 (6): 16 bytes, against 28 for 32-bit states (reads p, g, m, v; writes p, m, v). The absmax
@@ -40,27 +40,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ..nf4.adamw import QBLOCK
+from ..nf4.blockwise import code_midpoints
 from ..nf4.checks import FLOAT_DTYPES
-from ._triton_utils import LAUNCH_OPTIONS, KernelSpec, check_launch_device
+from ._triton_utils import LAUNCH_OPTIONS, POINTER_TYPES, KernelSpec, check_launch_device, nearest_code
 
 __all__ = ["adamw_update_8bit", "adamw_update_32bit", "compile_specs"]
 
-QBLOCK = 256
 ROWS = 4
 BLOCK_32 = 1024
 NUM_WARPS = 4
-
-
-@triton.jit
-def _nearest(s, mid_ptr):
-    """Index of the nearest of the 256 sorted codes whose 255 midpoints are at mid_ptr; ties even."""
-    below = tl.zeros(s.shape, dtype=tl.int32)  # midpoints strictly below s, 0..255
-    for i in tl.static_range(8):  # steps 128, 64, ..., 1
-        probe = tl.load(mid_ptr + below + ((128 >> i) - 1))
-        below = tl.where(probe < s, below + (128 >> i), below)
-    at = tl.load(mid_ptr + below, mask=below < 255, other=0.0)
-    tie = (below < 255) & (at == s)
-    return tl.where(tie & ((below & 1) == 1), below + 1, below)
 
 
 @triton.jit
@@ -116,8 +105,8 @@ def _adamw_8bit_kernel(
     new_a2 = tl.max(v, axis=1)  # v >= 0
     s1 = m * tl.math.div_rn(1.0, new_a1)[:, None]  # NaN in an all-zero block (fixed below)
     s2 = v * tl.math.div_rn(1.0, new_a2)[:, None]
-    c1 = tl.where(new_a1[:, None] == 0.0, 0, _nearest(s1, mid1_ptr))
-    c2_code = tl.where(new_a2[:, None] == 0.0, 0, _nearest(s2, mid2_ptr))
+    c1 = tl.where(new_a1[:, None] == 0.0, 0, nearest_code(s1, mid1_ptr))
+    c2_code = tl.where(new_a2[:, None] == 0.0, 0, nearest_code(s2, mid2_ptr))
     tl.store(q1_ptr + offs, c1.to(tl.uint8), mask=mask)
     tl.store(q2_ptr + offs, c2_code.to(tl.uint8), mask=mask)
     tl.store(absmax1_ptr + rows, new_a1, mask=row_mask)
@@ -197,8 +186,7 @@ def adamw_update_8bit(
     c1, c2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
     constants = [beta1, 1.0 - beta1, beta2, 1.0 - beta2, c2, eps, 1.0 - lr * weight_decay, -lr / c1]
     scalars = torch.tensor(constants, dtype=torch.float32).tolist()  # each rounded once to fp32, like torch
-    mid1 = (qmap1[:-1] + qmap1[1:]) * 0.5  # (255,) as the reference's nearest_code
-    mid2 = (qmap2[:-1] + qmap2[1:]) * 0.5
+    mid1, mid2 = code_midpoints(qmap1), code_midpoints(qmap2)  # (255,) each, as the reference's nearest_code
     if n:
         _adamw_8bit_kernel[(triton.cdiv(nb, ROWS),)](
             p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, mid1, mid2, *scalars, n, nb,
@@ -237,13 +225,10 @@ def adamw_update_32bit(
         )
 
 
-_P_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def compile_specs() -> list[KernelSpec]:
     """Both kernels for fp32 / bf16 / fp16 parameters (gradient in the parameter's dtype)."""
     specs = []
-    for dtype, ptr in _P_TYPES.items():
+    for dtype, ptr in POINTER_TYPES.items():
         specs.append(
             KernelSpec(
                 name=f"adamw_8bit[{str(dtype)[6:]}]",

@@ -1,4 +1,4 @@
-"""matmul_4bit (fourbit.lora.functional): autograd, what it saves, torch.library registration,
+"""matmul_4bit (fourbit.lora.autograd): autograd, what it saves, torch.library registration,
 torch.compile without graph breaks, and Triton gradients against reference gradients."""
 
 import torch
@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from fourbit.kernels._triton_utils import interpreting
-from fourbit.lora.functional import matmul_4bit
+from fourbit.lora.autograd import matmul_4bit
 from fourbit.nf4 import dequantize, quantize
 
 
