@@ -11,6 +11,13 @@ the dataclass so the two cannot drift apart.
 
 There is no `fourbit bench`: the library never imports `benchmarks/` (which is not part of the
 installed package); run a benchmark from a clone as `python -m benchmarks.bench_<op>`.
+
+Errors: a mistake the user can fix ends in one line on stderr,
+    fourbit <command>: error: <what> — <how to fix>
+and exit status 2 (a diverged run: 3; an interrupted one: 130 / 143). The library raises a typed
+`fourbit.errors.UserError` where it knows what went wrong; argparse's own errors are printed the
+same way. Anything else is a bug and keeps its traceback; `--debug` shows the traceback of a
+UserError too.
 """
 
 from __future__ import annotations
@@ -18,9 +25,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shlex
 import sys
 import typing
+
+from .errors import MissingFile, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format (its default prints the usage block first)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} — see '{self.prog} --help'", file=sys.stderr)
+        sys.exit(2)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # argparse reports a ValueError as "invalid _finite_float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+_finite_float.__name__ = "float"  # argparse names the type in "invalid float value: 'x'"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -41,7 +70,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="+", default=None, help=f"modules to adapt (default: {' '.join(field.default)})")
             continue
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # Optional[X] -> X
-        parser.add_argument(flag, type=base, default=None, help=f"default: {field.default}")
+        # inf and NaN pass every range check and then wreck the run: refused while parsing
+        parser.add_argument(flag, type=_finite_float if base is float else base, default=None, help=f"default: {field.default}")
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -55,9 +85,15 @@ def _finetune(args: argparse.Namespace) -> int:
     config = TrainConfig(**given)
     trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(trainer.param_summary)
-    summary = trainer.train()
-    if summary["interrupted"]:
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM: the step was abandoned, nothing written
+        print("fourbit finetune: stopped at once by a second signal; the last checkpoint (if any) is unchanged", file=sys.stderr)
         return 130
+    if summary["interrupted"]:
+        again = [a for a in args.argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+        print(f"continue with: fourbit {shlex.join(again)}")
+        return 128 + summary["signal"]
     print(f"exact match on the eval set: before {summary['exact_match_before']:.3f}  after {summary['exact_match_after']:.3f}"
           if summary["exact_match_before"] is not None else "no eval split (fewer than 10 records)")
     print(f"loss: first step {summary['first_loss']:.4f}  last step {summary['last_loss']:.4f}")
@@ -67,17 +103,17 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from .lora import load_adapter
+    from .lora.adapters import read_adapter_config
     from .train.models import EMBEDDED, load_quantized
     from .train.task import generate
 
-    with open(os.path.join(args.adapter, "adapter_config.json")) as f:
-        base = json.load(f).get("base_model_name_or_path")
+    base = read_adapter_config(args.adapter).get("base_model_name_or_path")
     model_spec = args.model or base
     if not model_spec or not os.path.exists(model_spec):
         if model_spec and os.path.basename(model_spec).startswith("smollm2-135m-instruct"):
             model_spec = EMBEDDED  # the embedded model's cache directory on another machine
-        else:
-            raise SystemExit(f"the adapter's base model {model_spec!r} does not exist here; pass --model")
+        elif not args.model:
+            raise MissingFile(f"the adapter's base model {model_spec!r} does not exist here", "pass --model")
     model, tokenizer, _ = load_quantized(model_spec)
     load_adapter(model, args.adapter)
     print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
@@ -99,7 +135,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fourbit", description="NF4 quantization and QLoRA fine-tuning")
+    parser = _Parser(prog="fourbit", description="NF4 quantization and QLoRA fine-tuning")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="quantize a real weight matrix and compare with bitsandbytes")
@@ -134,22 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="compile every Triton kernel for sm_80/89/90a and report registers, spills, SASS")
     r.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for fourbit.kernels.report (e.g. --json FILE)")
     r.set_defaults(func=_report)
+    for command in (demo, ft, gen, q):
+        command.add_argument("--debug", dest="debug_here", action="store_true", help="show the traceback of an error too")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # report passes its arguments through; argparse's REMAINDER misses a leading "--flag"
+    # report passes their arguments through; argparse's REMAINDER misses a leading "--flag"
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if extra and args.command != "report":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.rest = args.rest + extra
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except UserError as err:  # only these: any other exception is a bug and shows its traceback
+        if args.debug or getattr(args, "debug_here", False):
+            raise
         print(f"fourbit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 if __name__ == "__main__":

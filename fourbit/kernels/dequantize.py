@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4.checks import ALLOWED_BLOCKSIZES, FLOAT_DTYPES
+from ..nf4.checks import ALLOWED_BLOCKSIZES, FLOAT_DTYPES, check_float_dtype
 from ..nf4.quant import check_packed
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
 from ._decode import lane_table, lookup_bytes
@@ -99,8 +99,7 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     """Dense tensor of `state.shape` in `dtype` (default: the dtype that was quantized), equal to
     `fourbit.nf4.dequantize` bit for bit."""
     dtype = dtype or state.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype(dtype)
     out = torch.empty(state.numel, dtype=dtype, device=packed.device)
     return dequantize_into(packed, state, out).view(state.shape)
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..nf4.checks import ALLOWED_BLOCKSIZES, check_blocksize, check_finite, check_float_tensor, check_quant_type
 from ..nf4.blockwise import code_midpoints
-from ..nf4.checks import check_storage
+from ..nf4.checks import check_scales_fit, check_storage
 from ..nf4.codes import FP4_THRESHOLDS, NF4_THRESHOLDS, code_for, dynamic_map
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
 from ._triton_utils import LAUNCH_OPTIONS, POINTER_TYPES, KernelSpec, check_launch_device, nearest_code
@@ -180,6 +180,7 @@ def quantize(
     )
     if double_quant:
         state.absmax, state.offset, state.nested = _double_quantize(absmax)
+        check_scales_fit(x, state)
     return packed, state
 
 

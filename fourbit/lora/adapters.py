@@ -21,11 +21,11 @@ import json
 import os
 
 import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
-from ..nf4.files import atomic_write
+from ..errors import BadFile, InvalidInput, MissingFile, output_error
+from ..nf4.files import atomic_write, safetensors_bytes, write_bytes
 from .layers import Linear4bit
 from .lora_linear import LoRALinear, check_lora_args
 from .surgery import lora_layers
@@ -46,7 +46,7 @@ def _uniform(layers: dict[str, LoRALinear], attr: str):
     values = {name: getattr(m, attr) for name, m in layers.items()}
     distinct = set(values.values())
     if len(distinct) != 1:
-        raise ValueError(f"LoRA layers disagree on {attr} ({values}); one adapter file needs a single value")
+        raise InvalidInput(f"LoRA layers disagree on {attr} ({values}); one adapter file needs a single value")
     return distinct.pop()
 
 
@@ -54,15 +54,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     """Write the LoRA weights of `model` and a PEFT adapter_config.json into `directory`."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("model has no LoRALinear layers; call add_lora(model, ...) first")
-    os.makedirs(directory, exist_ok=True)
+        raise InvalidInput("model has no LoRALinear layers; call add_lora(model, ...) first")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise output_error(directory, err) from err
     tensors = {}
     for name, layer in layers.items():
         tensors[_PREFIX + name + ".lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()  # (r, K)
         tensors[_PREFIX + name + ".lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()  # (N, r)
     dropout = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in layers.values()}
     if len(dropout) != 1:
-        raise ValueError(f"LoRA layers disagree on dropout ({sorted(dropout)}); one adapter file needs a single value")
+        raise InvalidInput(f"LoRA layers disagree on dropout ({sorted(dropout)}); one adapter file needs a single value")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = {
@@ -86,7 +89,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     metadata = {"format": "pt"}
     if _model_type(model) is not None:
         metadata["base_model_type"] = _model_type(model)
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    write_bytes(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def write_config(tmp):
@@ -96,14 +99,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
 
 
-def _read_config(directory: str) -> dict:
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """adapter_config.json of an adapter directory, checked; errors name the file and the fix."""
+    directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise InvalidInput(
+            f"{directory} is a file; an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}",
+            f"pass the directory that contains it ({os.path.dirname(directory) or '.'})",
+        )
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+        raise MissingFile(
+            f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}",
+            "pass the adapter directory a run wrote (e.g. runs/finetune/adapter)",
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadFile(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise BadFile(f"{path} holds a JSON {type(config).__name__}, not an object")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters can be loaded")
+        raise InvalidInput(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters can be loaded")
     unsupported = {
         "use_dora": (config.get("use_dora", False), False),
         "bias": (config.get("bias", "none"), "none"),
@@ -114,7 +132,7 @@ def _read_config(directory: str) -> dict:
     }
     for field, (value, supported) in unsupported.items():
         if value != supported:
-            raise ValueError(f"{path}: {field}={value!r} is not supported (only {supported!r})")
+            raise InvalidInput(f"{path}: {field}={value!r} is not supported (only {supported!r})")
     check_lora_args(config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0))
     return config
 
@@ -128,45 +146,48 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Errors name the first key whose module is missing or whose shape or rank does not match.
     """
     directory = os.fspath(directory)
-    config = _read_config(directory)
+    config = read_adapter_config(directory)
     r, alpha = config["r"], config["lora_alpha"]
     dropout, use_rslora = config.get("lora_dropout", 0.0), bool(config.get("use_rslora", False))
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found (adapters saved as adapter_model.bin are not supported: re-save with safetensors)")
-    with safetensors.safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        keys = list(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys}
+        raise MissingFile(f"{path} not found", "adapters saved as adapter_model.bin are not supported: re-save with safetensors")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except safetensors.SafetensorError as err:  # empty, truncated or not safetensors at all
+        raise BadFile(f"{path} is not a readable safetensors file ({err})") from None
     saved_type, model_type = metadata.get("base_model_type"), _model_type(model)
     if saved_type is not None and model_type is not None and saved_type != model_type:
-        raise ValueError(f"{path} was saved from a {saved_type!r} model; this model is {model_type!r}")
+        raise InvalidInput(f"{path} was saved from a {saved_type!r} model; this model is {model_type!r}")
 
     plan: dict[str, dict[str, torch.Tensor]] = {}
     for key in keys:
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if not key.startswith(_PREFIX) or suffix is None:
-            raise ValueError(f"{path}: key {key!r} is not '{_PREFIX}<module>.lora_A.weight' or '.lora_B.weight'")
+            raise InvalidInput(f"{path}: key {key!r} is not '{_PREFIX}<module>.lora_A.weight' or '.lora_B.weight'")
         name = key[len(_PREFIX) : -len(suffix)]
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path}: key {key!r} names module {name!r}, which this model does not have") from None
+            raise InvalidInput(f"{path}: key {key!r} names module {name!r}, which this model does not have") from None
         base = module.base if isinstance(module, LoRALinear) else module
         if not isinstance(base, (Linear4bit, nn.Linear)):
-            raise ValueError(f"{path}: key {key!r} names {name!r}, a {type(base).__name__}, not a linear layer")
+            raise InvalidInput(f"{path}: key {key!r} names {name!r}, a {type(base).__name__}, not a linear layer")
         if isinstance(module, LoRALinear) and module.r != r:
-            raise ValueError(f"{path}: key {key!r}: the model's layer has rank {module.r}, the adapter has r={r}")
+            raise InvalidInput(f"{path}: key {key!r}: the model's layer has rank {module.r}, the adapter has r={r}")
         expected = (r, base.in_features) if suffix == ".lora_A.weight" else (base.out_features, r)
         if tuple(tensors[key].shape) != expected:
-            raise ValueError(f"{path}: key {key!r} has shape {tuple(tensors[key].shape)}, this model needs {expected}")
+            raise InvalidInput(f"{path}: key {key!r} has shape {tuple(tensors[key].shape)}, this model needs {expected}")
         plan.setdefault(name, {})[suffix] = tensors[key]
     for name, pair in plan.items():
         if len(pair) != 2:
-            raise ValueError(f"{path}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B")
+            raise InvalidInput(f"{path}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B")
     missing = sorted(set(lora_layers(model)) - set(plan))
     if missing:
-        raise ValueError(f"{path} has no weights for the model's LoRA layers {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        raise InvalidInput(f"{path} has no weights for the model's LoRA layers {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
     if any(not isinstance(model.get_submodule(name), LoRALinear) for name in plan):
         for p in model.parameters():

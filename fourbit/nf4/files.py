@@ -5,56 +5,140 @@ A quantized entry `name -> (packed, QuantState)` is stored as
     name.absmax, name.quant_map, name.nested_absmax, name.nested_quant_map
     name.quant_state.bitsandbytes__nf4     JSON blob (see QuantState.to_dict)
 exactly as `bnb.nn.Linear4bit.state_dict()` and transformers' 4-bit checkpoints lay them out.
-Plain tensors are stored as they are. Writes go to a temporary file that is renamed into place.
+Plain tensors are stored as they are.
+
+Every file fourbit writes goes through `atomic_write`: a temporary file in the same directory,
+fsync'd, given the permissions the umask allows (mkstemp's 0600 would make an adapter unreadable
+to a colleague), renamed into place, and the directory fsync'd so the rename survives a power loss.
+A failed write (full disk, read-only directory) leaves the old file and raises `OutputError`, which
+says "disk full" rather than the serializer's own words. Safetensors headers are written with the
+`__metadata__` keys sorted (the Rust serializer keeps them in a hash map, so two identical runs
+otherwise write different bytes).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import struct
 import tempfile
 from typing import Mapping, Union
 
+import safetensors
 import safetensors.torch
 import torch
 
+from ..errors import BadFile, InvalidInput, MissingFile, output_error
 from .state import _BLOB_KEY, QuantState
 
-__all__ = ["save_file", "load_file", "atomic_write", "split_quantized"]
+__all__ = [
+    "save_file", "load_file", "read_safetensors", "atomic_write", "write_bytes", "safetensors_bytes", "save_safetensors_file",
+    "fsync_dir", "split_quantized",
+]
 
 Entry = Union[torch.Tensor, tuple[torch.Tensor, QuantState]]
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make renames and creations inside `directory` durable."""
+    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path), then rename tmp_path onto path; on any error the old file stays."""
+    """Call write(tmp_path), then rename tmp_path onto path; on any error the old file stays.
+    An OSError (disk full, read-only, a file where a directory should be) becomes OutputError."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        fsync_dir(directory)
+    except OSError as err:
+        raise output_error(path, err) from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically write `data` to `path` (Python's own write, so a full disk is an OSError)."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def save_safetensors_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save_file for files too large to hold twice in memory (a whole model):
+    written straight to `path` (callers write into a temporary directory), its I/O errors raised
+    as OutputError. With at most one metadata key the bytes equal `safetensors_bytes`'."""
+    try:
+        safetensors.torch.save_file(dict(tensors), os.fspath(path), metadata=metadata)
+    except safetensors.SafetensorError as err:  # "I/O error: No space left on device (os error 28)"
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise output_error(path, OSError(code, os.strerror(code))) from err
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes, `__metadata__` sorted by key, so equal inputs give equal bytes.
+
+    Layout: u64 little-endian header length N, N bytes of JSON (space-padded to a multiple of 8),
+    then the tensor data, which the header addresses relative to its own end."""
+    raw = safetensors.torch.save(dict(tensors), metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
 
 
 def save_file(path: str | os.PathLike, tensors: Mapping[str, Entry], metadata: dict[str, str] | None = None) -> None:
-    """Write plain tensors and (packed, QuantState) pairs to one safetensors file, atomically."""
+    """Write plain tensors and (packed, QuantState) pairs to one safetensors file, atomically.
+    A name that two entries would both write (a plain "w.absmax" next to a 4-bit "w") is refused."""
     flat: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}  # flat key -> the entry that wrote it
     for name, entry in tensors.items():
         if isinstance(entry, tuple):
             packed, state = entry
             if not isinstance(state, QuantState):
                 raise TypeError(f"{name}: expected (packed, QuantState), got a {type(state).__name__}")
-            flat[name] = packed
-            flat.update(state.to_dict(prefix=name + "."))
+            parts = {name: packed, **state.to_dict(prefix=name + ".")}
         else:
-            flat[name] = entry
+            parts = {name: entry}
+        for key, value in parts.items():
+            if key in owner:
+                raise InvalidInput(
+                    f"two entries would be stored under the key {key!r} (from {owner[key]!r} and {name!r})",
+                    "rename one of them: a 4-bit entry 'w' also writes 'w.absmax', 'w.quant_map', ...",
+                )
+            owner[key] = name
+            flat[key] = value
     flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(flat, tmp, metadata=metadata))
+    write_bytes(path, safetensors_bytes(flat, metadata))
 
 
 def split_quantized(flat: Mapping[str, torch.Tensor]) -> dict[str, Entry]:
@@ -86,10 +170,18 @@ def split_quantized(flat: Mapping[str, torch.Tensor]) -> dict[str, Entry]:
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Entry]:
     """Read a file written by `save_file` (or by bitsandbytes/transformers); quantized entries
     come back as (packed, QuantState). A truncated or corrupt file raises ValueError."""
+    return split_quantized(read_safetensors(path, device))
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """safetensors.torch.load_file with errors that name the file: MissingFile, or BadFile for a
+    directory, an empty, truncated or corrupt file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise BadFile(f"{path} is a directory, not a safetensors file", "give the path of the .safetensors file inside it")
+    if not os.path.exists(path):
+        raise MissingFile(f"{path} does not exist")
     try:
-        flat = safetensors.torch.load_file(os.fspath(path), device=str(device))
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # safetensors raises its own error type for truncated headers/data
-        raise ValueError(f"{os.fspath(path)}: not a readable safetensors file ({err})") from None
-    return split_quantized(flat)
+        return safetensors.torch.load_file(path, device=str(device))
+    except safetensors.SafetensorError as err:  # truncated header or data, not JSON, empty file
+        raise BadFile(f"{path} is not a readable safetensors file ({err})") from None

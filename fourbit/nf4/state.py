@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Mapping
 
 import torch
 
+from ..errors import BadFile
 from .blockwise import dequantize_blockwise
 from .checks import ALLOWED_BLOCKSIZES, FLOAT_DTYPES
 from .codes import code_for, dynamic_map
@@ -196,7 +198,10 @@ class QuantState:
         blocksize = _meta_field(meta, blob_key, "blocksize", int)
         if blocksize not in ALLOWED_BLOCKSIZES:
             raise ValueError(f"{blob_key}: blocksize {blocksize} is not one of {list(ALLOWED_BLOCKSIZES)}")
-        shape = torch.Size(_meta_field(meta, blob_key, "shape", list))
+        dims = _meta_field(meta, blob_key, "shape", list)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in dims):
+            raise BadFile(f"{blob_key}: shape must be a list of non-negative integers, got {dims!r}", _CORRUPT)
+        shape = torch.Size(dims)
         dtype = _DTYPE_NAMES.get(_meta_field(meta, blob_key, "dtype", str))
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"{blob_key}: dtype {meta['dtype']!r} is not one of {list(_DTYPE_NAMES)}")
@@ -213,6 +218,8 @@ class QuantState:
         quant_map = _tensor(d, prefix + "quant_map", torch.float32, (16,))
         if not torch.equal(quant_map.cpu(), code):
             raise ValueError(f"{prefix}quant_map does not equal the {quant_type} table; the file is corrupt or not {quant_type}")
+        if not nested:
+            _check_finite_scales(prefix + "absmax", absmax)
         state = cls(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type, code=code)
         if nested:
             nbs = _meta_field(meta, blob_key, "nested_blocksize", int)
@@ -221,7 +228,10 @@ class QuantState:
             if meta["nested_dtype"] != "float32":
                 raise ValueError(f"{blob_key}: nested_dtype must be 'float32', got {meta['nested_dtype']!r}")
             offset = _meta_field(meta, blob_key, "nested_offset", (int, float))
+            if isinstance(offset, bool) or not math.isfinite(offset):
+                raise BadFile(f"{blob_key}: nested_offset must be a finite number, got {offset!r}", _CORRUPT)
             absmax2 = _tensor(d, prefix + "nested_absmax", torch.float32, (-(-nb // nbs),))
+            _check_finite_scales(prefix + "nested_absmax", absmax2)
             nested_map = _tensor(d, prefix + "nested_quant_map", torch.float32, (256,))
             if not torch.equal(nested_map.cpu(), dynamic_map(signed=True)):
                 raise ValueError(f"{prefix}nested_quant_map is not the signed dynamic map")
@@ -232,6 +242,16 @@ class QuantState:
         else:
             state = state.to(absmax.device)
         return state
+
+
+_CORRUPT = "the file is damaged or was not written by bitsandbytes/transformers/fourbit: re-export the model"
+
+
+def _check_finite_scales(key: str, scales: torch.Tensor) -> None:
+    bad = ~torch.isfinite(scales)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise BadFile(f"{key} holds {int(bad.sum())} non-finite scale(s); the first is {scales[i].item()} at {i}", _CORRUPT)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -26,12 +26,14 @@ Atomicity: the collective part (gathering) runs on every rank; rank 0 alone then
 file into `<parent>/.<name>-new` and swaps it in with renames (old -> .<name>-old, new -> <name>,
 delete old), all in `_write_atomically`. If any write fails -- a full disk, Ctrl-C -- the previous
 checkpoint is untouched; `load` also recovers the one window where `<name>` is briefly absent (the
-old copy is still at .<name>-old).
+old copy is still at .<name>-old). Every file is written through `atomic_write` (fsync'd, umask
+permissions, OutputError "disk full" on failure) and both directories are fsync'd around the swap, so
+a power loss cannot leave a torn file behind a completed rename. `load` reads every file before it
+changes anything, and a truncated or damaged one raises BadFile naming it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -40,9 +42,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import MissingFile, output_error
 from ..lora import load_adapter, save_adapter
+from ..nf4.files import fsync_dir
 from . import distributed
 from .parallel import full_lora_weights, unwrap
+from .rundir import read_json, read_torch, write_json, write_torch
 
 __all__ = ["CHECKPOINT", "exists", "save", "load", "optimizer_state", "load_optimizer_state"]
 
@@ -176,29 +181,21 @@ def _write_atomically(directory: str, writers: dict[str, Callable[[str], None]])
     all or nothing: everything goes into .<name>-new first, then two renames swap it in."""
     new, old = _aside(directory, "new"), _aside(directory, "old")
     shutil.rmtree(new, ignore_errors=True)
-    os.makedirs(new)
     try:
+        os.makedirs(new)
         for name, write in writers.items():
-            write(os.path.join(new, name))
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    if os.path.isdir(directory):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(new, directory)
+            write(os.path.join(new, name))  # each one fsync'd (atomic_write)
+        fsync_dir(new)
+        if os.path.isdir(directory):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(new, directory)
+        fsync_dir(os.path.dirname(os.path.abspath(directory)))
+    except OSError as err:
+        raise output_error(new, err) from err
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # gone already after a successful swap
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _json_writer(data: dict) -> Callable[[str], None]:
-    def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    return write
 
 
 def _mode_of(model: nn.Module) -> str:
@@ -221,9 +218,9 @@ def save(directory, model: nn.Module, optimizer: torch.optim.Optimizer, *, step:
         if distributed.is_main():
             _write_atomically(directory, {
                 "adapter": lambda path: save_adapter(plain, path, base_model_name_or_path=trainer.get("source")),
-                "optimizer.pt": lambda path: torch.save(opt, path),
-                "rng.pt": lambda path: torch.save(rng, path),
-                "trainer_state.json": _json_writer(trainer),
+                "optimizer.pt": lambda path: write_torch(path, opt),
+                "rng.pt": lambda path: write_torch(path, rng),
+                "trainer_state.json": lambda path: write_json(path, trainer),
             })  # fmt: skip
     distributed.barrier()
     return directory
@@ -240,13 +237,16 @@ def load(directory, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     distributed.barrier()
     missing = [name for name in _FILES if not os.path.exists(os.path.join(directory, name))]
     if missing:
-        raise FileNotFoundError(f"{directory} is not a checkpoint: {', '.join(missing)} missing (expected {', '.join(_FILES)})")
-    with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+        raise MissingFile(
+            f"{directory} is not a checkpoint: {', '.join(missing)} missing (expected {', '.join(_FILES)})",
+            "start again with --overwrite",
+        )
+    state = read_json(os.path.join(directory, "trainer_state.json"))  # every file read before anything changes
+    opt = read_torch(os.path.join(directory, "optimizer.pt"), weights_only=True)
+    rng = read_torch(os.path.join(directory, "rng.pt"), weights_only=False)  # Python's RNG state is a tuple
     with full_lora_weights(model, write_back=True) as plain:
         load_adapter(plain, os.path.join(directory, "adapter"))
-    load_optimizer_state(model, optimizer, torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
-    rng = torch.load(os.path.join(directory, "rng.pt"), weights_only=False)  # Python's RNG state is a tuple
+    load_optimizer_state(model, optimizer, opt)
     same_world = rng["world_size"] == distributed.world_size()
     _set_rng_state(rng["ranks"][distributed.rank() if same_world else 0])
     return state

@@ -9,9 +9,15 @@ finish on two CPU cores in a few minutes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "DEFAULT_TARGETS"]
+from ..errors import InvalidInput, Unavailable
+
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "DEFAULT_TARGETS", "TORCHRUN_ENV"]
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw8bit", "adamw8bit", "torch_adamw")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -60,7 +66,12 @@ class TrainConfig:
     def __post_init__(self):
         def need(ok: bool, message: str):
             if not ok:
-                raise ValueError(message)
+                flag = message.split(" ", 1)[0].replace("_", "-")
+                raise InvalidInput(message, f"pass a valid --{flag} (fourbit finetune --help lists the defaults)")
+
+        for f in dataclasses.fields(self):  # inf/NaN pass every range check below, then wreck the run
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number, got {value}")
 
         need(self.r > 0, f"r must be a positive integer, got {self.r}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
@@ -70,7 +81,7 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         need(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup}")
         need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        need(self.steps > 0 or self.epochs > 0, "give steps > 0 or epochs > 0")
+        need(self.steps > 0 or self.epochs > 0, "steps must be > 0, or 0 with epochs > 0")
         need(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         need(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
         need(self.max_length >= 8, f"max_length must be >= 8 tokens, got {self.max_length}")
@@ -94,6 +105,23 @@ class TrainConfig:
         need(self.checkpoint_interval >= 0, f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
         need(self.on_bad_line in ("stop", "skip"), f"on_bad_line must be 'stop' or 'skip', got {self.on_bad_line!r}")
 
+    def check_environment(self) -> None:
+        """Unavailable when this process cannot run the config as asked: a CUDA device without CUDA,
+        or --distributed outside torchrun. Checked before anything is loaded or deleted."""
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise Unavailable(
+                f"device {self.device!r} asked for, but CUDA is not available to this process",
+                "use --device cpu (or auto), or run where torch sees a GPU",
+            )
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if self.distributed != "none" and missing:
+            raise Unavailable(
+                f"--distributed {self.distributed} needs the torchrun environment, but {missing} are not set",
+                f"launch with `torchrun --nproc_per_node N -m fourbit.cli finetune --distributed {self.distributed} ...`",
+            )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets)
@@ -104,7 +132,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+            raise InvalidInput(f"unknown TrainConfig fields {unknown}", f"use the known fields {sorted(known)}")
         d = dict(d)
         if "targets" in d:
             d["targets"] = tuple(d["targets"])

@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from ..errors import BadFile, InvalidInput, MissingFile
+
 __all__ = ["Record", "Encoded", "read_jsonl", "encode", "encode_all", "collate", "batch_at", "prompt_ids"]
 
 IGNORE = -100  # label value that F.cross_entropy skips
@@ -43,9 +45,10 @@ def _parse(obj, where: str) -> Record:
         ok = all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
         if ok and msgs[-1]["role"] == "assistant" and len(msgs) >= 2:
             return Record([dict(m) for m in msgs[:-1]], msgs[-1]["content"])
-    raise ValueError(
+    raise BadFile(
         f"{where}: expected {{\"prompt\": str, \"response\": str}} or {{\"messages\": [...]}} ending with an "
-        f"assistant message, got {str(obj)[:120]!r}"
+        f"assistant message, got {str(obj)[:120]!r}",
+        "fix that line, or pass --on-bad-line skip",
     )
 
 
@@ -54,7 +57,7 @@ def read_jsonl(path: str | os.PathLike, *, on_bad_line: str = "stop") -> list[Re
     naming its line number, or with on_bad_line="skip" is skipped with one warning that counts them."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist (give a JSONL file or 'dates' for the embedded task)")
+        raise MissingFile(f"data file {path!r} does not exist", "give a JSONL file, or 'dates' for the embedded task")
     records, skipped = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -65,20 +68,20 @@ def read_jsonl(path: str | os.PathLike, *, on_bad_line: str = "stop") -> list[Re
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise ValueError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                    raise BadFile(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})", "fix that line, or pass --on-bad-line skip") from None
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+                    raise BadFile(f"{where}: not valid JSON ({err.msg})", "fix that line, or pass --on-bad-line skip") from None
                 records.append(_parse(obj, where))
-            except ValueError as err:
+            except BadFile as err:
                 if on_bad_line != "skip":
                     raise
-                skipped.append(str(err))
+                skipped.append(err.what)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} bad line(s) in {path}; first: {skipped[0]}", stacklevel=2)
     if not records:
-        raise ValueError(f"{path} holds no usable records")
+        raise BadFile(f"{path} holds no usable records", "give a JSONL file of {\"prompt\", \"response\"} or {\"messages\"} records")
     return records
 
 
@@ -118,7 +121,7 @@ def encode_all(tokenizer, records: list[Record], max_length: int) -> Encoded:
     for rec in records:
         ids, labels, cut = encode(tokenizer, rec, max_length)
         if all(x == IGNORE for x in labels):
-            raise ValueError(f"max_length={max_length} leaves no answer tokens for prompt {str(rec.prompt)[:80]!r}; raise it")
+            raise InvalidInput(f"max_length={max_length} leaves no answer tokens for prompt {str(rec.prompt)[:80]!r}", "raise --max-length")
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.truncated += cut
@@ -147,7 +150,7 @@ def batch_at(data: Encoded, micro_step: int, batch_size: int, seed: int, pad_id:
     n = len(data.input_ids)
     per_epoch = n // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples")
+        raise InvalidInput(f"batch_size={batch_size} is larger than the {n} training examples", "lower --batch-size or add data")
     epoch, k = divmod(micro_step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)[k * batch_size : (k + 1) * batch_size].tolist()

@@ -13,10 +13,22 @@ Dividing by the step's total token count (not each micro-batch's) makes grad_acc
 the same objective as one batch of k*b examples.
 
 Determinism: the seed fixes the LoRA init (torch's global RNG right before `add_lora`), the batch
-at each step (`data.batch_at`), and dropout (the RNG state, saved in checkpoints). Ctrl-C does not
-kill a step halfway: the first SIGINT sets a flag, the loop finishes the current step, writes a
-checkpoint and returns; a second SIGINT interrupts at once. `resume=True` reloads that checkpoint
-and continues with the same numbers an uninterrupted run would produce.
+at each step (`data.batch_at`), and dropout (the RNG state, saved in checkpoints). `resume=True`
+reloads a checkpoint and continues with the same numbers an uninterrupted run would produce.
+
+Failures (README "Failure behaviour"):
+  * SIGINT (Ctrl-C) and SIGTERM (docker stop, SLURM preemption, Kubernetes) take one path: the
+    first sets a flag, the loop finishes the current step, writes a checkpoint and returns
+    {"interrupted": True, "signal": n} (the CLI exits 128 + n: 130 / 143); a second one abandons
+    the step at once (the previous checkpoint stays).
+  * Divergence: a step whose loss or gradient norm is not finite, or the GRAD_NORM_PATIENCE-th
+    consecutive step with a gradient norm (before clipping) above GRAD_NORM_LIMIT, raises Diverged
+    before the optimizer applies it; so does a step after which a LoRA weight exceeds WEIGHT_LIMIT
+    (or is not finite). Nothing is written then, so the last checkpoint (and adapter) stay as they were.
+  * Everything is validated before the run directory changes: the environment, the config of a
+    resumed run (read from trainer_state.json before any tensor loads), the data and the model.
+    --overwrite then moves the old run aside and deletes it only once the new run has written a
+    checkpoint (see rundir.py).
 
 Where it runs is one object, `self.runtime` (`fourbit.train.distributed.Runtime`), the same code
 path in one process and under torchrun (`distributed="ddp"|"fsdp"`, see docs/distributed.md): the
@@ -34,7 +46,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -43,9 +54,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import Diverged, InvalidInput, MissingFile, RunExists
 from ..lora import add_lora, save_adapter, trainable_parameters
-from ..nf4.files import atomic_write
-from . import checkpoint, distributed, optim
+from ..nf4.files import write_bytes
+from . import checkpoint, distributed, optim, rundir
 from .config import TrainConfig
 from .data import IGNORE, batch_at, encode_all, read_jsonl
 from .models import load_quantized
@@ -53,12 +65,19 @@ from .parallel import full_lora_weights, wrap_model
 from .plot import plot_metrics
 from .task import date_task, exact_match
 
-__all__ = ["Trainer", "train", "lr_at", "RunDirExists"]
+__all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
 
-RUN_FILES = ("metrics.jsonl", "checkpoint", "summary.json", "adapter")
+# Divergence: a healthy QLoRA run's gradient norm (before clipping) stays below ~10 (SmolLM2 on the
+# date task: 0.3-4); 1e4 is far outside that, and three steps in a row rule out a single spike.
+GRAD_NORM_LIMIT = 1e4
+GRAD_NORM_PATIENCE = 3
+# LoRA weights start at |A| <= 1/sqrt(in_features), B = 0, and stay below ~1 in healthy runs. A huge
+# learning rate can saturate the model instead of producing NaN: with --lr 1e30 on the tiny test
+# Llama the loss stays finite (10.8), the gradients go to exactly 0 and the weights sit at ~3e29.
+WEIGHT_LIMIT = 1e4
 
 
-class RunDirExists(FileExistsError):
+class RunDirExists(RunExists):
     pass
 
 
@@ -98,45 +117,65 @@ def _build_optimizer(config: TrainConfig, params):
 class Trainer:
     """Holds the model, data and optimizer of one run directory.
 
-    `resume`: continue from `<output_dir>/checkpoint`. `overwrite`: delete an existing run first.
+    `resume`: continue from `<output_dir>/checkpoint`. `overwrite`: replace an existing run (set
+    aside by train(), deleted once this run has a checkpoint, restored if it fails before that).
     Without either, an output directory that already holds a run is refused.
     """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
         if resume and overwrite:
-            raise ValueError("resume and overwrite exclude each other")
+            raise InvalidInput("--resume and --overwrite exclude each other", "pass one of them")
+        config.check_environment()
         self.config = config
         self.run_dir = config.output_dir
         self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
         self.runtime = distributed.setup(config.distributed, device=config.device)  # one process or a torchrun rank
         self.is_main = self.runtime.is_main  # only rank 0 writes files
         self.progress = progress and self.is_main
-        self._prepare_run_dir(resume, overwrite)
         self.resume = resume
+        self._replacing = False  # True while an old run that --overwrite replaces is set aside
+        self._big_norms = 0  # consecutive steps with a gradient norm above GRAD_NORM_LIMIT
+        self._check_run_dir(resume, overwrite)
         self.metrics: list[dict] = []
         self._setup()
 
     # ---- setup -------------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
-        present = [f for f in RUN_FILES if os.path.exists(os.path.join(self.run_dir, f))]
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse what cannot work before anything loads or changes; --overwrite's replacement
+        happens in train(), after the data and model have loaded."""
+        if self.is_main and os.path.isdir(self.run_dir):
+            rundir.recover(self.run_dir)  # a replacement a kill interrupted
+        self.runtime.barrier()
+        present = rundir.present(self.run_dir)
+        self.overwrite = bool(present) and overwrite and not resume
         if resume:
             if not checkpoint.exists(self.checkpoint_dir):
-                raise FileNotFoundError(f"--resume: {self.run_dir!r} has no checkpoint to continue from")
-        elif present:
-            if not overwrite:
-                raise RunDirExists(
-                    f"{self.run_dir!r} already holds a run ({', '.join(present)}); pass --resume to continue it "
-                    "or --overwrite to replace it"
+                raise MissingFile(
+                    f"{self.run_dir!r} has no checkpoint to continue from",
+                    "drop --resume to start a new run, or give the --output-dir of the run to continue",
                 )
-            for f in (present + [".checkpoint-new", ".checkpoint-old", "loss.png"]) if self.is_main else ():
-                path = os.path.join(self.run_dir, f)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.unlink(path)
+            if os.path.isdir(self.checkpoint_dir):  # (else load() recovers an interrupted swap, then checks)
+                saved = rundir.read_json(os.path.join(self.checkpoint_dir, "trainer_state.json"))
+                self._check_same_config(saved.get("config", {}))
+        elif present and not overwrite:
+            raise RunDirExists(
+                f"{self.run_dir!r} already holds a run ({', '.join(present)})",
+                "pass --resume to continue it, or --overwrite to replace it",
+            )
         if self.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
+            rundir.prepare(self.run_dir)
         self.runtime.barrier()
+
+    def _check_same_config(self, saved: dict) -> None:
+        """InvalidInput naming each field that differs; output_dir may (a run directory can move)."""
+        wanted = self.config.to_dict()
+        changed = sorted(k for k in set(wanted) | set(saved) if saved.get(k) != wanted.get(k) and k != "output_dir")
+        if changed:
+            listing = ", ".join(f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}" for k in changed[:6])
+            raise InvalidInput(
+                f"--resume with a different config (fields {changed}): {listing}",
+                "resume with the original settings, or start a new run with --overwrite",
+            )
 
     @property
     def checkpoint_dir(self) -> str:
@@ -147,6 +186,22 @@ class Trainer:
         self.device = self.runtime.device
         self.autocast = (c.precision == "bf16") or (c.precision == "auto" and self.device.type == "cuda")
         compute = torch.bfloat16 if self.autocast else torch.float32
+
+        # the data first: a bad file fails in a second, not after the model has loaded
+        if c.data == "dates":
+            train_records, self.eval_records = date_task(n_eval=c.eval_examples)
+        else:
+            records = read_jsonl(c.data, on_bad_line=c.on_bad_line)
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed)).tolist()
+            records = [records[i] for i in order]
+            n_eval = min(c.eval_examples, len(records) // 10)
+            self.eval_records, train_records = records[:n_eval], records[n_eval:]
+        per_epoch = len(train_records) // c.batch_size
+        if per_epoch == 0:
+            raise InvalidInput(
+                f"batch_size={c.batch_size} exceeds the {len(train_records)} training examples", "lower --batch-size or add data"
+            )
+        self.total_steps = c.steps or max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
 
         torch.manual_seed(c.seed)
         random.seed(c.seed)
@@ -162,28 +217,14 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
 
-        if c.data == "dates":
-            train_records, self.eval_records = date_task(n_eval=c.eval_examples)
-        else:
-            records = read_jsonl(c.data, on_bad_line=c.on_bad_line)
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed)).tolist()
-            records = [records[i] for i in order]
-            n_eval = min(c.eval_examples, len(records) // 10)
-            self.eval_records, train_records = records[:n_eval], records[n_eval:]
         self.data = encode_all(tokenizer, train_records, c.max_length)
-        per_epoch = len(train_records) // c.batch_size
-        if per_epoch == 0:
-            raise ValueError(f"batch_size={c.batch_size} exceeds the {len(train_records)} training examples")
-        self.total_steps = c.steps or max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _build_optimizer(c, self.params)
         self.step = 0
         if self.resume:
             state = checkpoint.load(self.checkpoint_dir, model, self.optimizer)
-            if state["config"] != c.to_dict():
-                changed = sorted(k for k in c.to_dict() if state["config"].get(k) != c.to_dict()[k])
-                raise ValueError(f"--resume with a different config (fields {changed}); resume with the original settings")
+            self._check_same_config(state["config"])  # checked before loading too, unless a swap was recovered
             self.step, self.metrics = state["step"], state["metrics"]
             if self.is_main:
                 self._rewrite_metrics()
@@ -191,19 +232,12 @@ class Trainer:
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _rewrite_metrics(self) -> None:
-        def write(tmp):
-            with open(tmp, "w") as f:
-                for row in self.metrics:
-                    f.write(json.dumps(row) + "\n")
-
-        atomic_write(os.path.join(self.run_dir, "metrics.jsonl"), write)
+        write_bytes(os.path.join(self.run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
 
     def _log(self, row: dict) -> None:
         self.metrics.append(row)
-        if not self.is_main:
-            return
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.is_main:
+            rundir.append_line(os.path.join(self.run_dir, "metrics.jsonl"), json.dumps(row))
 
     def evaluate(self) -> float | None:
         if not self.eval_records:
@@ -214,7 +248,38 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """Collective: every rank gathers, rank 0 writes."""
         extra = {"config": self.config.to_dict(), "metrics": self.metrics, "source": self.source}
-        return checkpoint.save(self.checkpoint_dir, self.model, self.optimizer, step=self.step, extra=extra)
+        path = checkpoint.save(self.checkpoint_dir, self.model, self.optimizer, step=self.step, extra=extra)
+        if self._replacing and self.is_main:  # the new run can now be resumed: the old one may go
+            rundir.discard(self.run_dir)
+        self._replacing = False
+        return path
+
+    # ---- divergence --------------------------------------------------------------------------
+    def _check_divergence(self, loss: float, grad_norm: float) -> None:
+        """Diverged before the optimizer applies a step that wrecks the weights (module docstring).
+        loss and grad_norm are global values, so every rank reaches the same verdict."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._diverged(f"loss {loss}, gradient norm {grad_norm}")
+        self._big_norms = self._big_norms + 1 if grad_norm > GRAD_NORM_LIMIT else 0
+        if self._big_norms >= GRAD_NORM_PATIENCE:
+            self._diverged(f"gradient norm {grad_norm:.3g} above {GRAD_NORM_LIMIT:g} for {GRAD_NORM_PATIENCE} steps in a row")
+
+    def _check_weights(self) -> None:
+        """Diverged if a LoRA weight left the healthy range (WEIGHT_LIMIT) in the step just taken."""
+        local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in self.params]  # FSDP: own shard
+        top = torch.stack([t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32) for t in local]).max()
+        top = float(self.runtime.reduce(top, op="max"))  # every rank must reach the same verdict
+        if not (math.isfinite(top) and top <= WEIGHT_LIMIT):
+            self._diverged(f"a LoRA weight reached magnitude {top:.3g} (limit {WEIGHT_LIMIT:g})")
+
+    def _diverged(self, why: str):
+        kept = (f"the checkpoint in {self.checkpoint_dir} is kept" if checkpoint.exists(self.checkpoint_dir)
+                else "no checkpoint had been written")
+        raise Diverged(
+            f"training diverged at step {self.step + 1}: {why} (lr {lr_at(self.step, self.config, self.total_steps):.3g}); "
+            f"{kept}, nothing of this step was saved",
+            "lower --lr (or --alpha) and start again with --overwrite",
+        )
 
     # ---- one step ----------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -240,11 +305,13 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm if c.clip_norm > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
+        self._check_divergence(total, float(grad_norm))
         lr = lr_at(self.step, c, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._check_weights()
         self.step += 1
         seconds = time.perf_counter() - t0
         return {
@@ -255,24 +322,39 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
-        c = self.config
-        interrupted = False
+        """Run to total_steps; returns the summary, or {"interrupted": True, "signal": n, ...}
+        after SIGINT/SIGTERM. Raises Diverged (nothing written) and restores a run that --overwrite
+        set aside if this one fails before its first checkpoint."""
+        if self.overwrite and self.is_main:
+            rundir.set_aside(self.run_dir)
+            self._replacing = True
+        self.runtime.barrier()
+        try:
+            return self._train()
+        except BaseException:
+            if self._replacing and self.is_main:
+                rundir.restore(self.run_dir)
+                print(f"the run in {self.run_dir!r} that --overwrite was replacing is restored")
+            raise
 
-        def on_sigint(signum, frame):
-            nonlocal interrupted
-            if interrupted:  # second Ctrl-C: stop now
+    def _train(self) -> dict:
+        c = self.config
+        stop: list[int] = []  # the signal that asked to stop, once one did
+
+        def on_signal(signum, frame):  # SIGINT and SIGTERM alike
+            if stop:  # the second one: abandon the step now (the last checkpoint stays)
                 raise KeyboardInterrupt
-            interrupted = True
+            stop.append(signum)
 
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
         try:
             if self.step == 0 and not any("exact_match" in r for r in self.metrics):
                 before = self.evaluate()
                 if before is not None:
                     self._log({"step": 0, "exact_match": before})
             bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="finetune")
-            while self.step < self.total_steps and not interrupted:
+            while self.step < self.total_steps and not stop:
                 row = self.train_step()
                 self._log(row)
                 bar.update(1)
@@ -284,14 +366,14 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self, self.step)
             bar.close()
+            if stop:  # still under the handler: a second signal here abandons the checkpoint write
+                path = self.save_checkpoint()
+                print(f"{signal.Signals(stop[0]).name}: stopped after step {self.step}; checkpoint in {path}")
+                return {"interrupted": True, "signal": stop[0], "step": self.step, "checkpoint": path}
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
-        if interrupted:
-            path = self.save_checkpoint()
-            print(f"interrupted after step {self.step}: checkpoint in {path}; continue with --resume")
-            return {"interrupted": True, "step": self.step, "checkpoint": path}
         after = self.evaluate()
         if after is not None:
             self._log({"step": self.step, "exact_match": after})
@@ -302,8 +384,7 @@ class Trainer:
         summary = self._summary()
         if self.is_main:
             plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
-            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=1)
+            rundir.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         self.runtime.barrier()
         return summary
 

@@ -27,6 +27,8 @@ import tempfile
 
 import torch
 
+from ..errors import InvalidInput, RunExists, output_error
+
 __all__ = ["EMBEDDED", "cache_dir", "export_4bit", "load_dense", "load_quantized", "smollm2_dir", "stored_quantization"]
 
 EMBEDDED = "smollm2"
@@ -87,6 +89,9 @@ def smollm2_dir() -> str:
     return target
 
 
+_MODEL_FIX = f"give {EMBEDDED!r} (the embedded SmolLM2), a transformers model directory, or a .gguf file"
+
+
 def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, source) for "smollm2", a transformers directory or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,20 +100,18 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
         spec = smollm2_dir()
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise ValueError(f"{spec!r} is a directory without config.json: not a transformers model directory")
+            raise InvalidInput(f"{spec!r} is a directory without config.json: not a transformers model directory", _MODEL_FIX)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     elif os.path.isfile(spec):
         with open(spec, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
-            raise ValueError(f"{spec!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')")
+            raise InvalidInput(f"{spec!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')", _MODEL_FIX)
         model, tokenizer = _from_gguf(spec)
         model = model.to(dtype)
     else:
-        raise ValueError(
-            f"model {spec!r} is neither {EMBEDDED!r} (the embedded SmolLM2), a transformers directory, nor a .gguf file"
-        )
+        raise InvalidInput(f"model {spec!r} is neither {EMBEDDED!r}, an existing directory, nor an existing file", _MODEL_FIX)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, os.path.abspath(spec)
@@ -184,6 +187,34 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
     return model, tokenizer, source
 
 
+def _check_export_paths(spec: str, output_dir: str, overwrite: bool) -> None:
+    """Refuse, before anything is loaded, an output that is, holds or sits inside the input (with
+    --overwrite it would destroy the source) or that exists without --overwrite."""
+    out = os.path.realpath(output_dir)
+    if spec != EMBEDDED and os.path.exists(spec):
+        src = os.path.realpath(spec)
+        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
+            where = "is" if out == src else ("is inside" if out.startswith(src + os.sep) else "contains")
+            raise InvalidInput(
+                f"the output {output_dir!r} {where} the input {spec!r}; writing it would destroy the source model",
+                "choose an output directory outside the input",
+            )
+    if os.path.exists(output_dir):
+        if not overwrite:
+            raise RunExists(f"{output_dir!r} exists", "pass --overwrite to replace it, or choose another output directory")
+        if not os.path.isdir(output_dir):
+            raise InvalidInput(f"{output_dir!r} is a file, not a 4-bit model directory", "choose a directory path")
+
+
+def _fsync_tree(directory: str) -> None:
+    from ..nf4.files import fsync_dir
+
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
 def export_4bit(spec: str, output_dir: str, *, overwrite: bool = False) -> str:
     """Quantize a model to NF4 (double quant, blocksize 64) and write a directory that
     `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` loads with bitsandbytes:
@@ -193,38 +224,54 @@ def export_4bit(spec: str, output_dir: str, *, overwrite: bool = False) -> str:
         config.json         the model config + quantization_config (quant_method "bitsandbytes")
         tokenizer files
 
-    Written into a temporary sibling directory and renamed into place.
+    Written into a temporary sibling directory (created first, so an unwritable place fails before
+    the model loads), fsync'd, and renamed into place; a replaced directory is moved aside first and
+    deleted only after the rename, so some complete copy exists at every moment.
     """
-    import safetensors.torch
+    from ..nf4.files import fsync_dir, save_safetensors_file
 
-    if os.path.exists(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir!r} exists; pass --overwrite to replace it")
-    model, tokenizer, _ = load_quantized(spec)
-    state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied to the embedding; transformers re-ties on load
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    model.config.quantization_config = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_compute_dtype": "float32",
-        "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": ["lm_head"],
-    }
+    _check_export_paths(spec, output_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-quantize-", dir=parent)
     try:
-        safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-quantize-", dir=parent)
+    except OSError as err:
+        raise output_error(output_dir, err) from err
+    old = None
+    try:
+        model, tokenizer, _ = load_quantized(spec)
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the embedding; transformers re-ties on load
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        model.config.quantization_config = {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": ["lm_head"],
+        }
+        save_safetensors_file(os.path.join(tmp, "model.safetensors"), state, {"format": "pt"})
+        try:
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _fsync_tree(tmp)
+            if os.path.exists(output_dir):
+                old = tempfile.mkdtemp(prefix=".tmp-replaced-", dir=parent)
+                os.replace(output_dir, os.path.join(old, "previous"))
+            os.replace(tmp, output_dir)
+            fsync_dir(parent)
+        except OSError as err:
+            raise output_error(output_dir, err) from err
     except BaseException:
+        if old is not None and not os.path.exists(output_dir):
+            os.replace(os.path.join(old, "previous"), output_dir)  # put the replaced copy back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return output_dir

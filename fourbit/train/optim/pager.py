@@ -68,10 +68,13 @@ them and waiting for pages not yet prefetched), and peak resident bytes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import OrderedDict
 
 import torch
+
+from ...errors import InvalidInput
 
 __all__ = ["PagePool", "PagerStats", "StateLayout", "DEFAULT_PAGE_BYTES"]
 
@@ -170,6 +173,11 @@ class PagePool:
         """ValueError unless page_bytes > 0 and the budget (None: unlimited) holds at least one page."""
         if page_bytes <= 0:
             raise ValueError(f"page_bytes must be positive, got {page_bytes}")
+        if budget_bytes is not None and not (isinstance(budget_bytes, (int, float)) and math.isfinite(budget_bytes)):
+            raise InvalidInput(
+                f"device_budget_bytes must be a finite number of bytes, got {budget_bytes!r}",
+                "give a byte count, or None for no limit (all states resident)",
+            )
         if budget_bytes is not None and budget_bytes < page_bytes:
             raise ValueError(
                 f"device_budget_bytes={budget_bytes} is smaller than one page ({page_bytes} bytes); "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import BadFile
 from ...nf4.adamw import QBLOCK
 from .pager import StateLayout
 
@@ -164,6 +165,12 @@ def _group_items(saved: dict) -> dict:
 
 
 def import_state_dict(self, state_dict: dict) -> None:
+    missing = [k for k in ("state", "param_groups") if k not in state_dict]
+    if missing:
+        raise BadFile(
+            f"the optimizer state dict has no {' or '.join(repr(k) for k in missing)} entry (it has {sorted(state_dict)})",
+            "pass the dict optimizer.state_dict() returned, unmodified",
+        )
     _check_format(self, state_dict)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(self.param_groups):
