@@ -150,7 +150,7 @@ class Trainer:
 
     def _setup(self) -> None:
         from ..lora import add_lora, trainable_parameters
-        from .models import load_quantized
+        from .models import load_base
 
         c = self.config
         if self.ctx is not None:
@@ -164,7 +164,7 @@ class Trainer:
 
         torch.manual_seed(c.seed)
         random.seed(c.seed)
-        model, tokenizer, self.source = load_quantized(c.model, compute_dtype=compute)
+        model, tokenizer, self.source = load_base(c.model, c.base_weights, compute_dtype=compute)
         self.tokenizer = tokenizer
         torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
         add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
@@ -352,7 +352,8 @@ class Trainer:
             save_adapter(self.model, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
         summary = self._summary()
         if self.is_main:
-            plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
+            method = "QLoRA" if c.base_weights == "nf4" else f"LoRA, {c.base_weights} base"
+            plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} {method} r={c.r}")
             with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
         self._barrier()

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-__all__ = ["EMBEDDED", "cache_dir", "smollm2_dir", "load_dense", "load_quantized", "export_4bit"]
+__all__ = ["EMBEDDED", "cache_dir", "smollm2_dir", "load_dense", "load_quantized", "load_base", "export_4bit"]
 
 EMBEDDED = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,21 +118,41 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
 
     model, tokenizer, source = load_dense(spec)
     quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
-    # transformers may hand out tensors that are views of the memory-mapped safetensors file; while
-    # one of them (the embedding, a norm) lives, the whole mapping stays, and every page of it touched
-    # while quantizing counts in the process's RSS. Copying the remaining dense tensors into ordinary
-    # memory lets the mapping go. Measured for SmolLM2-135M: file-backed RSS after loading 581 ->
-    # 176 MiB, peak RSS over the first training steps 2873 -> 2486 MiB.
+    _own_memory(model, skip_types=(Linear4bit,))
+    return model, tokenizer, source
+
+
+def load_base(spec: str, base_weights: str = "nf4", *, compute_dtype: torch.dtype | None = None):
+    """The frozen base for a LoRA run: `load_quantized` for "nf4" (QLoRA), else the dense model in
+    "fp32" or "bf16" (plain LoRA on a 16/32-bit base, the baseline QLoRA is measured against)."""
+    if base_weights == "nf4":
+        return load_quantized(spec, compute_dtype=compute_dtype)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if base_weights not in dtypes:
+        raise ValueError(f"base_weights must be 'nf4', 'fp32' or 'bf16', got {base_weights!r}")
+    model, tokenizer, source = load_dense(spec, dtype=dtypes[base_weights])
+    _own_memory(model)
+    return model, tokenizer, source
+
+
+def _own_memory(model, skip_types: tuple = ()) -> None:
+    """Copy every parameter and buffer outside `skip_types` modules into ordinary memory.
+
+    transformers may hand out tensors that are views of the memory-mapped safetensors file; while one
+    of them (the embedding, a norm) lives, the whole mapping stays, and every page of it touched while
+    quantizing counts in the process's RSS. Copying lets the mapping go. Measured for SmolLM2-135M
+    (NF4): file-backed RSS after loading 581 -> 176 MiB, peak RSS over the first training steps
+    2873 -> 2486 MiB.
+    """
     seen: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, Linear4bit):
+            if skip_types and isinstance(module, skip_types):
                 continue
             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
                     tensor.data = tensor.data.clone()
-    return model, tokenizer, source
 
 
 def export_4bit(spec: str, output_dir: str, *, overwrite: bool = False) -> str:
