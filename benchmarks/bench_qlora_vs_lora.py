@@ -186,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{base:>5}: exact match {run['exact_match_before']:.3f} -> {run['exact_match_after']:.3f}  "
               f"loss {run['losses'][0]:.4f} -> {run['losses'][-1]:.4f}  base linear {m['base_linear'] / 2**20:.1f} MiB  "
               f"activations {m['activations'] / 2**20:.1f} MiB  peak RSS {run['peak_rss_mib']:.0f} MiB")
-    rows = [to_record(run, args.model) for run in runs]
-    from .harness import write_results
-
-    out = write_results("qlora_vs_lora", rows, out_dir=args.out)
-    render(rows, out)
+        out = write(runs, args)  # after every variant: a long run that is cut short keeps what it measured
     print(f"-> {out}")
     return 0
+
+
+def write(runs: list[dict], args):
+    from .harness import write_results
+
+    rows = [to_record(run, args.model) for run in runs]
+    out = write_results("qlora_vs_lora", rows, out_dir=args.out)
+    render(rows, out)
+    return out
 
 
 def to_record(run: dict, model: str) -> dict:
