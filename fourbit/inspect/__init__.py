@@ -81,6 +81,7 @@ def inspect_model(
         "ordering": sorted(FORMATS, key=lambda f: summary[f][str(main_blocksize)]["rel_error"]),
         "histogram": {"min": -1.0, "max": 1.0, "counts": hist.tolist()},
         "code_usage": {f: c.tolist() for f, c in usage.items()},
+        "code_entropy_bits": {f: _entropy(c) for f, c in usage.items()},
         "worst_blocks": worst,
         "outliers": {
             "blocks": all_errors.numel(),
@@ -89,6 +90,13 @@ def inspect_model(
         },
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _entropy(counts: torch.Tensor) -> float:
+    """Bits of information per weight in the code choice (4 at most: all 16 codes equally used)."""
+    p = counts.double() / counts.sum()
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
 
 
 def _worst_in_layer(name: str, shape, a: dict, bs: int, top: int) -> list[dict]:

@@ -89,7 +89,11 @@ def markdown(report: dict) -> str:
                 f"| {NAMES[f]} | {b} | {s['rel_error']:.4f} | {s['rel_sq_error']:.5f} | {s['sqnr_db']:.2f} | {p['codes']:.4f} | "
                 f"{p['absmax']:.4f} | {p['nested']:.5f} | {p['offset']:.6f} | {s['bits_total']:.4f} | {s['bytes'] / 2**20:.2f} |"
             )
+    ent = report["code_entropy_bits"]
     lines += [
+        "",
+        f"Code use at blocksize {bs0}: the NF4 codes carry {ent['nf4']:.2f} bits of information per weight, the FP4 codes "
+        f"{ent['fp4']:.2f} (4 is the most a 4-bit code can: every code used equally often).",
         "",
         "## What double quantization saves (NF4 codes unchanged)",
         "",
@@ -218,7 +222,8 @@ def _usage(ax, report: dict) -> None:
     ax.set_xticks(range(16))
     ax.set_xlabel("code, sorted by value (most negative → most positive)")
     ax.set_ylabel("share of weights")
-    ax.set_title("how often each code is used")
+    ent = report["code_entropy_bits"]
+    ax.set_title(f"how often each code is used (entropy NF4 {ent['nf4']:.2f}, FP4 {ent['fp4']:.2f} of 4 bits)")
     ax.legend(fontsize=8)
 
 
