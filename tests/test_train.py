@@ -258,3 +258,35 @@ def test_jsonl_data_trains(tiny, tmp_path):
     t = Trainer(small(tiny, tmp_path / "run", data=str(path), steps=2), progress=False)
     assert len(t.eval_records) == 3 and len(t.data.input_ids) == 27
     assert t.train()["exact_match_after"] is not None
+
+
+# ---- LoRA on a dense base (the baseline QLoRA is measured against) ------------------------------
+@pytest.mark.parametrize("base,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_lora_on_a_dense_base_trains(tiny, tmp_path, base, dtype):
+    from fourbit.lora import Linear4bit, LoRALinear
+
+    t = Trainer(small(tiny, tmp_path / base, base_weights=base), progress=False)
+    layers = [m for m in t.model.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(type(m.base) is torch.nn.Linear and m.base.weight.dtype == dtype for m in layers)
+    assert not any(isinstance(m, Linear4bit) for m in t.model.modules())
+    assert all(p.dtype == torch.float32 for p in t.params)  # the adapter stays float32 either way
+    summary = t.train()
+    assert summary["last_loss"] < summary["first_loss"] and summary["config"]["base_weights"] == base
+    with pytest.raises(ValueError, match="base_weights"):
+        TrainConfig(base_weights="int8")
+
+
+@pytest.mark.slow
+def test_bench_qlora_vs_lora_smoke(tiny, tmp_path):
+    from benchmarks import bench_qlora_vs_lora
+
+    assert bench_qlora_vs_lora.main(["--smoke", "--model", tiny, "--bases", "nf4,fp32", "--out", str(tmp_path)]) == 0
+    q, d = json.loads((tmp_path / "qlora_vs_lora.json").read_text())
+    assert (q["base_weights"], d["base_weights"]) == ("nf4", "fp32")
+    assert d["memory"]["base_linear"] == d["paper_base_linear_bytes"]  # 32 bits per dense weight
+    # 4 + 8/64 + 32/(64*256) bits per NF4+DQ weight, plus per tensor one nested scale and the offset
+    assert 1 < q["memory"]["base_linear"] / q["paper_base_linear_bytes"] < 1.02
+    assert q["memory"]["adapter"] == d["memory"]["adapter"] == 4 * q["adapter_params"]
+    assert q["memory"]["optimizer"] == 2 * q["memory"]["adapter"]  # two float32 AdamW moments
+    assert q["memory"]["activations"] > 0 and len(q["losses"]) == 1
+    assert "| QLoRA (nf4+dq) |" in (tmp_path / "qlora_vs_lora.md").read_text()

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InvalidInput, Unavailable
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "DEFAULT_TARGETS", "TORCHRUN_ENV"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "BASE_WEIGHTS", "DEFAULT_TARGETS", "TORCHRUN_ENV"]
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -23,6 +23,8 @@ OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw8bit", "adamw8bit", "torch_ada
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINTING = ("auto", "on", "off")
+# how the frozen base weights are held: NF4 + double quant (QLoRA), or dense (plain LoRA, for comparison)
+BASE_WEIGHTS = ("nf4", "fp32", "bf16")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -32,6 +34,7 @@ class TrainConfig:
     model: str = "smollm2"  # "smollm2" (embedded), a transformers directory, or a .gguf file
     data: str = "dates"  # "dates" (embedded task) or a JSONL file ({"prompt","response"} or {"messages"})
     output_dir: str = "runs/finetune"
+    base_weights: str = "nf4"  # "nf4" (QLoRA) or a dense "fp32" / "bf16" base (plain LoRA)
     # LoRA
     r: int = 16
     alpha: float = 32.0
@@ -73,6 +76,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number, got {value}")
 
+        need(self.base_weights in BASE_WEIGHTS, f"base_weights must be one of {BASE_WEIGHTS}, got {self.base_weights!r}")
         need(self.r > 0, f"r must be a positive integer, got {self.r}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")

@@ -60,7 +60,7 @@ from ..nf4.files import write_bytes
 from . import checkpoint, distributed, optim, rundir
 from .config import TrainConfig
 from .data import IGNORE, batch_at, encode_all, read_jsonl
-from .models import load_quantized
+from .models import load_base
 from .parallel import full_lora_weights, wrap_model
 from .plot import plot_metrics
 from .task import date_task, exact_match
@@ -205,7 +205,7 @@ class Trainer:
 
         torch.manual_seed(c.seed)
         random.seed(c.seed)
-        model, tokenizer, self.source = load_quantized(c.model, compute_dtype=compute)
+        model, tokenizer, self.source = load_base(c.model, c.base_weights, compute_dtype=compute)
         self.tokenizer = tokenizer
         torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
         add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
@@ -383,7 +383,8 @@ class Trainer:
                 save_adapter(plain, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
         summary = self._summary()
         if self.is_main:
-            plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
+            method = "QLoRA" if c.base_weights == "nf4" else f"LoRA, {c.base_weights} base"
+            plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} {method} r={c.r}")
             rundir.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         self.runtime.barrier()
         return summary

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import InvalidInput, RunExists, output_error
 
-__all__ = ["EMBEDDED", "cache_dir", "export_4bit", "load_dense", "load_quantized", "smollm2_dir", "stored_quantization"]
+__all__ = ["EMBEDDED", "cache_dir", "export_4bit", "load_dense", "load_quantized", "load_base", "smollm2_dir", "stored_quantization"]
 
 EMBEDDED = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -186,6 +186,19 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
     _own_memory(model)
     return model, tokenizer, source
 
+
+
+def load_base(spec: str, base_weights: str = "nf4", *, compute_dtype: torch.dtype | None = None):
+    """The frozen base for a LoRA run: `load_quantized` for "nf4" (QLoRA), else the dense model in
+    "fp32" or "bf16" (plain LoRA on a 16/32-bit base, the baseline QLoRA is measured against)."""
+    if base_weights == "nf4":
+        return load_quantized(spec, compute_dtype=compute_dtype)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if base_weights not in dtypes:
+        raise InvalidInput(f"base_weights must be 'nf4', 'fp32' or 'bf16', got {base_weights!r}", "pass --base-weights nf4, fp32 or bf16")
+    model, tokenizer, source = load_dense(spec, dtype=dtypes[base_weights])
+    _own_memory(model)
+    return model, tokenizer, source
 
 def _check_export_paths(spec: str, output_dir: str, overwrite: bool) -> None:
     """Refuse, before anything is loaded, an output that is, holds or sits inside the input (with
