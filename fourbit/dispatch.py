@@ -23,7 +23,7 @@ K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
 model `fourbit.kernels.costmodel` until a GPU measurement replaces them):
 
-    M <= GEMV_MAX_M (2)          ("gemv", "fused")               the GEMV: 0.88 of the HBM roofline at M = 1
+    M <= GEMV_MAX_M (2)          ("gemv", "fused")               the GEMV: 0.90 of the HBM roofline at M = 1
     M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
     M > FUSED_MAX_M              (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.90 of dense
                                                                  bf16 at M = 2048, 0.97 at 8192

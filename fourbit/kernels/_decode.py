@@ -73,7 +73,7 @@ def block_scales(absmax_ptr, absmax2_ptr, code8_ptr, offset, blk, mask, NESTED: 
     disables FMA contraction)."""
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        s = tl.load(code8_ptr + q) * tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
+        s = tl.load(code8_ptr + q) * tl.load(absmax2_ptr + (blk >> 8), mask=mask, other=0.0)  # blk >= 0: // 256
         return s + offset
     else:
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)

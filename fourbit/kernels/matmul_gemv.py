@@ -19,16 +19,17 @@ per packed byte at perfect issue. The kernel is built around that budget:
     (shuffles) happens once, after the loop.
 
 Hand count (sm_90a, Triton 3.9, cuobjdump -sass; bf16 x, nested scales, blocksize 64, M = 1, BLOCK_N
-= 16, BLOCK_W = 128 words, 4 warps): the loop between its label and back-edge holds 565 instructions
-for the 64 packed bytes a thread consumes per trip (4 rows x 16 B), 8.8 per byte: SHFL 128 + SHF 125
+= 16, BLOCK_W = 128 words, 4 warps): the loop between its label and back-edge holds 553 instructions
+for the 64 packed bytes a thread consumes per trip (4 rows x 16 B), 8.6 per byte: SHFL 128 + SHF 121
 (the lookups: 3.75 per byte), FFMA 120 + FMUL 16 + FADD 12 (the products and run sums: 2.3 per
 byte), the x vectors' conversion and their trip through shared memory (BAR 16, STSM 8, LDS 8, ~0.6
 per byte: Triton lays x out one word per thread, the codes four words per thread), scale loads and
-addresses (~1.6 per byte). The kernel this replaced (32x128 tile, split-K) spent 737 instructions on
+addresses (~1.5 per byte; the nested scales' share is 38 instructions, 0.6 per byte, after
+`blk >> 8` replaced a signed `blk // 256`: 1.7 % predicted between DQ on and off). The kernel this replaced (32x128 tile, split-K) spent 737 instructions on
 16 bytes per thread, 46.1 per byte: SHFL 224 and BAR 12 for a cross-thread reduction every step,
 FADD 226, 21 LDG including the pair-table gathers. The static cost model
 (`python -m fourbit.kernels.costmodel`) reads the same loops; it predicts 0.88 of the 4.127-bit HBM
-roofline at M = 1 for the five Llama shapes, issue-bound (the goal of 6 instructions per byte is
+roofline at M = 1 for the five Llama shapes (0.88-0.90), issue-bound (the goal of 6 instructions per byte is
 not reached: lookups + one FMA per weight alone cost 5.75). Tried and dropped: 32-byte runs (two
 interleaved 16-byte halves per thread, one scale per bs-64 block) reach 8.1 per byte at M = 1 but
 double the x conversions through shared memory: 12.5 at M = 2 and local-memory use at M = 4.
@@ -52,7 +53,7 @@ __all__ = ["HAND_COUNT", "gemv_kernel"]
 
 # Thread-instructions per packed weight byte in the hot loop (sm_90a SASS, counted between the loop
 # label and its back-edge; cuobjdump -sass of `python -m fourbit.kernels.costmodel --save-binaries`).
-HAND_COUNT = {"old_gemv_32x128_split_w4s3": 46.1, "gemv_m1_16x512B_w4": 8.8}
+HAND_COUNT = {"old_gemv_32x128_split_w4s3": 46.1, "gemv_m1_16x512B_w4": 8.6}
 
 
 @triton.jit
