@@ -279,10 +279,8 @@ class Linear4bit(nn.Linear):
     def quantized_bytes(self) -> int:
         """Bytes held by the packed weight and every tensor of its QuantState (bias excluded)."""
         weight, state = self._resolve()
-        tensors = [weight, state.absmax, state.code]
-        if state.nested is not None:
-            tensors += [state.offset, state.nested.absmax, state.nested.code]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [weight, state.code, *state.as_tensors()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
         return (
