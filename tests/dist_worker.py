@@ -3,11 +3,13 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
         --out DIR [--model tiny|smollm2] [--resume-from SINGLE_PROCESS_CHECKPOINT]
 
-Under torchrun every rank runs, in one process group: DDP for 10 steps (checkpoint after step 5),
-FSDP2 the same, FSDP2 with gradient accumulation, DDP with fourbit's own AdamW, FSDP2 resumed from a single-process checkpoint, an FSDP2 forward under a bf16
-mixed-precision policy that records whether the gathered packed bytes are the original ones, and
-a deliberately mismatched model on rank 1 that wrap_model must refuse. Rank 0 writes
-DIR/results.json. The test imports the same functions to run the single-process reference.
+Under torchrun every rank runs, in one process group: DDP for 10 steps (checkpoint after step 5)
+and resumed from its own checkpoint, FSDP2 the same, FSDP2 with gradient accumulation, DDP with
+fourbit's own AdamW, FSDP2 resumed from a single-process checkpoint, that checkpoint loaded under
+DDP and FSDP2 and written again at once (the round trip back to one process), an FSDP2 forward
+under a bf16 mixed-precision policy that records whether the gathered packed bytes are the
+original ones, and a deliberately mismatched model on rank 1 that wrap_model must refuse. Rank 0
+writes DIR/results.json. The test imports the same functions to run the single-process reference.
 
 The data makes ranks unequal on purpose: each row of a global batch masks a random number of
 leading (prompt) tokens, so per-rank label-token counts differ and only a token-weighted loss
@@ -30,7 +32,7 @@ if __package__ in (None, ""):  # run as a script by torchrun: make `fourbit` imp
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fourbit.lora import Linear4bit, add_lora, quantize_model  # noqa: E402
-from fourbit.train import distributed  # noqa: E402
+from fourbit.train import checkpoint, distributed, parallel  # noqa: E402
 
 STEPS, CHECKPOINT_AT = 10, 5
 LR = {"tiny": 2e-2, "smollm2": 2e-4}  # the tiny model learns the sequences within 10 steps; SmolLM2 at a QLoRA lr
@@ -105,41 +107,50 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         if checkpoint_dir is not None and step + 1 == CHECKPOINT_AT:
-            distributed.save_checkpoint(model, optimizer, checkpoint_dir, step=step + 1)
+            checkpoint.save(checkpoint_dir, model, optimizer, step=step + 1)
     return losses
 
 
-def _accumulated(ctx, name: str) -> dict:
+def _accumulated(runtime, name: str) -> dict:
     """FSDP2 with each rank's rows in two micro-batches: the same steps as one big batch."""
-    model = distributed.wrap_model(build_model(name), ctx)
+    model = parallel.wrap_model(build_model(name), runtime)
     optimizer = make_optimizer(model, LR[name])
     return {"losses": train_steps(model, optimizer, model.config.vocab_size, 0, STEPS, micro_batches=2)}
 
 
-def _run(ctx, name: str, out: str, tag: str, optimizer_kind: str = "torch") -> dict:
+def _run(runtime, name: str, out: str, tag: str, optimizer_kind: str = "torch") -> dict:
     model = build_model(name)
     vocab = model.config.vocab_size
-    single = distributed.packed_weight_bytes(model)
+    single = parallel.packed_weight_bytes(model)
     originals = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, Linear4bit)]
-    model = distributed.wrap_model(model, ctx)
+    model = parallel.wrap_model(model, runtime)
     gc.collect()
-    mine = distributed.packed_weight_bytes(model)
+    mine = parallel.packed_weight_bytes(model)
     mine["full_packed_weights_alive"] = sum(ref() is not None for ref in originals)  # FSDP must free them
     optimizer = make_optimizer(model, LR[name], optimizer_kind)
     losses = train_steps(model, optimizer, vocab, 0, STEPS, os.path.join(out, f"{tag}-checkpoint"))
-    every = [None] * ctx.world_size
+    every = [None] * runtime.world_size
     torch.distributed.all_gather_object(every, mine)
     return {"losses": losses, "single_process_bytes": single, "per_rank_bytes": every}
 
 
-def _resume(ctx, name: str, checkpoint: str) -> dict:
-    model = distributed.wrap_model(build_model(name), ctx)
+def _resume(runtime, name: str, directory: str, optimizer_kind: str = "torch") -> dict:
+    model = parallel.wrap_model(build_model(name), runtime)
+    optimizer = make_optimizer(model, LR[name], optimizer_kind)
+    state = checkpoint.load(directory, model, optimizer)
+    vocab = parallel.unwrap(model).config.vocab_size
+    return {"step": state["step"], "losses": train_steps(model, optimizer, vocab, state["step"], STEPS)}
+
+
+def _round_trip(runtime, name: str, source: str, target: str) -> None:
+    """Load a checkpoint into a wrapped model and write it again at once: nothing may change."""
+    model = parallel.wrap_model(build_model(name), runtime)
     optimizer = make_optimizer(model, LR[name])
-    state = distributed.load_checkpoint(model, optimizer, checkpoint)
-    return {"step": state["step"], "losses": train_steps(model, optimizer, model.config.vocab_size, state["step"], STEPS)}
+    state = checkpoint.load(source, model, optimizer)
+    checkpoint.save(target, model, optimizer, step=state["step"])
 
 
-def _bf16_forward(ctx, name: str) -> dict:
+def _bf16_forward(runtime, name: str) -> dict:
     """FSDP with param_dtype=bf16: compare each packed weight as gathered for forward with its bytes
     before sharding; also the loss, which noise weights would push far from the fp32 one."""
     model = build_model(name)
@@ -154,7 +165,7 @@ def _bf16_forward(ctx, name: str) -> dict:
     for m in model.modules():
         if isinstance(m, Linear4bit):
             m.register_forward_pre_hook(compare)
-    model = distributed.wrap_model(model, ctx, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = parallel.wrap_model(model, runtime, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     batch = distributed.shard(global_batch(0, model.config.vocab_size))
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"]).logits
@@ -164,10 +175,10 @@ def _bf16_forward(ctx, name: str) -> dict:
     return {"layers": len(original), "checked": len(set(checked)), "mismatched": len(mismatched), "loss": float(loss)}
 
 
-def _mismatch(ctx) -> str:
+def _mismatch(runtime) -> str:
     """Rank 1 builds LoRA rank 4 where rank 0 has 8: wrap_model must refuse on every rank."""
     try:
-        distributed.wrap_model(build_model("tiny", r=8 if ctx.rank == 0 else 4), ctx)
+        parallel.wrap_model(build_model("tiny", r=8 if runtime.rank == 0 else 4), runtime)
     except ValueError as err:
         return str(err)
     return ""
@@ -179,16 +190,20 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     parser.add_argument("--resume-from", default=None, help="a single-process checkpoint to continue under FSDP")
     args = parser.parse_args(argv)
-    ctx = distributed.setup("ddp")
-    results = {"world_size": ctx.world_size, "backend": ctx.backend}
-    results["ddp"] = _run(ctx, args.model, args.out, "ddp")
+    ddp = distributed.setup("ddp")
+    results = {"world_size": ddp.world_size, "backend": ddp.backend}
+    results["ddp"] = _run(ddp, args.model, args.out, "ddp")
     fsdp = distributed.setup("fsdp")
     results["fsdp"] = _run(fsdp, args.model, args.out, "fsdp")
     if args.resume_from:
         results["fsdp_resumed"] = _resume(fsdp, args.model, args.resume_from)
+        for runtime in (ddp, fsdp):
+            _round_trip(runtime, args.model, args.resume_from, os.path.join(args.out, f"{runtime.mode}-roundtrip-checkpoint"))
     if args.model == "tiny":
         results["fsdp_accumulated"] = _accumulated(fsdp, args.model)
-        results["ddp_fourbit_adamw"] = _run(ctx, args.model, args.out, "ddp-fourbit-adamw", "fourbit")
+        results["ddp_fourbit_adamw"] = _run(ddp, args.model, args.out, "ddp-fourbit-adamw", "fourbit")
+        for runtime in (ddp, fsdp):  # each mode resumed from its own checkpoint
+            results[f"{runtime.mode}_self_resumed"] = _resume(runtime, args.model, os.path.join(args.out, f"{runtime.mode}-checkpoint"))
         results["bf16"] = _bf16_forward(fsdp, args.model)
         results["mismatch"] = _mismatch(fsdp)
     if distributed.is_main():

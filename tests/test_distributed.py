@@ -6,7 +6,6 @@ single-process reference runs here, in the test process, with the same functions
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -15,10 +14,11 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from fourbit.lora import load_adapter, lora_layers
-from fourbit.train import distributed
+from fourbit.train import checkpoint, distributed, parallel
 
 pytest.importorskip("transformers")
 
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 def single_process_run(model_name: str, checkpoint_dir, optimizer_kind: str = "torch") -> list[float]:
     """The reference: 10 steps on the whole global batch, checkpoint after step 5."""
-    model = distributed.wrap_model(worker.build_model(model_name), distributed.setup("none"))
+    model = parallel.wrap_model(worker.build_model(model_name), distributed.setup("none"))
     optimizer = worker.make_optimizer(model, worker.LR[model_name], optimizer_kind)
     return worker.train_steps(model, optimizer, model.config.vocab_size, 0, worker.STEPS, str(checkpoint_dir))
 
@@ -80,10 +80,10 @@ def torchrun(out, *extra, timeout_s: int) -> dict:
         return json.load(f)
 
 
-def resume_single(model_name: str, checkpoint, optimizer_kind: str = "torch") -> tuple[int, list[float]]:
-    model = distributed.wrap_model(worker.build_model(model_name), distributed.setup("none"))
+def resume_single(model_name: str, directory, optimizer_kind: str = "torch") -> tuple[int, list[float]]:
+    model = parallel.wrap_model(worker.build_model(model_name), distributed.setup("none"))
     optimizer = worker.make_optimizer(model, worker.LR[model_name], optimizer_kind)
-    state = distributed.load_checkpoint(model, optimizer, checkpoint)
+    state = checkpoint.load(directory, model, optimizer)
     return state["step"], worker.train_steps(model, optimizer, model.config.vocab_size, state["step"], worker.STEPS)
 
 
@@ -160,6 +160,54 @@ def test_one_process_checkpoint_resumes_under_fsdp(tiny_runs):
     assert rel_err(resumed["losses"], reference[worker.CHECKPOINT_AT :]) < LOSS_RTOL
 
 
+def test_one_process_resume_is_bit_identical(tiny_runs):
+    out, reference, _ = tiny_runs
+    step, losses = resume_single("tiny", out / "single-checkpoint")
+    assert step == worker.CHECKPOINT_AT and losses == reference[step:]  # exact float equality
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_one_process_checkpoint_through_two_processes_and_back_is_bit_identical(tiny_runs, mode):
+    """Loaded under 2-process DDP / FSDP and written again at once, a one-process checkpoint holds
+    the same tensors and resumes in one process with exactly the uninterrupted run's losses."""
+    out, reference, _ = tiny_runs
+    source, trip = out / "single-checkpoint", out / f"{mode}-roundtrip-checkpoint"
+    assert_same_tree(torch.load(trip / "optimizer.pt", weights_only=True), torch.load(source / "optimizer.pt", weights_only=True), "optimizer")
+    rng, rng_source = (torch.load(d / "rng.pt", weights_only=False) for d in (trip, source))
+    assert rng["world_size"] == 2 and rng_source["world_size"] == 1
+    for r in range(2):  # another world size: every rank continues from rank 0's RNG states
+        assert_same_tree(rng["ranks"][r], rng_source["ranks"][0], f"rng of rank {r}")
+    a = safetensors.torch.load_file(str(source / "adapter/adapter_model.safetensors"))
+    b = safetensors.torch.load_file(str(trip / "adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    step, losses = resume_single("tiny", trip)
+    assert step == worker.CHECKPOINT_AT and losses == reference[step:]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_resume_is_bit_identical(tiny_runs, mode):
+    _, _, results = tiny_runs
+    resumed = results[f"{mode}_self_resumed"]
+    assert resumed["step"] == worker.CHECKPOINT_AT
+    assert resumed["losses"] == results[mode]["losses"][worker.CHECKPOINT_AT :]  # exact float equality
+
+
+def assert_same_tree(got, want, where: str) -> None:
+    """Equal nested dicts/lists of tensors and numbers; tensors bit for bit."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (where, sorted(map(str, got)), sorted(map(str, want)))
+        for k in want:
+            assert_same_tree(got[k], want[k], f"{where}[{k!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_tree(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, (where, got, want)
+
+
 def test_checkpoint_files_are_plain_and_agree_across_modes(tiny_runs):
     out, _, _ = tiny_runs
     adapters = {}
@@ -168,6 +216,7 @@ def test_checkpoint_files_are_plain_and_agree_across_modes(tiny_runs):
         with open(directory / "trainer_state.json") as f:
             state = json.load(f)
         assert state["step"] == worker.CHECKPOINT_AT
+        assert sorted(os.listdir(directory)) == ["adapter", "optimizer.pt", "rng.pt", "trainer_state.json"]
         assert state["mode"] == ("none" if mode == "single" else mode)
         assert state["world_size"] == (1 if mode == "single" else 2)
         model = load_adapter(worker.build_model("tiny"), directory / "adapter")  # a fresh plain model
@@ -221,33 +270,28 @@ def test_bad_modes_and_launches(monkeypatch):
     ctx = distributed.setup("none")
     assert (ctx.rank, ctx.world_size, ctx.backend) == (0, 1, None)
     with pytest.raises(ValueError, match="FSDP mixed-precision settings"):
-        distributed.wrap_model(torch.nn.Linear(2, 2), ctx, param_dtype=torch.bfloat16)
+        parallel.wrap_model(torch.nn.Linear(2, 2), ctx, param_dtype=torch.bfloat16)
 
 
 def test_fsdp_refuses_a_policy_that_would_cast_float_quant_storage():
     from fourbit.lora import add_lora, quantize_model
 
     model = add_lora(quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), quant_storage=torch.bfloat16), target_modules=["0"])
-    fake = distributed.DistContext("fsdp", 0, 2, 0, torch.device("cpu"), "gloo")
+    fake = distributed.Runtime("fsdp", 0, 2, 0, torch.device("cpu"), "gloo")
     with pytest.raises(ValueError, match="torch.bfloat16 quant_storage, which param_dtype=torch.float32 would cast"):
-        distributed.wrap_model(model, fake, param_dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=r"needs a process group: get the context from distributed.setup\('fsdp'\)"):
-        distributed.wrap_model(model, fake, param_dtype=torch.bfloat16)  # bf16 codes, bf16 policy: no cast
+        parallel.wrap_model(model, fake, param_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"needs a process group: get the Runtime from distributed.setup\('fsdp'\)"):
+        parallel.wrap_model(model, fake, param_dtype=torch.bfloat16)  # bf16 codes, bf16 policy: no cast
 
 
 def test_load_checkpoint_names_what_is_missing(tmp_path):
     (tmp_path / "adapter").mkdir()
-    with pytest.raises(FileNotFoundError, match="optimizer.pt is missing"):
-        distributed.load_checkpoint(torch.nn.Linear(2, 2), None, tmp_path)
+    (tmp_path / "rng.pt").touch()
+    with pytest.raises(FileNotFoundError, match="optimizer.pt, trainer_state.json missing"):
+        checkpoint.load(tmp_path, torch.nn.Linear(2, 2), None)
 
 
 # ---- `fourbit finetune --distributed` (the training loop) --------------------------------------
-def _loop_has_distributed() -> bool:
-    from fourbit.train.config import TrainConfig
-
-    return "distributed" in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 FINETUNE = dict(steps=3, batch_size=4, grad_accum=2, eval_examples=4, max_length=80, lr=1e-2, warmup=1, optimizer="torch_adamw")
 
 
@@ -296,7 +340,6 @@ def finetune_runs(tmp_path_factory):
     return root, runs
 
 
-@pytest.mark.skipif(not _loop_has_distributed(), reason="fourbit.train has no `distributed` field yet (loop integration pending)")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_finetune_cli_under_torchrun_matches_one_process(finetune_runs, mode):
     root, runs = finetune_runs

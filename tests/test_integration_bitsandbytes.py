@@ -5,6 +5,7 @@ uninstall(), bitsandbytes' own kernels answer again."""
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,14 @@ def test_uninstall_brings_back_bitsandbytes_and_nesting_keeps_an_outer_install(c
     fourbit_bnb.uninstall()  # harmless twice
     bnb.functional.quantize_4bit(w, quant_type="nf4")
     assert not fourbit_bnb.is_installed() and calls["quantize"] == 1
+
+
+def test_readme_snippet_runs_on_fourbit(calls):
+    """The README's bitsandbytes block, exactly as printed there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = "<!-- README-bitsandbytes: tests/test_integration_bitsandbytes.py runs this block -->"
+    block = readme.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert calls["quantize"] == 1 and calls["matmul"] == 1 and calls["dequantize"] == 1
+    assert namespace["x"].grad is not None and not fourbit_bnb.is_installed()

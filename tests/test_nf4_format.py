@@ -223,3 +223,18 @@ def test_bad_inputs_get_clear_errors():
     packed, state = nf4.quantize(torch.randn(64))
     with pytest.raises(ValueError, match="needs 32"):
         nf4.dequantize(packed[:-1], state)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quant_state_tensor_form_round_trips(double_quant):
+    """as_tensors / from_tensors: the one way a QuantState crosses a custom-op or kernel boundary."""
+    _, state = nf4.quantize(torch.randn(33, 70), blocksize=32, quant_type="fp4", double_quant=double_quant)
+    tensors = state.as_tensors()
+    assert (tensors[1] is None) == (not double_quant) and len(tensors) == 4
+    rebuilt = nf4.QuantState.from_tensors(*tensors, shape=[33, 70], dtype=torch.float32, blocksize=32, quant_type="fp4")
+    assert rebuilt.equal(state) and rebuilt.absmax is state.absmax  # the same tensors, not copies
+    if double_quant:
+        assert rebuilt.nested.absmax is state.nested.absmax and rebuilt.offset is state.offset
+        state.nested.blocksize = 128
+        with pytest.raises(ValueError, match="blocks of 256"):
+            state.as_tensors()

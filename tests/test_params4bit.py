@@ -170,3 +170,26 @@ def test_an_nn_linear_that_surgery_still_tells_apart():
     count = trainable_parameters(model)
     assert count.trainable == 4 * (64 + 64) * 2 + 4 * (64 + 32)
     assert count.total == count.trainable + 64 * 64 * 2 + 64 * 32 + 64 + 64 + 32
+
+
+@pytest.mark.parametrize("start", ["quantized", "dense"])
+def test_torch_compile_traces_the_layer(start):
+    """A quantized layer compiles with fullgraph=True (a graph break would raise), forward and
+    backward; a still-dense one quantizes eagerly on the compiled module's first call (one graph
+    break, so fullgraph=False) and then computes the same."""
+    torch.compiler.reset()
+    lin = dense()
+    layer = Linear4bit.from_linear(lin) if start == "quantized" else Linear4bit(64, 32)
+    if start == "dense":
+        layer.weight.detach().copy_(lin.weight)
+        layer.bias.detach().copy_(lin.bias)
+    reference = Linear4bit.from_linear(lin)
+    compiled = torch.compile(layer, fullgraph=start == "quantized", backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(5, 64, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        x_ref = x.detach().clone().requires_grad_(True)
+        reference(x_ref).sum().backward()
+        assert torch.equal(y, reference(x_ref)) and torch.equal(x.grad, x_ref.grad)
+    assert layer.weight.bnb_quantized

@@ -98,31 +98,25 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     dtype = dtype or state.dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    nested = state.nested
     n, bs = state.numel, state.blocksize
     nb = _check_scales(state)
-    device = check_launch_device(
-        packed=data,
-        absmax=state.absmax,
-        code=state.code,
-        offset=state.offset,
-        nested_absmax=None if nested is None else nested.absmax,
-        nested_code=None if nested is None else nested.code,
-    )
+    absmax, absmax2, code8, offset = state.as_tensors()
+    nested = absmax2 is not None
+    device = check_launch_device(packed=data, absmax=absmax, code=state.code, offset=offset, nested_absmax=absmax2,
+                                 nested_code=code8)
 
     out = torch.empty(n, dtype=dtype, device=device)
     code = state.code.contiguous()
-    if nested is None:
-        absmax = state.absmax.contiguous()
-        absmax2, code8, offset = absmax, absmax, absmax  # unused when NESTED is False
+    absmax = absmax.contiguous()
+    if nested:
+        absmax2, code8, offset = absmax2.contiguous(), code8.contiguous(), offset.reshape(())
     else:
-        absmax, absmax2 = state.absmax.contiguous(), nested.absmax.contiguous()
-        code8, offset = nested.code.contiguous(), state.offset.reshape(())
+        absmax2, code8, offset = absmax, absmax, absmax  # unused when NESTED is False
     rows = _rows(bs)
     if n:
         _dequantize_4bit_kernel[(triton.cdiv(nb, rows),)](
             data, code, absmax, absmax2, code8, offset, out, n, data.numel(), nb,
-            BLOCKSIZE=bs, ROWS=rows, NESTED=nested is not None, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
+            BLOCKSIZE=bs, ROWS=rows, NESTED=nested, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
             num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return out.view(state.shape)

@@ -242,10 +242,10 @@ def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
     """(packed bytes, pair table, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
     data = check_packed(packed, state)  # (N*K/2,) uint8
     table = pair_table(state.quant_type, data.device)  # (256,) int64
-    if state.nested is None:
-        return data, table, state.absmax, state.absmax, state.absmax, state.absmax
-    offset = state.offset.to(device=data.device, dtype=torch.float32).reshape(1)
-    return data, table, state.absmax, state.nested.absmax, state.nested.code, offset
+    absmax, absmax2, code8, offset = state.as_tensors()
+    if absmax2 is None:
+        return data, table, absmax, absmax, absmax, absmax
+    return data, table, absmax, absmax2, code8, offset.to(device=data.device, dtype=torch.float32).reshape(1)
 
 
 def _m_bucket(m: int) -> int:

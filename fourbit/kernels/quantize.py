@@ -197,15 +197,7 @@ def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
             absmax, offset, midpoints, q, absmax2, nb, nb2,
             NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ROWS=NESTED_ROWS, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )  # fmt: skip
-    nested = QuantState(
-        absmax=absmax2,
-        shape=torch.Size([nb]),
-        dtype=torch.float32,
-        blocksize=NESTED_BLOCKSIZE,
-        quant_type="dynamic8",
-        code=code8,
-    )
-    return q, offset, nested
+    return q, offset, QuantState.nested_state(absmax2, nb, code8)
 
 
 def compile_specs() -> list[KernelSpec]:

@@ -12,8 +12,8 @@ The op is registered with `torch.library` as `fourbit::matmul_4bit` (forward) an
 `fourbit::matmul_4bit_backward` (dx = dy W), each with a fake (meta) implementation and the
 forward's autograd formula, so `torch.compile(fullgraph=True)` traces through it without graph
 breaks and `torch.library.opcheck` can test the registration. A QuantState is not a type an op
-schema can hold, so it crosses the op boundary as its tensors plus (shape, blocksize, quant_type,
-dtype) and is rebuilt inside.
+schema can hold, so it crosses the op boundary as `state.as_tensors()` plus (shape, blocksize,
+quant_type, dtype) and is rebuilt inside with `QuantState.from_tensors`.
 
 Both ops call `fourbit.dispatch` and nothing else: it picks the fused Triton kernels
 (`fourbit.kernels.matmul`) or the chunked reference (`fourbit.nf4.matmul`) per FOURBIT_BACKEND.
@@ -26,49 +26,16 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from ..nf4.codes import code_for
-from ..nf4.state import NESTED_BLOCKSIZE, QuantState
+from ..nf4.state import QuantState
 
 __all__ = ["matmul_4bit"]
-
-_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _code(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16-entry table on `device`, copied there once (no host-to-device copy per call, which
-    would also break CUDA-graph capture)."""
-    key = (quant_type, device)
-    if key not in _CODES:
-        _CODES[key] = code_for(quant_type).to(device)
-    return _CODES[key]
-
-
-def _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype) -> QuantState:
-    state = QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
-                       quant_type=quant_type, code=_code(quant_type, absmax.device))
-    if nested_absmax is not None:
-        state.offset = offset
-        state.nested = QuantState(absmax=nested_absmax, shape=torch.Size([absmax.numel()]), dtype=torch.float32,
-                                  blocksize=NESTED_BLOCKSIZE, quant_type="dynamic8", code=nested_code)
-    return state
-
-
-def _state_tensors(state: QuantState) -> tuple:
-    """(absmax, nested_absmax, nested_code, offset) with None where the state has no nesting."""
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a fourbit QuantState, got {type(state).__name__}")
-    if state.nested is None:
-        return state.absmax, None, None, None
-    if state.nested.blocksize != NESTED_BLOCKSIZE:
-        raise ValueError(f"nested scales must come in blocks of {NESTED_BLOCKSIZE}, got {state.nested.blocksize}")
-    return state.absmax, state.nested.absmax, state.nested.code, state.offset
-
 
 @torch.library.custom_op("fourbit::matmul_4bit", mutates_args=())
 def _matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                shape: list[int], blocksize: int, quant_type: str, dtype: torch.dtype) -> torch.Tensor:
-    state = _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype)
+    state = QuantState.from_tensors(absmax, nested_absmax, nested_code, offset, shape=shape, dtype=dtype,
+                                    blocksize=blocksize, quant_type=quant_type)
     return dispatch.matmul(x, packed, state, bias)
 
 
@@ -82,7 +49,8 @@ def _matmul_backward_op(grad_y: torch.Tensor, packed: torch.Tensor, absmax: torc
                         nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                         offset: Optional[torch.Tensor], shape: list[int], blocksize: int, quant_type: str,
                         dtype: torch.dtype) -> torch.Tensor:
-    state = _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype)
+    state = QuantState.from_tensors(absmax, nested_absmax, nested_code, offset, shape=shape, dtype=dtype,
+                                    blocksize=blocksize, quant_type=quant_type)
     return dispatch.matmul_backward(grad_y, packed, state)
 
 
@@ -114,7 +82,9 @@ _matmul_op.register_autograd(_backward, setup_context=_setup_context)
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
     """y = x @ dequantize(packed, state).T + bias, differentiable in x and bias.
     x: (..., K) fp32/fp16/bf16, state.shape = [N, K], bias: (N,) or None; y: (..., N) in x.dtype."""
-    absmax, nested_absmax, nested_code, offset = _state_tensors(state)
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a fourbit QuantState, got {type(state).__name__}")
+    absmax, nested_absmax, nested_code, offset = state.as_tensors()
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D quantized weight [N, K], got shape {tuple(state.shape)}")
     return _matmul_op(x, packed, absmax, nested_absmax, nested_code, offset, bias,

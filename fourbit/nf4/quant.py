@@ -69,16 +69,9 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
     """8-bit codes of (absmax - mean), the mean, and the nested state (absmax2 per 256 scales)."""
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
-    qabs, absmax2 = quantize_blockwise(absmax - offset, dynamic_map(signed=True).to(absmax.device), NESTED_BLOCKSIZE)
-    nested = QuantState(
-        absmax=absmax2,
-        shape=torch.Size([absmax.numel()]),
-        dtype=torch.float32,
-        blocksize=NESTED_BLOCKSIZE,
-        quant_type="dynamic8",
-        code=dynamic_map(signed=True).to(absmax.device),
-    )
-    return qabs, offset, nested
+    code8 = dynamic_map(signed=True).to(absmax.device)
+    qabs, absmax2 = quantize_blockwise(absmax - offset, code8, NESTED_BLOCKSIZE)
+    return qabs, offset, QuantState.nested_state(absmax2, absmax.numel(), code8)
 
 
 def quantize(

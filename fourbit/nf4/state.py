@@ -9,6 +9,11 @@ Layout (bitsandbytes 0.50, SPEC §2–5):
     nested     QuantState              absmax2 float32 (ceil(nb/256),), 256-entry signed dynamic map,
                                        blocksize 256, dtype float32
 
+Tensor form (`as_tensors` / `from_tensors`): (absmax, nested_absmax, nested_code, offset), the
+tensors a custom op or a kernel takes (a QuantState is not a type an op schema can hold), with
+None for the last three without double quantization; `nested_state` builds the nested state. No
+other module takes a QuantState apart or assembles one from these pieces.
+
 Serialized form (`to_dict`) is the one bitsandbytes and transformers write into safetensors:
 `absmax`, `quant_map`, `nested_absmax`, `nested_quant_map` tensors plus a uint8 tensor
 `quant_state.bitsandbytes__<quant_type>` holding the UTF-8 JSON of the non-tensor fields.
@@ -29,12 +34,22 @@ from .codes import code_for, dynamic_map
 __all__ = ["QuantState", "NESTED_BLOCKSIZE"]
 
 NESTED_BLOCKSIZE = 256
+_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
 _BLOB_KEY = "quant_state.bitsandbytes__"
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _code_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16-entry table on `device`, copied there once: rebuilding a state inside a custom op on
+    every call must not copy host to device (which would also break CUDA-graph capture)."""
+    key = (quant_type, device)
+    if key not in _CODES:
+        _CODES[key] = code_for(quant_type).to(device)
+    return _CODES[key]
 
 
 @dataclasses.dataclass
@@ -79,6 +94,35 @@ class QuantState:
             return self.absmax
         scales = dequantize_blockwise(self.absmax, self.nested.absmax, self.nested.code, self.nested.blocksize)
         return scales + self.offset
+
+    # ---- tensor form -----------------------------------------------------------------------------
+    @classmethod
+    def nested_state(cls, absmax2: torch.Tensor, n_scales: int, code: torch.Tensor) -> "QuantState":
+        """The state of double-quantized scales: `n_scales` 8-bit codes in blocks of 256 under the
+        signed dynamic map `code` (256,), one float32 absmax2 per block, (ceil(n_scales / 256),)."""
+        return cls(absmax=absmax2, shape=torch.Size([n_scales]), dtype=torch.float32, blocksize=NESTED_BLOCKSIZE,
+                   quant_type="dynamic8", code=code)
+
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(absmax, nested_absmax, nested_code, offset), the last three None without double
+        quantization. With shape, dtype, blocksize and quant_type, `from_tensors` rebuilds the state."""
+        if self.nested is None:
+            return self.absmax, None, None, None
+        if self.nested.blocksize != NESTED_BLOCKSIZE:
+            raise ValueError(f"nested scales must come in blocks of {NESTED_BLOCKSIZE}, got {self.nested.blocksize}")
+        return self.absmax, self.nested.absmax, self.nested.code, self.offset
+
+    @classmethod
+    def from_tensors(cls, absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                     offset: torch.Tensor | None, *, shape, dtype: torch.dtype, blocksize: int, quant_type: str,
+                     code: torch.Tensor | None = None) -> "QuantState":
+        """The inverse of `as_tensors`. `code` defaults to the quant_type's table on absmax's device."""
+        state = cls(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize, quant_type=quant_type,
+                    code=_code_on(quant_type, absmax.device) if code is None else code)
+        if nested_absmax is not None:
+            state.offset = offset
+            state.nested = cls.nested_state(nested_absmax, absmax.numel(), nested_code)
+        return state
 
     def to(self, device: torch.device | str) -> "QuantState":
         """A copy with every tensor on `device` (never re-quantizes)."""
@@ -182,14 +226,7 @@ class QuantState:
             if not torch.equal(nested_map.cpu(), dynamic_map(signed=True)):
                 raise ValueError(f"{prefix}nested_quant_map is not the signed dynamic map")
             state.offset = torch.tensor(offset, dtype=torch.float32)
-            state.nested = cls(
-                absmax=absmax2,
-                shape=torch.Size([nb]),
-                dtype=torch.float32,
-                blocksize=nbs,
-                quant_type="dynamic8",
-                code=nested_map.clone(),
-            )
+            state.nested = cls.nested_state(absmax2, nb, nested_map.clone())
         if device is not None:
             state = state.to(device)
         else:

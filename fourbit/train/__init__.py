@@ -6,7 +6,8 @@
 
 `config` (TrainConfig), `loop` (Trainer, train, lr_at), `data` (JSONL -> masked, padded batches),
 `task` (the embedded date task and the exact-match evaluator), `models` (load + quantize on load),
-`checkpoint` (atomic, resumable), `plot`, `optim` (paged AdamW), `distributed` (DDP/FSDP2).
+`checkpoint` (one format for every mode; atomic, resumable), `plot`, `optim` (paged AdamW),
+`distributed` (the Runtime: where this process runs), `parallel` (DDP/FSDP2 wrapping).
 """
 
 from .config import TrainConfig

@@ -18,11 +18,13 @@ kill a step halfway: the first SIGINT sets a flag, the loop finishes the current
 checkpoint and returns; a second SIGINT interrupts at once. `resume=True` reloads that checkpoint
 and continues with the same numbers an uninterrupted run would produce.
 
-Under torchrun (`distributed="ddp"|"fsdp"`, see docs/distributed.md) the same loop runs on every
-rank with `fourbit.train.distributed`: the model is wrapped after add_lora, each global micro-batch
-is sharded by rows, the loss is scaled with `global_mean_loss` so the averaged gradient is that of
-the global token mean, checkpoints use `distributed.save_checkpoint` (collective, rank 0 writes), and
-only rank 0 writes metrics, the adapter, the plot and the summary.
+Where it runs is one object, `self.runtime` (`fourbit.train.distributed.Runtime`), the same code
+path in one process and under torchrun (`distributed="ddp"|"fsdp"`, see docs/distributed.md): the
+model is wrapped after add_lora (`parallel.wrap_model`; in one process it is only moved), each
+global micro-batch is sharded by rows (one process: all of them), the loss is scaled with
+`global_mean_loss` so the averaged gradient is that of the global token mean (one process: the
+token mean), checkpoints are `checkpoint.save/load` (one format for every mode; collective, rank 0
+writes), and only rank 0 writes metrics, the adapter, the plot and the summary.
 """
 
 from __future__ import annotations
@@ -39,10 +41,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from . import checkpoint
+from ..lora import add_lora, save_adapter, trainable_parameters
+from ..nf4.files import atomic_write
+from . import checkpoint, distributed, optim
 from .config import TrainConfig
 from .data import IGNORE, batch_at, encode_all, read_jsonl
+from .models import load_quantized
+from .parallel import full_lora_weights, wrap_model
+from .plot import plot_metrics
 from .task import date_task, exact_match
 
 __all__ = ["Trainer", "train", "lr_at", "RunDirExists"]
@@ -73,8 +81,6 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _build_optimizer(config: TrainConfig, params):
-    from . import optim
-
     if config.optimizer == "torch_adamw":  # PyTorch's own, e.g. for parameters another engine shards
         return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     cls = {
@@ -87,12 +93,6 @@ def _build_optimizer(config: TrainConfig, params):
     if config.optimizer.startswith("paged") and config.paging_budget_mb is not None:
         kwargs["device_budget_bytes"] = int(config.paging_budget_mb * 2**20)
     return cls(params, **kwargs)
-
-
-def _logical_parameters(model) -> int:
-    from ..lora import trainable_parameters
-
-    return trainable_parameters(model).total
 
 
 class Trainer:
@@ -108,12 +108,8 @@ class Trainer:
         self.config = config
         self.run_dir = config.output_dir
         self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
-        self.ctx = None  # a distributed.DistContext under torchrun (config.distributed != "none")
-        if config.distributed != "none":
-            from . import distributed
-
-            self.ctx = distributed.setup(config.distributed)
-        self.is_main = self.ctx is None or self.ctx.is_main  # only rank 0 writes files
+        self.runtime = distributed.setup(config.distributed, device=config.device)  # one process or a torchrun rank
+        self.is_main = self.runtime.is_main  # only rank 0 writes files
         self.progress = progress and self.is_main
         self._prepare_run_dir(resume, overwrite)
         self.resume = resume
@@ -124,7 +120,7 @@ class Trainer:
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         present = [f for f in RUN_FILES if os.path.exists(os.path.join(self.run_dir, f))]
         if resume:
-            if not checkpoint.exists(self.run_dir):
+            if not checkpoint.exists(self.checkpoint_dir):
                 raise FileNotFoundError(f"--resume: {self.run_dir!r} has no checkpoint to continue from")
         elif present:
             if not overwrite:
@@ -140,25 +136,15 @@ class Trainer:
                     os.unlink(path)
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-        self._barrier()
+        self.runtime.barrier()
 
-    def _barrier(self) -> None:
-        if self.ctx is not None:
-            from . import distributed
-
-            distributed.barrier()
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.run_dir, checkpoint.CHECKPOINT)
 
     def _setup(self) -> None:
-        from ..lora import add_lora, trainable_parameters
-        from .models import load_quantized
-
         c = self.config
-        if self.ctx is not None:
-            self.device = self.ctx.device
-        elif c.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(c.device)
+        self.device = self.runtime.device
         self.autocast = (c.precision == "bf16") or (c.precision == "auto" and self.device.type == "cuda")
         compute = torch.bfloat16 if self.autocast else torch.float32
 
@@ -169,18 +155,12 @@ class Trainer:
         torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
         add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
         self.param_summary = str(trainable_parameters(model))
-        n_params = _logical_parameters(model)
+        n_params = trainable_parameters(model).total
         self.checkpointing = c.grad_checkpointing == "on" or (c.grad_checkpointing == "auto" and n_params > c.checkpointing_above)
         if self.checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.ctx is not None:
-            from . import distributed
-
-            model = distributed.wrap_model(model, self.ctx)  # DDP or FSDP2; moves to ctx.device
-        else:
-            model.to(self.device)
-        self.model = model
+        self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
 
         if c.data == "dates":
             train_records, self.eval_records = date_task(n_eval=c.eval_examples)
@@ -200,24 +180,17 @@ class Trainer:
         self.optimizer = _build_optimizer(c, self.params)
         self.step = 0
         if self.resume:
-            if self.ctx is not None:
-                from . import distributed
-
-                state = distributed.load_checkpoint(model, self.optimizer, os.path.join(self.run_dir, checkpoint.CHECKPOINT))
-            else:
-                state = checkpoint.load(self.run_dir, model=model, optimizer=self.optimizer)
+            state = checkpoint.load(self.checkpoint_dir, model, self.optimizer)
             if state["config"] != c.to_dict():
                 changed = sorted(k for k in c.to_dict() if state["config"].get(k) != c.to_dict()[k])
                 raise ValueError(f"--resume with a different config (fields {changed}); resume with the original settings")
             self.step, self.metrics = state["step"], state["metrics"]
             if self.is_main:
                 self._rewrite_metrics()
-            self._barrier()
+            self.runtime.barrier()
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _rewrite_metrics(self) -> None:
-        from ..nf4.files import atomic_write
-
         def write(tmp):
             with open(tmp, "w") as f:
                 for row in self.metrics:
@@ -239,17 +212,9 @@ class Trainer:
             return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device)
 
     def save_checkpoint(self) -> str:
-        if self.ctx is not None:  # collective: every rank gathers, rank 0 writes
-            from . import distributed
-
-            path = os.path.join(self.run_dir, checkpoint.CHECKPOINT)
-            extra = {"config": self.config.to_dict(), "metrics": self.metrics, "source": self.source}
-            distributed.save_checkpoint(self.model, self.optimizer, path, step=self.step, extra=extra)
-            return path
-        return checkpoint.save(
-            self.run_dir, model=self.model, optimizer=self.optimizer, step=self.step,
-            config=self.config.to_dict(), metrics=self.metrics, source=self.source,
-        )
+        """Collective: every rank gathers, rank 0 writes."""
+        extra = {"config": self.config.to_dict(), "metrics": self.metrics, "source": self.source}
+        return checkpoint.save(self.checkpoint_dir, self.model, self.optimizer, step=self.step, extra=extra)
 
     # ---- one step ----------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -257,10 +222,7 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         batches = [batch_at(self.data, self.step * c.grad_accum + i, c.batch_size, c.seed, pad) for i in range(c.grad_accum)]
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # of the global batches
-        if self.ctx is not None:
-            from . import distributed
-
-            batches = [distributed.shard(b) for b in batches]  # this rank's rows
+        batches = [self.runtime.shard(b) for b in batches]  # this rank's rows
         n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         self.model.train()
         total = 0.0
@@ -271,12 +233,9 @@ class Trainer:
             loss_sum = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
             )
-            if self.ctx is None:
-                loss = loss_sum / n_answer
-                total += loss.item()
-            else:  # scaled so the ranks' averaged gradients are those of the global token mean
-                loss = distributed.global_mean_loss(loss_sum, n_answer)
-                total += distributed.reduce(loss.item())
+            # scaled so the ranks' averaged gradients are those of the global token mean
+            loss = self.runtime.global_mean_loss(loss_sum, n_answer)
+            total += self.runtime.reduce(loss.item())
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm if c.clip_norm > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
@@ -296,11 +255,6 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
-        from tqdm.auto import tqdm
-
-        from ..lora import save_adapter
-        from .plot import plot_metrics
-
         c = self.config
         interrupted = False
 
@@ -342,20 +296,15 @@ class Trainer:
         if after is not None:
             self._log({"step": self.step, "exact_match": after})
         self.save_checkpoint()
-        if self.ctx is not None:
-            from . import distributed
-
-            with distributed.full_lora_weights(self.model) as plain:  # collective
-                if self.is_main:
-                    save_adapter(plain, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
-        else:
-            save_adapter(self.model, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
+        with full_lora_weights(self.model) as plain:  # collective under FSDP (gathers the LoRA tensors)
+            if self.is_main:
+                save_adapter(plain, os.path.join(self.run_dir, "adapter"), base_model_name_or_path=self.source)
         summary = self._summary()
         if self.is_main:
             plot_metrics(self.metrics, os.path.join(self.run_dir, "loss.png"), title=f"{os.path.basename(self.source)} QLoRA r={c.r}")
             with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
-        self._barrier()
+        self.runtime.barrier()
         return summary
 
     def _summary(self) -> dict:

@@ -2,6 +2,7 @@
 
     python tests/bnb_shim/run_bnb_tests.py --repo PATH_TO_BITSANDBYTES_GIT [--ref 0.50.1]
         [--against fourbit|bitsandbytes] [--file tests/test_linear4bit.py] [--with-compile] [-k EXPR]
+        [NODE_ID ...]
 
 `--repo` is a local clone (or bare mirror) of github.com/bitsandbytes-foundation/bitsandbytes; this
 script fetches nothing. The test directory at `--ref` is exported with `git archive` into a
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--file", default="tests/test_linear4bit.py")
     parser.add_argument("--with-compile", action="store_true", help="keep test_linear4bit_torch_compile")
     parser.add_argument("-k", default=None, help="extra pytest -k expression")
+    parser.add_argument("tests", nargs="*", help="node ids to run instead of --file, e.g. 'tests/test_linear4bit.py::test_x[...]'")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         selection = [] if args.with_compile else ["not test_linear4bit_torch_compile or activation_checkpointing"]
         if args.k:
             selection.append(args.k)
-        cmd = [sys.executable, "-m", "pytest", args.file, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+        cmd = [sys.executable, "-m", "pytest", *(args.tests or [args.file]), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                "-o", "log_cli=false", f"--junitxml={work / 'junit.xml'}", "--rootdir", str(work)]
         if selection:
             cmd += ["-k", " and ".join(f"({s})" for s in selection)]
