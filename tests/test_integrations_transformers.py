@@ -141,6 +141,14 @@ def test_the_checkpoint_decides_the_format_the_config_the_compute_dtype(tiny, tm
     assert layer.quant_type == "fp4" and not layer.double_quant and layer.compute_dtype == torch.bfloat16
 
 
+def test_bf16_quant_storage_holds_the_same_bytes(tiny, ids):
+    """quant_storage=bfloat16 (FSDP with a bf16 model) views the same packed bytes as bf16."""
+    as_bf16, as_uint8 = load(tiny, FourbitConfig(quant_storage="bfloat16", **FP32)), load(tiny)
+    a, b = as_bf16.model.layers[0].mlp.gate_proj.weight, as_uint8.model.layers[0].mlp.gate_proj.weight
+    assert a.dtype == torch.bfloat16 and torch.equal(a.data.view(torch.uint8).reshape(-1), b.data.reshape(-1))
+    assert torch.equal(as_bf16(ids).logits, as_uint8(ids).logits)
+
+
 def test_init_empty_weights_then_load(tiny, ids):
     accelerate = pytest.importorskip("accelerate")
     config = transformers.AutoConfig.from_pretrained(tiny)
