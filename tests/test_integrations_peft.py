@@ -11,21 +11,13 @@ import pytest
 import torch
 
 from fourbit.lora import Linear4bit, add_lora, lora_layers, quantize_model
+from helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 fourbit_peft = pytest.importorskip("fourbit.integrations.peft")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(seed: int = 0):
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).float()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from torch import nn
 
 from fourbit import dispatch
 from fourbit.lora import Linear4bit, quantize_model
+from helpers import tiny_llama, tiny_llama_dir
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -35,21 +36,16 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 FP32 = dict(compute_dtype=torch.float32)
 
 
-def tiny_llama_dir(root) -> str:
-    """A 2-layer, 64-wide Llama (vocab 96, untied lm_head), saved with save_pretrained."""
+def tiny_dense_dir(root) -> str:
+    """helpers.tiny_llama (2 layers, 64 wide, vocab 96, untied lm_head) saved with save_pretrained."""
     path = os.path.join(root, "tiny")
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama().save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-hf"))
+    return tiny_dense_dir(tmp_path_factory.mktemp("tiny-hf"))
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +135,14 @@ def test_the_checkpoint_decides_the_format_the_config_the_compute_dtype(tiny, tm
     model = load(tmp_path / "fp4", FourbitConfig(quant_type="nf4", compute_dtype=torch.bfloat16))
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.quant_type == "fp4" and not layer.double_quant and layer.compute_dtype == torch.bfloat16
+
+
+def test_bf16_quant_storage_holds_the_same_bytes(tiny, ids):
+    """quant_storage=bfloat16 (FSDP with a bf16 model) views the same packed bytes as bf16."""
+    as_bf16, as_uint8 = load(tiny, FourbitConfig(quant_storage="bfloat16", **FP32)), load(tiny)
+    a, b = as_bf16.model.layers[0].mlp.gate_proj.weight, as_uint8.model.layers[0].mlp.gate_proj.weight
+    assert a.dtype == torch.bfloat16 and torch.equal(a.data.view(torch.uint8).reshape(-1), b.data.reshape(-1))
+    assert torch.equal(as_bf16(ids).logits, as_uint8(ids).logits)
 
 
 def test_init_empty_weights_then_load(tiny, ids):
@@ -260,9 +264,7 @@ def test_sft_trainer_trains_and_saves_the_adapter(tiny, tmp_path):
 # ---- fourbit's own loader and CLI on a 4-bit directory ------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory):
-    from test_train import tiny_llama_dir as tokenized_tiny_llama_dir
-
-    return tokenized_tiny_llama_dir(str(tmp_path_factory.mktemp("tiny-tok")))
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-tok"))
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,9 @@ def readme_blocks() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
-    from test_train import tiny_llama_dir
+    from helpers import tiny_llama_dir
 
-    return tiny_llama_dir(str(tmp_path_factory.mktemp("readme")))
+    return tiny_llama_dir(tmp_path_factory.mktemp("readme"))
 
 
 def test_the_section_has_the_blocks_this_test_runs():

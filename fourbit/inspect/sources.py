@@ -53,7 +53,7 @@ def minilm_dir() -> str:
 def resolve(spec: str) -> tuple[str, list[str]]:
     """(label, files): the files to read for a model spec. ValueError for anything else."""
     if spec == "smollm2":
-        from ..demo import smollm2_gguf_path
+        from ..train.models import smollm2_gguf_path
 
         try:
             return "SmolLM2-135M-Instruct (GGUF Q4_1)", [smollm2_gguf_path()]

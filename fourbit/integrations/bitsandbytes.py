@@ -37,8 +37,8 @@ import torch
 
 from .. import dispatch
 from ..nf4 import blockwise as _blockwise
-from ..nf4.codes import FP4_CODE, NF4_CODE, code_for
-from ..nf4.state import NESTED_BLOCKSIZE, QuantState
+from ..nf4.codes import FP4_CODE, NF4_CODE
+from ..nf4.state import QuantState
 
 __all__ = ["OPS", "install", "installed", "is_installed", "uninstall"]
 
@@ -58,13 +58,10 @@ def _quant_type_of(code: torch.Tensor) -> str:
 def _state(shape, dtype, blocksize, quant_type, absmax, absmax_8bit=None, absmax_code=None, absmax_offset=None) -> QuantState:
     """bitsandbytes' op arguments as a fourbit QuantState. With double quantization bitsandbytes
     passes the nested float32 scales as `absmax` and the 8-bit codes as `absmax_8bit`."""
-    state = QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
-                       quant_type=quant_type, code=code_for(quant_type).to(absmax.device))
-    if absmax_8bit is not None:
-        state.absmax, state.offset = absmax_8bit, absmax_offset
-        state.nested = QuantState(absmax=absmax, shape=torch.Size([absmax_8bit.numel()]), dtype=torch.float32,
-                                  blocksize=NESTED_BLOCKSIZE, quant_type="dynamic8", code=absmax_code)
-    return state
+    if absmax_8bit is None:
+        return QuantState.from_tensors(absmax, None, None, None, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type)
+    return QuantState.from_tensors(absmax_8bit, absmax, absmax_code, absmax_offset, shape=shape, dtype=dtype,
+                                   blocksize=blocksize, quant_type=quant_type)
 
 
 def _quantize_4bit(A, blocksize, quant_type, quant_storage):

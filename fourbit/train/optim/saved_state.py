@@ -48,7 +48,8 @@ def _export(self, p: torch.Tensor) -> dict:
         tensors = {key: torch.cat(chunks) for key, chunks in parts.items()}
     else:
         tensors = {k: state[k].clone() for k in ("state1", "state2", "absmax1", "absmax2") if k in state}
-    tensors["state1"], tensors["state2"] = tensors["state1"].view(p.shape), tensors["state2"].view(p.shape)
+    if tensors["state1"].numel() == p.numel():  # shaped like p, as bitsandbytes (a local shard stays flat)
+        tensors["state1"], tensors["state2"] = tensors["state1"].view(p.shape), tensors["state2"].view(p.shape)
     if state["bits"] == 8:
         tensors["qmap1"], tensors["qmap2"] = (q.clone() for q in self._qmaps_on(p.device))
     out[WRAPPED] = tensors

@@ -7,7 +7,6 @@ aliased (not copied), so `bitsandbytes.nn.Linear4bit is fourbit.nn.Linear4bit`.
 
 import sys
 
-import fourbit
 from fourbit import functional, nn, optim
 from fourbit.functional import matmul_4bit
 
