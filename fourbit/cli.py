@@ -207,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fourbit {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, quantizing): nothing half-written
+        if args.debug or getattr(args, "debug_here", False):
+            raise
+        print(f"fourbit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -417,3 +417,19 @@ def test_full_disk_is_named(tmp_path, monkeypatch):
         nf4.save_file(tmp_path / "x.safetensors", {"x": torch.zeros(2)})
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # the temporary file is gone too
+
+
+def test_quantize_output_is_shareable_and_replaced_whole(tiny, tmp_path):
+    out = tmp_path / "q4"
+    old = os.umask(0o022)
+    try:
+        assert main(["quantize", tiny, str(out)]) == 0
+        first = _hashes(out)
+        (out / "stale.txt").write_text("from the old export")
+        assert main(["quantize", tiny, str(out), "--overwrite"]) == 0
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert all(os.stat(out / name).st_mode & 0o777 == 0o644 for name in os.listdir(out))
+    assert _hashes(out) == first  # the old directory was replaced as a whole, byte-identical export
+    assert sorted(os.listdir(tmp_path)) == ["q4"]  # no temporary or set-aside directory left
