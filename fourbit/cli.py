@@ -3,12 +3,14 @@
     fourbit finetune [--model M] [--data D] [--steps N] ...   QLoRA fine-tune (defaults: the main job)
     fourbit generate --adapter DIR "prompt"                   greedy completion with a trained adapter
     fourbit quantize IN OUT                                   transformers checkpoint -> 4-bit directory
-    fourbit bench NAME [args]                                 run benchmarks/bench_NAME.py (repo checkout)
     fourbit report [args]                                     the Triton kernel compile report
     fourbit demo                                              quantize one real weight, compare with bnb
 
 `finetune` has one flag per TrainConfig field (`--batch-size` sets `batch_size`), generated from
 the dataclass so the two cannot drift apart.
+
+There is no `fourbit bench`: the library never imports `benchmarks/` (which is not part of the
+installed package); run a benchmark from a clone as `python -m benchmarks.bench_<op>`.
 
 Errors: a mistake the user can fix ends in one line on stderr,
     fourbit <command>: error: <what> — <how to fix>
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import math
 import os
 import shlex
@@ -126,17 +127,6 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    try:
-        module = importlib.import_module(f"benchmarks.bench_{args.name}")
-    except ModuleNotFoundError:
-        raise SystemExit(
-            f"no benchmark 'benchmarks/bench_{args.name}.py' importable; run from a clone of the fourbit repository "
-            "(benchmarks are not part of the installed package)"
-        ) from None
-    return module.main(args.rest) or 0
-
-
 def _report(args: argparse.Namespace) -> int:
     from .kernels.report import main as report_main
 
@@ -177,11 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.set_defaults(func=_quantize)
 
-    b = sub.add_parser("bench", help="run benchmarks/bench_NAME.py (from a repository checkout)")
-    b.add_argument("name", help="train, quality, quant, matmul, optim, ...")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --smoke)")
-    b.set_defaults(func=_bench)
-
     r = sub.add_parser("report", help="compile every Triton kernel for sm_80/89/90a and report registers, spills, SASS")
     r.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for fourbit.kernels.report (e.g. --json FILE)")
     r.set_defaults(func=_report)
@@ -192,11 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # bench/report pass their arguments through; argparse's REMAINDER misses a leading "--flag"
+    # report passes its arguments through; argparse's REMAINDER misses a leading "--flag"
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    if extra and args.command not in ("bench", "report"):
+    if extra and args.command != "report":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.rest = args.rest + extra

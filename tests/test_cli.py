@@ -11,7 +11,7 @@ from fourbit.cli import build_parser, main
 
 from test_train import tiny_llama_dir
 
-COMMANDS = ("demo", "finetune", "generate", "quantize", "bench", "report")
+COMMANDS = ("demo", "finetune", "generate", "quantize", "report")
 
 
 @pytest.fixture(scope="module")
