@@ -433,3 +433,14 @@ def test_quantize_output_is_shareable_and_replaced_whole(tiny, tmp_path):
     assert all(os.stat(out / name).st_mode & 0o777 == 0o644 for name in os.listdir(out))
     assert _hashes(out) == first  # the old directory was replaced as a whole, byte-identical export
     assert sorted(os.listdir(tmp_path)) == ["q4"]  # no temporary or set-aside directory left
+
+
+def test_batch_size_must_split_over_the_ranks(tmp_path, monkeypatch):
+    from fourbit.train import distributed
+
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(distributed, "setup", lambda mode, device: distributed.Runtime(mode, 0, 2, 0, torch.device("cpu"), "gloo"))
+    with pytest.raises(InvalidInput, match="--batch-size 3 does not split evenly over 2 ranks — use a multiple of 2"):
+        Trainer(small("m", tmp_path / "run", batch_size=3, distributed="ddp"), progress=False)
+    assert not os.path.exists(tmp_path / "run")

@@ -131,6 +131,11 @@ class Trainer:
         self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
         self.runtime = distributed.setup(config.distributed, device=config.device)  # one process or a torchrun rank
         self.is_main = self.runtime.is_main  # only rank 0 writes files
+        if config.batch_size % self.runtime.world_size:  # each global micro-batch is split by rows
+            raise InvalidInput(
+                f"--batch-size {config.batch_size} does not split evenly over {self.runtime.world_size} ranks",
+                f"use a multiple of {self.runtime.world_size}",
+            )
         self.progress = progress and self.is_main
         self.resume = resume
         self._replacing = False  # True while an old run that --overwrite replaces is set aside
