@@ -444,3 +444,23 @@ def test_batch_size_must_split_over_the_ranks(tmp_path, monkeypatch):
     with pytest.raises(InvalidInput, match="--batch-size 3 does not split evenly over 2 ranks — use a multiple of 2"):
         Trainer(small("m", tmp_path / "run", batch_size=3, distributed="ddp"), progress=False)
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system"),
+                                        (errno.EACCES, "permission denied"), (errno.ENOTDIR, "is a file, not a directory")])
+def test_output_errors_say_what_happened(code, words, tmp_path, monkeypatch):
+    """Unwritable places, as the OS reports them (as root, chmod would not stop the write)."""
+    import builtins
+
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wa+"):
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(OutputError, match=f"cannot write .*run: .*{words}"):
+        rundir.prepare(str(tmp_path / "run"))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []  # the directory it had created is gone again
