@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # report passes their arguments through; argparse's REMAINDER misses a leading "--flag"
+    # report passes its arguments through; argparse's REMAINDER misses a leading "--flag"
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fourbit {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, quantizing): nothing half-written
+        if args.debug or getattr(args, "debug_here", False):
+            raise
+        print(f"fourbit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

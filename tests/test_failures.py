@@ -417,3 +417,50 @@ def test_full_disk_is_named(tmp_path, monkeypatch):
         nf4.save_file(tmp_path / "x.safetensors", {"x": torch.zeros(2)})
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # the temporary file is gone too
+
+
+def test_quantize_output_is_shareable_and_replaced_whole(tiny, tmp_path):
+    out = tmp_path / "q4"
+    old = os.umask(0o022)
+    try:
+        assert main(["quantize", tiny, str(out)]) == 0
+        first = _hashes(out)
+        (out / "stale.txt").write_text("from the old export")
+        assert main(["quantize", tiny, str(out), "--overwrite"]) == 0
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert all(os.stat(out / name).st_mode & 0o777 == 0o644 for name in os.listdir(out))
+    assert _hashes(out) == first  # the old directory was replaced as a whole, byte-identical export
+    assert sorted(os.listdir(tmp_path)) == ["q4"]  # no temporary or set-aside directory left
+
+
+def test_batch_size_must_split_over_the_ranks(tmp_path, monkeypatch):
+    from fourbit.train import distributed
+
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(distributed, "setup", lambda mode, device: distributed.Runtime(mode, 0, 2, 0, torch.device("cpu"), "gloo"))
+    with pytest.raises(InvalidInput, match="--batch-size 3 does not split evenly over 2 ranks — use a multiple of 2"):
+        Trainer(small("m", tmp_path / "run", batch_size=3, distributed="ddp"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system"),
+                                        (errno.EACCES, "permission denied"), (errno.ENOTDIR, "is a file, not a directory")])
+def test_output_errors_say_what_happened(code, words, tmp_path, monkeypatch):
+    """Unwritable places, as the OS reports them (as root, chmod would not stop the write)."""
+    import builtins
+
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wa+"):
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(OutputError, match=f"cannot write .*run: .*{words}"):
+        rundir.prepare(str(tmp_path / "run"))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []  # the directory it had created is gone again

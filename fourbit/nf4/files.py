@@ -90,9 +90,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def save_safetensors_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors.torch.save_file for files too large to hold twice in memory (a whole model):
     written straight to `path` (callers write into a temporary directory), its I/O errors raised
-    as OutputError. With at most one metadata key the bytes equal `safetensors_bytes`'."""
+    as OutputError. With at most one metadata key the bytes equal `safetensors_bytes`'. The Rust
+    writer creates the file 0600 whatever the umask; it gets the umask's permissions here."""
     try:
         safetensors.torch.save_file(dict(tensors), os.fspath(path), metadata=metadata)
+        os.chmod(path, 0o666 & ~_umask())
+    except OSError as err:
+        raise output_error(path, err) from err
     except safetensors.SafetensorError as err:  # "I/O error: No space left on device (os error 28)"
         found = re.search(r"os error (\d+)", str(err))
         if found is None:

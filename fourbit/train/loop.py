@@ -131,6 +131,11 @@ class Trainer:
         self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
         self.runtime = distributed.setup(config.distributed, device=config.device)  # one process or a torchrun rank
         self.is_main = self.runtime.is_main  # only rank 0 writes files
+        if config.batch_size % self.runtime.world_size:  # each global micro-batch is split by rows
+            raise InvalidInput(
+                f"--batch-size {config.batch_size} does not split evenly over {self.runtime.world_size} ranks",
+                f"use a multiple of {self.runtime.world_size}",
+            )
         self.progress = progress and self.is_main
         self.resume = resume
         self._replacing = False  # True while an old run that --overwrite replaces is set aside
@@ -337,6 +342,11 @@ class Trainer:
                 print(f"the run in {self.run_dir!r} that --overwrite was replacing is restored")
             raise
 
+    def _stopping(self, stop: list[int]) -> bool:
+        """Whether any rank has been asked to stop: torchrun forwards a signal to every rank, but not
+        at the same instant, and all ranks must stop after the same step (the checkpoint is collective)."""
+        return self.runtime.reduce(1.0 if stop else 0.0, op="max") > 0
+
     def _train(self) -> dict:
         c = self.config
         stop: list[int] = []  # the signal that asked to stop, once one did
@@ -354,7 +364,7 @@ class Trainer:
                 if before is not None:
                     self._log({"step": 0, "exact_match": before})
             bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="finetune")
-            while self.step < self.total_steps and not stop:
+            while self.step < self.total_steps and not self._stopping(stop):
                 row = self.train_step()
                 self._log(row)
                 bar.update(1)
@@ -366,10 +376,12 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self, self.step)
             bar.close()
-            if stop:  # still under the handler: a second signal here abandons the checkpoint write
+            if self.step < self.total_steps:  # stopped by a signal; still under the handler, so a
+                signum = stop[0] if stop else signal.SIGTERM  # second one abandons the checkpoint write
                 path = self.save_checkpoint()
-                print(f"{signal.Signals(stop[0]).name}: stopped after step {self.step}; checkpoint in {path}")
-                return {"interrupted": True, "signal": stop[0], "step": self.step, "checkpoint": path}
+                if self.is_main:
+                    print(f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint in {path}")
+                return {"interrupted": True, "signal": int(signum), "step": self.step, "checkpoint": path}
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -213,13 +213,19 @@ def _check_export_paths(spec: str, output_dir: str, overwrite: bool) -> None:
             raise InvalidInput(f"{output_dir!r} is a file, not a 4-bit model directory", "choose a directory path")
 
 
-def _fsync_tree(directory: str) -> None:
+def _settle_tree(directory: str) -> None:
+    """fsync every file and folder below `directory`, and give the folder the permissions the umask
+    allows (mkdtemp makes it 0700)."""
     from ..nf4.files import fsync_dir
 
-    for name in os.listdir(directory):
-        with open(os.path.join(directory, name), "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(directory)
+    for base, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(base, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(base)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
 
 
 def export_4bit(spec: str, output_dir: str, *, overwrite: bool = False) -> str:
@@ -265,7 +271,7 @@ def export_4bit(spec: str, output_dir: str, *, overwrite: bool = False) -> str:
         try:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            _fsync_tree(tmp)
+            _settle_tree(tmp)
             if os.path.exists(output_dir):
                 old = tempfile.mkdtemp(prefix=".tmp-replaced-", dir=parent)
                 os.replace(output_dir, os.path.join(old, "previous"))
