@@ -31,7 +31,7 @@ import shlex
 import sys
 import typing
 
-from .errors import MissingFile, UserError
+from .errors import InvalidInput, MissingFile, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +68,7 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         blocksizes = [int(b) for b in args.blocksizes.split(",") if b.strip()]
     except ValueError:
-        raise ValueError(f"--blocksizes takes comma-separated integers, got {args.blocksizes!r}") from None
+        raise InvalidInput(f"--blocksizes takes comma-separated integers, got {args.blocksizes!r}") from None
     report = inspect_model(args.model, layer=args.layer, blocksizes=blocksizes, top=args.top)
     name = os.path.basename(os.path.normpath(args.model)) + (f"-{args.layer}" if args.layer else "")
     paths = write_report(report, args.out or os.path.join("runs", "inspect", name))

