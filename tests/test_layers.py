@@ -22,6 +22,11 @@ LAYERS = ["nf4", "kernels", "dispatch", "lora", "train", "cli"]
 BELOW_ALL = {"errors"}
 PLACED = {"functional": "lora", "nn": "lora", "integrations": "lora", "optim": "train",
           "__init__": "cli", "demo": "cli", "inspect": "cli"}
+# Two modules inside fourbit/kernels are tools that read the library rather than parts of it: the
+# static cost model rates what the dispatcher would run (it asks fourbit.dispatch for its route), and
+# the compile report prints the cost model's section. They sit just above dispatch; the test below
+# proves nothing in the library imports them except the CLI.
+TOOLS = {"fourbit.kernels.costmodel": "dispatch", "fourbit.kernels.report": "dispatch"}
 # importlib, and why it is not a backend choice (fourbit.dispatch makes that with plain imports)
 IMPORTLIB = {
     "fourbit/__init__.py": "the lazy submodules fourbit.functional / nn / optim (bitsandbytes' names)",
@@ -33,8 +38,11 @@ IMPORTLIB = {
 }
 
 
-def layer(module: str) -> int:
+def layer(module: str) -> float:
     """Layer index of a fourbit module name such as 'fourbit.lora.layers' (-1: below every layer)."""
+    for tool, placed in TOOLS.items():
+        if module == tool or module.startswith(tool + "."):
+            return LAYERS.index(placed) + 0.5
     part = module.split(".")[1] if "." in module else "__init__"
     if part in BELOW_ALL:
         return -1
@@ -76,6 +84,18 @@ def test_imports_run_one_way_and_never_reach_benchmarks():
                 bad.append(f"{where} imports {target}: the library never imports benchmarks")
             elif target.split(".")[0] == "fourbit" and layer(target) > layer(here):
                 bad.append(f"{where}: {here} (layer {layer(here)}) imports {target} (layer {layer(target)}), a higher layer")
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_cli_and_other_tools_import_the_tools():
+    here_of = lambda path: ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)  # noqa: E731
+    bad = [
+        f"{here_of(path)}:{line} imports {target}"
+        for path in sources()
+        for line, target in imports(path)
+        if any(target == t or target.startswith(t + ".") for t in TOOLS)
+        and here_of(path) not in TOOLS and here_of(path) != "fourbit.cli"
+    ]
     assert not bad, "\n".join(bad)
 
 

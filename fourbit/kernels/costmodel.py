@@ -75,7 +75,6 @@ Contract with the kernel modules (what the model asks, so that it evaluates what
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -224,7 +223,9 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
 
 # ---- what the library would run -----------------------------------------------------------------------
 def _plans_function() -> Callable[..., list[Plan]]:
-    return importlib.import_module("fourbit.kernels.matmul").launch_plans
+    from .matmul import launch_plans
+
+    return launch_plans
 
 
 def _dequantize_plans(plans_for: Callable[..., list[Plan]], n: int, k: int) -> list[Plan]:
@@ -237,9 +238,12 @@ def _dequantize_plans(plans_for: Callable[..., list[Plan]], n: int, k: int) -> l
 
 
 def default_route() -> Callable[..., tuple[str, str]]:
-    """The dispatcher's route function. The model is a tool above the library, so reading dispatch's
-    choice here does not make the kernels depend on dispatch: only the model's callers import it."""
-    return importlib.import_module("fourbit.dispatch").matmul_route
+    """The dispatcher's route function. The model is a tool above the library (tests/test_layers.py
+    places it just above dispatch), so reading dispatch's choice here does not make the kernels depend
+    on dispatch: nothing in the library imports the cost model."""
+    from ..dispatch import matmul_route
+
+    return matmul_route
 
 
 def evaluate(arch: str = "sm_90a", shapes=SHAPES, ms=MS, ops=("gemv", "gemm", "backward", "dequantize"),
