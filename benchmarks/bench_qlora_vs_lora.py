@@ -80,10 +80,15 @@ def base_bytes(model) -> dict[str, int]:
 
 def optimizer_bytes(optimizer) -> int:
     """Logical bytes of the optimizer's per-parameter state (moments; step counters excluded)."""
-    total = 0
-    for state in optimizer.state_dict()["state"].values():
-        total += sum(_nbytes(t) for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1)
-    return total
+
+    def tensors(entries: dict):  # bitsandbytes' state-dict layout nests the moments one level down
+        for value in entries.values():
+            if isinstance(value, dict):
+                yield from tensors(value)
+            elif isinstance(value, torch.Tensor) and value.numel() > 1:
+                yield value
+
+    return sum(_nbytes(t) for state in optimizer.state_dict()["state"].values() for t in tensors(state))
 
 
 class SavedTensors:

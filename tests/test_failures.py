@@ -335,8 +335,9 @@ def test_format_guards():
     with pytest.raises(InvalidInput, match="meta tensor.*load the real weights first"):
         nf4.quantize(torch.empty(64, 64, device="meta"))
     packed, state = nf4.quantize(torch.randn(64, 64))
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16, got torch.int32"):
+    with pytest.raises(TypeError, match="float32, float16, bfloat16, float64, got torch.int32"):
         nf4.dequantize(packed, state, dtype=torch.int32)
+    assert nf4.dequantize(packed, state, dtype=torch.float64).dtype == torch.float64  # the reference's exact output
     d = state.to_dict()
     key = "quant_state.bitsandbytes__nf4"
     blob = json.loads(bytes(d[key].tolist()))

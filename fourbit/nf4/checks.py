@@ -53,10 +53,11 @@ def check_float_tensor(x: torch.Tensor, name: str = "input") -> None:
         )
 
 
-def check_float_dtype(dtype: torch.dtype, name: str = "dtype") -> None:
-    """An output dtype for dequantized values: an integer dtype would truncate every value silently."""
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dtype}")
+def check_float_dtype(dtype: torch.dtype, name: str = "dtype", *, allowed: tuple = FLOAT_DTYPES) -> None:
+    """An output dtype for dequantized values: an integer dtype would truncate every value silently.
+    The reference also writes float64 (gradcheck, exact merges); the kernels write the three below."""
+    if dtype not in allowed:
+        raise TypeError(f"{name} must be one of {', '.join(str(d).removeprefix('torch.') for d in allowed)}, got {dtype}")
 
 
 def check_finite(x: torch.Tensor, name: str = "input") -> None:

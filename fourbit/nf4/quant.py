@@ -35,7 +35,7 @@ import torch
 
 from .blockwise import quantize_blockwise
 from .checks import check_blocksize, check_finite, check_float_dtype, check_float_tensor, check_quant_type, check_scales_fit
-from .checks import check_storage
+from .checks import FLOAT_DTYPES, check_storage
 from .codes import FP4_MAGNITUDE_TO_BITS, FP4_THRESHOLDS, NF4_THRESHOLDS, code_for, dynamic_map
 from .state import NESTED_BLOCKSIZE, QuantState
 
@@ -196,7 +196,7 @@ def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | 
     """Dense tensor of `state.shape` in `dtype` (default: the dtype that was quantized)."""
     check_packed(packed, state)
     dtype = dtype or state.dtype
-    check_float_dtype(dtype)
+    check_float_dtype(dtype, allowed=FLOAT_DTYPES + (torch.float64,))
     n, bs = state.numel, state.blocksize
     step = max(bs, _DEQUANTIZE_CHUNK_VALUES // bs * bs)
     if 0 < n <= step:  # one chunk: its buffer is the result (float32: no copy at all)
