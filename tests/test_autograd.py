@@ -8,15 +8,12 @@ import pytest
 from fourbit.kernels._triton_utils import interpreting
 from fourbit.lora.autograd import matmul_4bit
 from fourbit.nf4 import dequantize, quantize
+from helpers import rel_err
 
 
 def weight(n, k, bs=64, dq=True):
     packed, state = quantize(torch.randn(n, k), blocksize=bs, double_quant=dq)
     return packed, state, dequantize(packed, state, dtype=torch.float32).double()  # w64: (N, K)
-
-
-def rel_err(got, want):
-    return ((got.double() - want).norm() / want.norm()).item()
 
 
 @pytest.mark.parametrize("k,bs,dq", [(128, 64, True), (100, 32, False)])

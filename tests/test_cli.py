@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from fourbit.cli import build_parser, main
-
-from test_train import tiny_llama_dir
+from helpers import tiny_llama_dir
 
 COMMANDS = ("demo", "finetune", "generate", "quantize", "report")
 

@@ -22,19 +22,12 @@ from fourbit.train import checkpoint, distributed, parallel
 
 pytest.importorskip("transformers")
 
+import helpers  # noqa: E402  the run that tests/dist_worker.py repeats under torchrun
+from helpers import max_rel_err, tiny_llama_dir  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import dist_worker as worker  # noqa: E402
-
 LOSS_RTOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    """max_i |a_i - b_i| / |b_i| over two loss curves, in float64."""
-    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(((a - b).abs() / b.abs()).max())
 
 
 def free_port() -> int:
@@ -45,9 +38,9 @@ def free_port() -> int:
 
 def single_process_run(model_name: str, checkpoint_dir, optimizer_kind: str = "torch") -> list[float]:
     """The reference: 10 steps on the whole global batch, checkpoint after step 5."""
-    model = parallel.wrap_model(worker.build_model(model_name), distributed.setup("none"))
-    optimizer = worker.make_optimizer(model, worker.LR[model_name], optimizer_kind)
-    return worker.train_steps(model, optimizer, model.config.vocab_size, 0, worker.STEPS, str(checkpoint_dir))
+    model = parallel.wrap_model(helpers.qlora_model(model_name), distributed.setup("none"))
+    optimizer = helpers.make_optimizer(model, helpers.LR[model_name], optimizer_kind)
+    return helpers.train_steps(model, optimizer, model.config.vocab_size, 0, helpers.STEPS, str(checkpoint_dir))
 
 
 def launch(args: list[str], log_path, timeout_s: int) -> None:
@@ -81,10 +74,10 @@ def torchrun(out, *extra, timeout_s: int) -> dict:
 
 
 def resume_single(model_name: str, directory, optimizer_kind: str = "torch") -> tuple[int, list[float]]:
-    model = parallel.wrap_model(worker.build_model(model_name), distributed.setup("none"))
-    optimizer = worker.make_optimizer(model, worker.LR[model_name], optimizer_kind)
+    model = parallel.wrap_model(helpers.qlora_model(model_name), distributed.setup("none"))
+    optimizer = helpers.make_optimizer(model, helpers.LR[model_name], optimizer_kind)
     state = checkpoint.load(directory, model, optimizer)
-    return state["step"], worker.train_steps(model, optimizer, model.config.vocab_size, state["step"], worker.STEPS)
+    return state["step"], helpers.train_steps(model, optimizer, model.config.vocab_size, state["step"], helpers.STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +93,13 @@ def tiny_runs(tmp_path_factory):
 def test_losses_match_single_process_with_same_global_batch(tiny_runs, mode):
     _, reference, results = tiny_runs
     assert results["world_size"] == 2 and results["backend"] == "gloo"
-    assert rel_err(results[mode]["losses"], reference) < LOSS_RTOL
+    assert max_rel_err(results[mode]["losses"], reference) < LOSS_RTOL
     assert reference[-1] < 0.9 * reference[0], f"the reference run must learn for the comparison to mean something: {reference}"
 
 
 def test_fsdp_with_gradient_accumulation_matches_one_big_batch(tiny_runs):
     _, reference, results = tiny_runs
-    assert rel_err(results["fsdp_accumulated"]["losses"], reference) < LOSS_RTOL
+    assert max_rel_err(results["fsdp_accumulated"]["losses"], reference) < LOSS_RTOL
 
 
 def test_fsdp_shards_packed_weights_across_ranks(tiny_runs):
@@ -137,9 +130,9 @@ def test_ranks_holding_different_models_are_refused(tiny_runs):
 def test_ddp_with_fourbit_adamw_matches_and_resumes_in_one_process(tiny_runs):
     out, _, results = tiny_runs
     reference = single_process_run("tiny", out / "single-fourbit-adamw-checkpoint", "fourbit")
-    assert rel_err(results["ddp_fourbit_adamw"]["losses"], reference) < LOSS_RTOL
+    assert max_rel_err(results["ddp_fourbit_adamw"]["losses"], reference) < LOSS_RTOL
     step, losses = resume_single("tiny", out / "ddp-fourbit-adamw-checkpoint", "fourbit")
-    assert rel_err(losses, reference[step:]) < LOSS_RTOL
+    assert max_rel_err(losses, reference[step:]) < LOSS_RTOL
     saved = torch.load(out / "ddp-fourbit-adamw-checkpoint" / "optimizer.pt", weights_only=True)
     assert saved["fourbit"]["format"] == "fourbit-adamw"  # the optimizer's own saved form, renamed by parameter
 
@@ -149,21 +142,21 @@ def test_ddp_with_fourbit_adamw_matches_and_resumes_in_one_process(tiny_runs):
 def test_two_process_checkpoint_resumes_in_one_process(tiny_runs, mode):
     out, reference, _ = tiny_runs
     step, losses = resume_single("tiny", out / f"{mode}-checkpoint")
-    assert step == worker.CHECKPOINT_AT
-    assert rel_err(losses, reference[step:]) < LOSS_RTOL
+    assert step == helpers.CHECKPOINT_AT
+    assert max_rel_err(losses, reference[step:]) < LOSS_RTOL
 
 
 def test_one_process_checkpoint_resumes_under_fsdp(tiny_runs):
     _, reference, results = tiny_runs
     resumed = results["fsdp_resumed"]
-    assert resumed["step"] == worker.CHECKPOINT_AT
-    assert rel_err(resumed["losses"], reference[worker.CHECKPOINT_AT :]) < LOSS_RTOL
+    assert resumed["step"] == helpers.CHECKPOINT_AT
+    assert max_rel_err(resumed["losses"], reference[helpers.CHECKPOINT_AT :]) < LOSS_RTOL
 
 
 def test_one_process_resume_is_bit_identical(tiny_runs):
     out, reference, _ = tiny_runs
     step, losses = resume_single("tiny", out / "single-checkpoint")
-    assert step == worker.CHECKPOINT_AT and losses == reference[step:]  # exact float equality
+    assert step == helpers.CHECKPOINT_AT and losses == reference[step:]  # exact float equality
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -181,15 +174,15 @@ def test_one_process_checkpoint_through_two_processes_and_back_is_bit_identical(
     b = safetensors.torch.load_file(str(trip / "adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     step, losses = resume_single("tiny", trip)
-    assert step == worker.CHECKPOINT_AT and losses == reference[step:]
+    assert step == helpers.CHECKPOINT_AT and losses == reference[step:]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_resume_is_bit_identical(tiny_runs, mode):
     _, _, results = tiny_runs
     resumed = results[f"{mode}_self_resumed"]
-    assert resumed["step"] == worker.CHECKPOINT_AT
-    assert resumed["losses"] == results[mode]["losses"][worker.CHECKPOINT_AT :]  # exact float equality
+    assert resumed["step"] == helpers.CHECKPOINT_AT
+    assert resumed["losses"] == results[mode]["losses"][helpers.CHECKPOINT_AT :]  # exact float equality
 
 
 def assert_same_tree(got, want, where: str) -> None:
@@ -215,11 +208,11 @@ def test_checkpoint_files_are_plain_and_agree_across_modes(tiny_runs):
         directory = out / f"{mode}-checkpoint"
         with open(directory / "trainer_state.json") as f:
             state = json.load(f)
-        assert state["step"] == worker.CHECKPOINT_AT
+        assert state["step"] == helpers.CHECKPOINT_AT
         assert sorted(os.listdir(directory)) == ["adapter", "optimizer.pt", "rng.pt", "trainer_state.json"]
         assert state["mode"] == ("none" if mode == "single" else mode)
         assert state["world_size"] == (1 if mode == "single" else 2)
-        model = load_adapter(worker.build_model("tiny"), directory / "adapter")  # a fresh plain model
+        model = load_adapter(helpers.qlora_model("tiny"), directory / "adapter")  # a fresh plain model
         adapters[mode] = {n: m.lora_A.weight.detach().clone() for n, m in lora_layers(model).items()}
         optim = torch.load(directory / "optimizer.pt", weights_only=True)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -299,22 +292,11 @@ FINETUNE = dict(steps=3, batch_size=4, grad_accum=2, eval_examples=4, max_length
 def finetune_runs(tmp_path_factory):
     """A tiny Llama directory with the SmolLM2 tokenizer, fine-tuned by the loop in this process
     and by `torchrun ... -m fourbit.cli finetune --distributed ddp|fsdp`; returns their losses."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from fourbit.train.config import TrainConfig
     from fourbit.train.loop import Trainer
-    from fourbit.train.models import smollm2_dir
 
     root = tmp_path_factory.mktemp("finetune")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    tiny = tiny_llama_dir(root)
     # Answers of 1 to 12 words: ranks hold different numbers of answer tokens, which only a
     # token-weighted loss over all ranks turns into the one-process step.
     g = torch.Generator().manual_seed(0)
@@ -329,11 +311,11 @@ def finetune_runs(tmp_path_factory):
         return [r["loss"] for r in rows if "loss" in r]
 
     data = str(root / "echo.jsonl")
-    Trainer(TrainConfig(model=str(root / "tiny"), data=data, output_dir=str(root / "none"), **FINETUNE), progress=False).train()
+    Trainer(TrainConfig(model=tiny, data=data, output_dir=str(root / "none"), **FINETUNE), progress=False).train()
     runs = {"none": losses(root / "none")}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FINETUNE.items()]
     for mode in ("ddp", "fsdp"):
-        args = ["-m", "fourbit.cli", "finetune", f"--model={root / 'tiny'}", f"--data={data}", f"--output-dir={root / mode}",
+        args = ["-m", "fourbit.cli", "finetune", f"--model={tiny}", f"--data={data}", f"--output-dir={root / mode}",
                 f"--distributed={mode}", "--quiet", *flags]
         launch(args, root / f"{mode}.log", timeout_s=240)
         runs[mode] = losses(root / mode)
@@ -344,7 +326,7 @@ def finetune_runs(tmp_path_factory):
 def test_finetune_cli_under_torchrun_matches_one_process(finetune_runs, mode):
     root, runs = finetune_runs
     assert len(runs["none"]) == FINETUNE["steps"]
-    assert rel_err(runs[mode], runs["none"]) < LOSS_RTOL
+    assert max_rel_err(runs[mode], runs["none"]) < LOSS_RTOL
     for name in ("adapter/adapter_model.safetensors", "checkpoint/optimizer.pt", "loss.png", "summary.json"):
         assert (root / mode / name).exists(), name  # written once, by rank 0
     import safetensors.torch
@@ -365,7 +347,7 @@ def test_smollm2_ddp_and_fsdp_match_single_process(tmp_path):
     reference = single_process_run("smollm2", tmp_path / "single-checkpoint")
     results = torchrun(tmp_path, "--model", "smollm2", timeout_s=900)
     for mode in ("ddp", "fsdp"):
-        assert rel_err(results[mode]["losses"], reference) < LOSS_RTOL, mode
+        assert max_rel_err(results[mode]["losses"], reference) < LOSS_RTOL, mode
     single = results["fsdp"]["single_process_bytes"]
     for mine in results["fsdp"]["per_rank_bytes"]:
         assert mine["packed"] <= 0.55 * single["packed"] and mine["full_packed_weights_alive"] == 0

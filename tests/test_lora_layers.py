@@ -14,14 +14,10 @@ from torch import nn
 
 from fourbit.lora import Linear4bit, LoRALinear
 from fourbit.nf4 import dequantize as nf4_dequantize
+from helpers import rel_err
 
 # relative-norm bounds for a (..., K) @ (K, N) product computed in each dtype against float64
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def dense(n_out: int, k: int, bias: bool = True, dtype=torch.float32) -> nn.Linear:
@@ -57,7 +53,7 @@ def test_forward_matches_float64(dtype, bias):
     x = torch.randn(2, 3, 96).to(dtype)
     y = layer(x)
     assert y.shape == (2, 3, 40) and y.dtype == dtype
-    assert rel(y, reference(layer, x)) < TOL[dtype]
+    assert rel_err(y, reference(layer, x)) < TOL[dtype]
 
 
 def test_compute_dtype_is_used_and_output_keeps_input_dtype():
@@ -75,8 +71,8 @@ def test_backward_gives_input_and_bias_gradients_only():
     gy = torch.randn(7, 40)
     layer(x).backward(gy)
     w = layer.dequantize(torch.float32).double()
-    assert rel(x.grad, gy.double() @ w) < TOL[torch.float32]
-    assert rel(layer.bias.grad, gy.double().sum(0)) < TOL[torch.float32]
+    assert rel_err(x.grad, gy.double() @ w) < TOL[torch.float32]
+    assert rel_err(layer.bias.grad, gy.double().sum(0)) < TOL[torch.float32]
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
@@ -86,7 +82,7 @@ def test_dequantize_is_the_reference_dequantization():
     w = layer.dequantize()
     assert w.dtype == torch.bfloat16 and w.shape == (33, 64)
     assert torch.equal(w, nf4_dequantize(layer.weight, layer.quant_state))
-    assert rel(w, lin.weight) < 0.12  # NF4 on Gaussian weights: ~10 % relative error
+    assert rel_err(w, lin.weight) < 0.12  # NF4 on Gaussian weights: ~10 % relative error
 
 
 def test_constructor_builds_a_quantized_nn_linear():
@@ -132,7 +128,7 @@ def test_any_layer_round_trips_through_its_state_dict(n_out, k, bias, blocksize,
     assert dst.quant_state.equal(src.quant_state) and torch.equal(dst.weight, src.weight)
     x = torch.randn(3, k)
     assert torch.equal(dst(x), src(x))
-    assert rel(src(x), reference(src, x)) < TOL[torch.float32]
+    assert rel_err(src(x), reference(src, x)) < TOL[torch.float32]
 
 
 def test_a_model_checkpoint_saves_with_safetensors(tmp_path):
@@ -320,7 +316,7 @@ def test_lora_forward_matches_float64(use_rslora):
     x = torch.randn(2, 5, 64)
     a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
     expected = reference(layer.base, x) + scale * (x.double() @ a.T @ b.T)
-    assert rel(layer(x), expected) < TOL[torch.float32]
+    assert rel_err(layer(x), expected) < TOL[torch.float32]
 
 
 def test_lora_gradcheck_float64():
@@ -370,16 +366,16 @@ def test_merge_folds_the_update():
     x = torch.randn(5, 64)
     merged = layer.merge()
     assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.float32
-    assert rel(merged(x), layer(x)) < TOL[torch.float32]
+    assert rel_err(merged(x), layer(x)) < TOL[torch.float32]
     q, err = layer.merge_requantized()
     assert isinstance(q, Linear4bit) and q.blocksize == layer.base.blocksize
     w = merged.weight.double()
-    assert err == pytest.approx(rel(q.dequantize(torch.float64), w), rel=1e-12)
+    assert err == pytest.approx(rel_err(q.dequantize(torch.float64), w), rel=1e-12)
     assert 0.0 < err < 0.12
     dense_lora = LoRALinear(dense(32, 64), r=2, alpha=2)
     with torch.no_grad():
         dense_lora.lora_B.weight.normal_()
-    assert rel(dense_lora.merge()(x), dense_lora(x)) < TOL[torch.float32]
+    assert rel_err(dense_lora.merge()(x), dense_lora(x)) < TOL[torch.float32]
     with pytest.raises(TypeError, match="Linear4bit base"):
         dense_lora.merge_requantized()
 

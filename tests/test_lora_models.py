@@ -20,7 +20,6 @@ from torch import nn
 
 from fourbit.lora import (
     Linear4bit,
-    LoRALinear,
     adapters_disabled,
     add_lora,
     load_adapter,
@@ -31,6 +30,8 @@ from fourbit.lora import (
 )
 
 transformers = pytest.importorskip("transformers")
+
+from helpers import TARGETS, bnb_twin, peft_twin, rel_err, tiny_llama  # noqa: E402
 try:
     import bitsandbytes as bnb
     import peft
@@ -38,26 +39,6 @@ except ImportError:  # the oracle comparisons skip; surgery, memory and checkpoi
     bnb = peft = None
 needs_oracle = pytest.mark.skipif(bnb is None, reason="bitsandbytes and peft are in the test extra: pip install 'fourbit[test]'")
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
-
-
-def tiny_llama(seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2):
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).float().train()
 
 
 def randomize_adapters(model: nn.Module) -> None:
@@ -65,41 +46,6 @@ def randomize_adapters(model: nn.Module) -> None:
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.normal_(0, 0.02)
-
-
-def bnb_twin(dense_model: nn.Module, ours: nn.Module) -> nn.Module:
-    """A copy of `dense_model` whose linears are bitsandbytes Linear4bit holding our exact bytes
-    (`dense_model` may also be a quantized copy without adapters: only the skeleton is used)."""
-    twin = copy.deepcopy(dense_model)
-    for name, base in ours.named_modules():
-        if not isinstance(base, Linear4bit):
-            continue
-        owner = name.rpartition(".")[0]
-        if name.endswith(".base") and isinstance(ours.get_submodule(owner), LoRALinear):
-            name = owner  # the twin has no LoRALinear: its Linear4bit sits where ours is wrapped
-        layer = bnb.nn.Linear4bit(
-            base.in_features, base.out_features, bias=base.bias is not None, quant_type="nf4", compute_dtype=torch.float32, device="meta"
-        )
-        stats = base.quant_state.to_dict()
-        layer.weight = bnb.nn.Params4bit.from_prequantized(base.weight.detach().clone(), stats, device="cpu", module=layer)
-        if base.bias is not None:
-            layer.bias = nn.Parameter(base.bias.detach().clone())
-        layer.support_avx512bf16_for_cpu = False
-        parent, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent) if parent else twin, child, layer)
-    return twin.train()
-
-
-def peft_twin(dense_model: nn.Module, ours: nn.Module, r: int, alpha: int, targets=TARGETS):
-    """bitsandbytes twin + PEFT LoRA with our adapter values copied in."""
-    model = peft.get_peft_model(bnb_twin(dense_model, ours), peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets)))
-    inner = model.base_model.model
-    with torch.no_grad():
-        for name, layer in lora_layers(ours).items():
-            theirs = inner.get_submodule(name)
-            theirs.lora_A["default"].weight.copy_(layer.lora_A.weight)
-            theirs.lora_B["default"].weight.copy_(layer.lora_B.weight)
-    return model.train()
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +64,14 @@ def test_tiny_llama_logits_equal_bitsandbytes_plus_peft(tiny):
     dense, ours, ids = tiny
     theirs = peft_twin(dense, ours, r=4, alpha=8)
     ours_logits, theirs_logits = ours(ids).logits, theirs(ids).logits
-    assert rel(ours_logits, theirs_logits) < 1e-5
+    assert rel_err(ours_logits, theirs_logits) < 1e-5
     count = trainable_parameters(ours)
     assert (count.trainable, count.total) == theirs.get_nb_trainable_parameters()
     # the adapters matter to these logits, so the comparison covers them; PEFT agrees without them
     with adapters_disabled(ours), theirs.disable_adapter():
         without = ours(ids).logits
         assert torch.equal(without, theirs(ids).logits)
-    assert rel(without, ours_logits) > 1e-3 and torch.equal(ours(ids).logits, ours_logits)
+    assert rel_err(without, ours_logits) > 1e-3 and torch.equal(ours(ids).logits, ours_logits)
 
 
 def test_surgery_replaces_the_right_layers(tiny):
@@ -187,7 +133,7 @@ def test_adapter_files_round_trip_with_peft(tiny, tmp_path):
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
     theirs = peft.PeftModel.from_pretrained(bnb_twin(dense, ours), tmp_path / "ours").train()
-    assert rel(theirs(ids).logits, expected) < 1e-5
+    assert rel_err(theirs(ids).logits, expected) < 1e-5
     # PEFT (different adapter values) -> ours, loaded into a model that has no adapters yet
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -196,7 +142,7 @@ def test_adapter_files_round_trip_with_peft(tiny, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     fresh = quantize_model(copy.deepcopy(dense)).train()
     load_adapter(fresh, tmp_path / "peft")
-    assert rel(fresh(ids).logits, theirs(ids).logits) < 1e-5
+    assert rel_err(fresh(ids).logits, theirs(ids).logits) < 1e-5
     assert set(lora_layers(fresh)) == set(lora_layers(ours))
     # and into a model that already has (other) adapters of the same rank
     again = add_lora(quantize_model(copy.deepcopy(dense)), r=4, alpha=8).train()
@@ -213,7 +159,7 @@ def test_rslora_adapter_loads_in_peft_with_the_same_scaling(tiny, tmp_path):
     save_adapter(ours, tmp_path / "rs")
     theirs = peft.PeftModel.from_pretrained(bnb_twin(dense, ours), tmp_path / "rs").train()
     assert theirs.peft_config["default"].use_rslora
-    assert rel(theirs(ids).logits, ours.train()(ids).logits) < 1e-5
+    assert rel_err(theirs(ids).logits, ours.train()(ids).logits) < 1e-5
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
@@ -232,7 +178,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     reentrant = lora_grads()
     for n, g in plain.items():
-        assert rel(checkpointed[n], g) < 1e-6 and rel(reentrant[n], g) < 1e-6, n
+        assert rel_err(checkpointed[n], g) < 1e-6 and rel_err(reentrant[n], g) < 1e-6, n
 
 
 def test_bad_targets_and_adapters(tiny, tmp_path):
@@ -267,7 +213,7 @@ def test_bad_targets_and_adapters(tiny, tmp_path):
 @needs_oracle
 def test_smollm2_logits_equal_bitsandbytes_plus_peft(tmp_path):
     pytest.importorskip("gguf")
-    from fourbit.demo import smollm2_gguf_path
+    from fourbit.train.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     dense = transformers.AutoModelForCausalLM.from_pretrained(
@@ -281,7 +227,7 @@ def test_smollm2_logits_equal_bitsandbytes_plus_peft(tmp_path):
     with torch.no_grad():
         ours_logits = ours(ids).logits
         theirs_logits = peft_twin(quantized, ours, r=8, alpha=16)(ids).logits
-    assert rel(ours_logits, theirs_logits) < 1e-5
+    assert rel_err(ours_logits, theirs_logits) < 1e-5
     ratio, weights = bytes_per_weight(ours)
     assert weights == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
     assert ratio <= 0.52

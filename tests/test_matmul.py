@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from fourbit.kernels._triton_utils import interpreting
 from fourbit.nf4 import dequantize, quantize
+from helpers import rel_err
 
 ref = importlib.import_module("fourbit.nf4.matmul")  # the module: fourbit.nf4.matmul is also the function
 kern = importlib.import_module("fourbit.kernels.matmul")
@@ -25,10 +26,6 @@ DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # interpreter: no bf16 math
 needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
                                   reason="triton was imported without TRITON_INTERPRET=1 and there is no GPU")
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-300)).item()
 
 
 def weight(n, k, bs=64, dq=True, quant_type="nf4", device="cpu"):

@@ -7,10 +7,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bnb_models import cpu_stored_absmax, explain_4bit_differences, explain_8bit_differences
 from fourbit import nf4
 from fourbit.nf4.codes import FP4_THRESHOLDS, NF4_THRESHOLDS
 from fourbit.nf4.quant import double_quantize
+from helpers import cpu_stored_absmax, explain_4bit_differences, explain_8bit_differences
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -27,14 +26,10 @@ from hypothesis import strategies as st
 from fourbit.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
 from fourbit.nf4.adamw import adamw_update_32bit
 from fourbit.train.optim import PagePool, StateLayout
+from helpers import one_thread_quiet_bnb, rel_err  # noqa: F401 (an autouse fixture)
 from fourbit.nf4.adamw import sqrt_rn
 
 SHAPES = [(1,), (7,), (63,), (65,), (33, 17), (4097,), (64, 129)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double(), b.double()
-    return ((a64 - b64).norm() / b64.norm().clamp_min(1e-30)).item()
 
 
 def make_params(shapes, dtype, seed):
@@ -52,19 +47,6 @@ def run(make_opt, shapes, dtype, seed, steps, grad_scale=1.0):
             p.grad = (torch.randn(p.shape, generator=g) * grad_scale).to(dtype)
         opt.step()
     return params, opt
-
-
-@pytest.fixture(autouse=True)
-def one_thread_quiet_bnb():
-    """One intra-op thread: these tensors are small, and on a loaded 2-core machine every 2-thread op
-    waited ~15 ms for the busy core (sqrt of 8256 floats: 15.5 ms vs 0.005 ms). Results do not depend
-    on it: every op here is elementwise. Also silences bitsandbytes' CPU paging warning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        yield
-    torch.set_num_threads(threads)
 
 
 # -- 32-bit parity ------------------------------------------------------------------------------
@@ -115,7 +97,7 @@ def test_param_groups_match_bitsandbytes():
     shapes = [(33, 17), (65,)]
     ours, _ = run(lambda ps: AdamW(groups(ps), lr=1e-2), shapes, torch.float32, 3, 20)
     theirs, _ = run(lambda ps: bnb.optim.AdamW(groups(ps), lr=1e-2), shapes, torch.float32, 3, 20)
-    assert all(rel(a, b) <= 1e-6 for a, b in zip(ours, theirs))
+    assert all(rel_err(a, b) <= 1e-6 for a, b in zip(ours, theirs))
     plain, _ = run(lambda ps: AdamW(ps, lr=1e-2), shapes, torch.float32, 3, 20)
     assert not torch.equal(plain[0], ours[0]) and not torch.equal(plain[1], ours[1])
 
@@ -263,7 +245,7 @@ def test_paged_equals_unpaged_under_forced_eviction(monkeypatch, paged_cls, plai
     )  # fmt: skip
     plain, _ = run(lambda ps: plain_cls(ps, **hyper), shapes, torch.float32, 11, 50)
     for a, b in zip(paged, plain):
-        assert torch.equal(a, b), f"{tuple(a.shape)}: rel {rel(a, b):.2e}"
+        assert torch.equal(a, b), f"{tuple(a.shape)}: rel {rel_err(a, b):.2e}"
     stats = opt.pager_stats
     assert n_pages == sum(len(space["pages"]) for space in opt._spaces.values())
     capacity = budget // page_bytes

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from fourbit.kernels._triton_utils import interpreting
 from fourbit.nf4 import dynamic_map, quantize_blockwise
 from fourbit.optim import AdamW, AdamW8bit
 from fourbit.nf4.adamw import adamw_update_8bit
+from helpers import cpu_lut_quantize, one_thread_quiet_bnb, rel_err  # noqa: F401 (an autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = interpreting()
@@ -35,44 +35,8 @@ kernels_here = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread_quiet_bnb():
-    """One intra-op thread (see tests/test_optim.py: 2-thread ops stall on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        yield
-    torch.set_num_threads(threads)
-
-
 def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def lut_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' CPU 8-bit quantizer as SPEC §3 describes it (a model, written from the text).
-
-    v = clamp(fl32(x * fl32(1/absmax)), -1, 1); bin = trunc(fl32(fma((v+1)/2, 65535, 0.5)));
-    code index = lut[bin] = number of float32 midpoints strictly below fl32(2 bin / 65535) - 1.
-    """
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    nb = -(-n // blocksize)
-    padded = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)  # (nb, bs)
-    absmax = padded.abs().amax(dim=1)  # (nb,)
-    v = (padded * (1.0 / absmax).unsqueeze(1)).clamp(-1, 1)
-    half = (v + 1) * 0.5  # the * 0.5 is exact
-    bins = torch.trunc((half.double() * 65535 + 0.5).float()).long()  # fma: exact product in float64
-    midpoints = (code[:-1] + code[1:]) * 0.5
-    grid = (torch.arange(65536, dtype=torch.float32) * 2) / 65535 - 1
-    lut = torch.bucketize(grid, midpoints, right=False)
-    q = torch.where((absmax == 0).unsqueeze(1), 0, lut[bins]).to(torch.uint8)
-    return q.view(-1)[:n], absmax
 
 
 def is_nearest(q: torch.Tensor, s: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -91,7 +55,7 @@ def test_lut_model_reproduces_bitsandbytes_cpu_quantizer():
         x = torch.randn(5000, generator=g) * 0.01
         x = x if signed else x * x
         q, state = F.quantize_blockwise(x, code=code, blocksize=256)
-        q_model, absmax_model = lut_quantize(x, code)
+        q_model, absmax_model = cpu_lut_quantize(x, code)
         assert torch.equal(q.view(-1), q_model) and torch.equal(state.absmax, absmax_model)
 
 
@@ -118,7 +82,7 @@ def test_states_after_one_step_equal_bitsandbytes_except_the_lut_quirk(shape):
     for key, x, code in (("1", m, dynamic_map(signed=True)), ("2", v, dynamic_map(signed=False))):
         assert torch.equal(ours["absmax" + key], theirs["absmax" + key]), f"absmax{key} (seed {seed})"
         q_ours, q_bnb = ours["state" + key].view(-1), theirs["state" + key].view(-1)
-        q_lut, absmax = lut_quantize(x, code)
+        q_lut, absmax = cpu_lut_quantize(x, code)
         assert torch.equal(q_bnb, q_lut), f"bitsandbytes is not the LUT quantizer (seed {seed})"
         assert torch.equal(q_ours, quantize_blockwise(x, code)[0]), f"ours is not fourbit.nf4's quantizer (seed {seed})"
         scaled = x * (1.0 / absmax).repeat_interleave(256)[: x.numel()]  # (n,) x / its block's absmax
@@ -146,8 +110,8 @@ def test_100_steps_within_1e3_of_bitsandbytes():
             opt.step()
         results[name] = params
     for a, b in zip(results["ours"], results["bnb"]):
-        assert rel(a, b) <= 1e-3, f"{tuple(a.shape)}: rel {rel(a, b):.2e} (seed {seed})"
-    small = rel(results["ours"][2], results["bnb"][2])  # float32 states: the 32-bit bound
+        assert rel_err(a, b) <= 1e-3, f"{tuple(a.shape)}: rel {rel_err(a, b):.2e} (seed {seed})"
+    small = rel_err(results["ours"][2], results["bnb"][2])  # float32 states: the 32-bit bound
     assert small <= 1e-6, f"(33, 17): rel {small:.2e} (seed {seed})"
 
 

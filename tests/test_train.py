@@ -18,6 +18,7 @@ from fourbit.train.data import IGNORE, Record, batch_at, encode, encode_all, rea
 from fourbit.train.loop import RunDirExists
 from fourbit.train.models import load_dense
 from fourbit.train.task import date_task, exact_match
+from helpers import tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +37,6 @@ def small(tiny, out, **kw):
     base = dict(model=tiny, output_dir=str(out), steps=4, batch_size=4, eval_examples=4, max_length=80, lr=1e-2, warmup=1)
     base.update(kw)
     return TrainConfig(**base)
-
-
-def tiny_llama_dir(root: str) -> str:
-    """Write a 2-layer, 64-wide Llama (random init, seed 0) + the SmolLM2 tokenizer into root/tiny."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from fourbit.train.models import smollm2_dir
-
-    path = os.path.join(root, "tiny")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 # ---- config and schedule ------------------------------------------------------------------------

