@@ -35,6 +35,8 @@ import time
 
 import torch
 
+from fourbit.nf4.files import atomic_write
+
 BASES = ("nf4", "fp32", "bf16")
 BITS = {"nf4": 4 + 8 / 64 + 32 / (64 * 256), "fp32": 32.0, "bf16": 16.0}  # per linear weight, the paper's accounting
 SMOKE = dict(steps=1, batch_size=2, eval_examples=4, max_length=80)
@@ -281,9 +283,8 @@ def render(rows: list[dict], json_path) -> None:
     bx.legend(fontsize=8)
     bx.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    fig.savefig(base + ".png.tmp", format="png", dpi=100)
+    atomic_write(base + ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # no half-written PNG
     plt.close(fig)
-    os.replace(base + ".png.tmp", base + ".png")
 
 
 if __name__ == "__main__":

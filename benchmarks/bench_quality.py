@@ -44,6 +44,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fourbit.nf4.files import atomic_write
+
 VARIANTS = ("fp32", "bf16", "nf4+dq", "nf4", "fp4", "int4-absmax")
 
 
@@ -169,9 +171,8 @@ def render_quality(rows: list[dict], json_path) -> None:
     ax.set_ylim(min(r["perplexity"] for r in rows) * 0.95, max(r["perplexity"] for r in rows) * 1.02)
     ax.set_title("SmolLM2-135M weight formats")
     fig.tight_layout()
-    fig.savefig(base + ".png.tmp", format="png", dpi=100)
+    atomic_write(base + ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # no half-written PNG
     plt.close(fig)
-    os.replace(base + ".png.tmp", base + ".png")
 
 
 def minilm_sentences() -> list[str]:
@@ -296,9 +297,8 @@ def render_minilm(rows: list[dict], json_path) -> None:
         a.tick_params(axis="x", labelsize=8, rotation=30)
     fig.suptitle("all-MiniLM-L6-v2: weights and sentence embeddings in each format")
     fig.tight_layout()
-    fig.savefig(base + ".png.tmp", format="png", dpi=100)
+    atomic_write(base + ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # no half-written PNG
     plt.close(fig)
-    os.replace(base + ".png.tmp", base + ".png")
 
 
 if __name__ == "__main__":
