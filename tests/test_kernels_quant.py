@@ -127,7 +127,8 @@ def test_quantize_storage_views_and_empty(poisoned):
     for storage in (torch.bfloat16, torch.float32):
         want, want_state = reference.quantize(x, quant_storage=storage)
         got, state = triton_ops().quantize(x, quant_storage=storage)
-        assert got.dtype == storage and torch.equal(got, want)
+        # compare bytes: a float view of random codes can hold NaN patterns, and NaN != NaN
+        assert got.dtype == storage and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
         assert_state_equal(state, want_state, f"storage {storage}")
     empty = torch.zeros(0, 16, device=DEVICE)
     want, want_state = reference.quantize(empty)
