@@ -119,10 +119,29 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trained_base_weights(adapter: str) -> str | None:
+    """base_weights of the run whose adapter/ this is (summary.json of a finished run, or
+    trainer_state.json next to a checkpoint's adapter/); None for an adapter from elsewhere."""
+    import json
+
+    from .train.config import BASE_WEIGHTS
+
+    parent = os.path.dirname(os.path.abspath(adapter))
+    for name in ("summary.json", "trainer_state.json"):
+        try:
+            with open(os.path.join(parent, name), encoding="utf-8") as f:
+                config = json.load(f).get("config", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or not a fourbit file: say nothing about the base
+        if isinstance(config, dict) and config.get("base_weights") in BASE_WEIGHTS:
+            return config["base_weights"]
+    return None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .lora import load_adapter
     from .lora.adapters import read_adapter_config
-    from .train.models import EMBEDDED, load_quantized
+    from .train.models import EMBEDDED, load_base
     from .train.task import generate
 
     base = read_adapter_config(args.adapter).get("base_model_name_or_path")
@@ -132,7 +151,10 @@ def _generate(args: argparse.Namespace) -> int:
             model_spec = EMBEDDED  # the embedded model's cache directory on another machine
         elif not args.model:
             raise MissingFile(f"the adapter's base model {model_spec!r} does not exist here", "pass --model")
-    model, tokenizer, _ = load_quantized(model_spec)
+    # the base the adapter was trained on: an adapter from a --base-weights fp32 run applied to the
+    # NF4 base would silently give other completions than the run evaluated
+    base_weights = args.base_weights or _trained_base_weights(args.adapter) or "nf4"
+    model, tokenizer, _ = load_base(model_spec, base_weights)
     load_adapter(model, args.adapter)
     print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
     return 0
@@ -189,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy completion of a prompt with a trained adapter")
     gen.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/finetune/adapter)")
     gen.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    gen.add_argument("--base-weights", choices=("nf4", "fp32", "bf16"), default=None,
+                     help="base to apply the adapter to (default: the run's --base-weights, else nf4)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("prompt")
     gen.set_defaults(func=_generate)

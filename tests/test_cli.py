@@ -49,6 +49,21 @@ def test_finetune_then_generate(tiny, tmp_path, capsys):
     assert main(["generate", "--adapter", str(run / "adapter"), "--max-new-tokens", "3", "Hello"]) == 0
 
 
+def test_generate_applies_the_adapter_to_the_base_it_was_trained_on(tiny, tmp_path, monkeypatch):
+    import fourbit.train.models as models
+
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", tiny, "--output-dir", str(run), "--steps", "1", "--batch-size", "2",
+                 "--eval-examples", "4", "--base-weights", "fp32", "--quiet"]) == 0
+    loaded, real = [], models.load_base
+    monkeypatch.setattr(models, "load_base", lambda spec, base_weights="nf4", **kw: loaded.append(base_weights) or real(spec, base_weights, **kw))
+    for extra in ([], ["--base-weights", "nf4"]):
+        assert main(["generate", "--adapter", str(run / "adapter"), "--max-new-tokens", "2", *extra, "Hello"]) == 0
+    (run / "summary.json").unlink()  # an adapter outside a fourbit run: the NF4 base, as before
+    assert main(["generate", "--adapter", str(run / "adapter"), "--max-new-tokens", "2", "Hello"]) == 0
+    assert loaded == ["fp32", "nf4", "nf4"]
+
+
 def test_bad_data_file_is_a_clear_error(tiny, tmp_path, capsys):
     assert main(["finetune", "--model", tiny, "--data", str(tmp_path / "none.jsonl"), "--output-dir", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
