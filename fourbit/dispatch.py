@@ -48,6 +48,7 @@ import torch
 __all__ = [
     "FUSED_MAX_M",
     "GEMV_MAX_M",
+    "SIMT_GEMV_MAX_M",
     "adamw_update_32bit",
     "adamw_update_8bit",
     "backend_for",
@@ -58,7 +59,8 @@ __all__ = [
     "quantize",
 ]
 
-GEMV_MAX_M = 2  # route to the GEMV up to here (the kernel takes up to fourbit.kernels.matmul.GEMV_MAX_M = 4)
+GEMV_MAX_M = 16  # route to the tensor-core GEMV up to here (bf16/fp16 x, blocksize % 64 == 0)
+SIMT_GEMV_MAX_M = 2  # the SIMT GEMV (fp32 x or blocksize 32) up to here (it takes up to 4)
 FUSED_MAX_M = 64  # above, dequantize + cuBLAS (module docstring)
 
 _BACKENDS = ("auto", "reference", "triton")
@@ -97,10 +99,13 @@ def dequantize(packed: torch.Tensor, state, **kwargs) -> torch.Tensor:
     return impl(packed, state, **kwargs)
 
 
-def matmul_route(m: int, n: int, k: int, *, backward: bool = False) -> tuple[str, str]:
+def matmul_route(m: int, n: int, k: int, *, backward: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 blocksize: int = 64) -> tuple[str, str]:
     """(op, path) of the Triton matmul for x: (m, k), W: (n, k) (backward: dx = dy @ W, dy: (m, n)):
-    op "gemv" | "gemm" | "backward", path "fused" | "dequantize+cublas" (see the module docstring)."""
-    op = "backward" if backward else ("gemv" if m <= GEMV_MAX_M else "gemm")
+    op "gemv" | "gemm" | "backward", path "fused" | "dequantize+cublas" (see the module docstring).
+    x's dtype and the blocksize choose between the two GEMVs."""
+    tensor_core_gemv = dtype in (torch.bfloat16, torch.float16) and blocksize % 64 == 0
+    op = "backward" if backward else ("gemv" if m <= (GEMV_MAX_M if tensor_core_gemv else SIMT_GEMV_MAX_M) else "gemm")
     return op, ("fused" if m <= FUSED_MAX_M else "dequantize+cublas")
 
 
@@ -112,7 +117,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | No
 
         if fused_shape_supported(state):
             n, k = (int(d) for d in state.shape)
-            route = matmul_route(x.numel() // max(k, 1), n, k)
+            route = matmul_route(x.numel() // max(k, 1), n, k, dtype=x.dtype, blocksize=state.blocksize)
             return kernel(x, packed, state, bias, out=out, route=route)
     from .nf4.matmul import matmul as reference
 

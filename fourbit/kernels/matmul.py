@@ -43,12 +43,14 @@ from .compile import Launch, Plan
 from .dequantize import dequantize_into, dequantize_launch
 from .matmul_gemm import backward_kernel, gemm_kernel
 from .matmul_gemv import gemv_kernel
+from .matmul_gemv_mma import gemv_mma_kernel, pair_table
 from .matmul_tune import _tune_store, _tuned, tune_cache_path
 
 __all__ = ["matmul", "matmul_backward", "plan", "launch_plans", "default_route", "fused_shape_supported",
            "compile_specs", "tune", "tune_cache_path", "GEMV_MAX_M"]
 
-GEMV_MAX_M = 4  # above, the SIMT GEMV is FMA-bound (4 FFMA per weight byte per row of x)
+GEMV_MAX_M = 16  # the tensor-core GEMV (bf16/fp16 x, blocksize % 64 == 0): two 8-row mma tiles
+SIMT_GEMV_MAX_M = 4  # fp32 x or blocksize 32: the SIMT GEMV, FMA-bound above (4 FFMA per byte per row of x)
 SMS = 132  # H200 / H100 SXM; plans for a real device use its count
 _PTR = POINTER_TYPES
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -117,6 +119,31 @@ def _gemv_spec(dtype, nested, blocksize, block_m, block_n, block_w, num_warps, e
                       options=dict(_GEMV_OPTIONS))
 
 
+def mma_gemv_supported(dtype: torch.dtype, blocksize: int) -> bool:
+    """The tensor-core GEMV takes bf16/fp16 x and blocks of whole 64-weight chunks."""
+    return dtype in (torch.bfloat16, torch.float16) and blocksize % 64 == 0
+
+
+def _gemv_mma_spec(dtype, nested, blocksize, tiles, num_warps, even=True) -> KernelSpec:
+    sig = {"x_ptr": _PTR[dtype], "packed_ptr": "*u8", "lut_ptr": "*i32", **_state_signature(nested),
+           "bias_ptr": _PTR[dtype], "y_ptr": _PTR[dtype], "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+    del sig["code_ptr"]
+    constexprs = {"BLOCKSIZE": blocksize, "NESTED": nested, "HAS_BIAS": False, "ASM": True,
+                  "FP16": dtype == torch.float16, "TILES": tiles, "WARPS": num_warps, "EVEN": even}
+    name = (f"matmul_gemv_mma[{_SHORT[dtype]},bs{blocksize}{',dq' if nested else ''},m{8 * tiles},w{num_warps}"
+            f"{'' if even else ',tail'}]")
+    return KernelSpec(name=name, kernel=gemv_mma_kernel, signature={**sig, **dict.fromkeys(constexprs, "constexpr")},
+                      constexprs=constexprs, num_warps=num_warps, num_stages=1, expect_vector_bits=64,
+                      expect_tensor_cores=True, options=dict(_GEMV_OPTIONS))
+
+
+def _mma_gemv_warps(n: int, sms: int) -> int:
+    """4 warps, or 8 (K split eight ways) when there are fewer than 3 programs of 16 rows per SM:
+    a program keeps two trips of 1 KB per warp in flight, and an SM needs ~19.5 KB in flight to
+    cover HBM latency (cost model: N = 4096 is latency-bound at 0.81 of the roofline with 4 warps)."""
+    return 8 if _cdiv(n, 16) < 3 * sms else 4
+
+
 def _gemv_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_W, num_warps). BLOCK_W = 128 words (512 B of a row per step: each of
     a warp's 32 threads streams 16 B); BLOCK_N = 16 rows (4 per thread; M = 4: 8, which keeps its
@@ -183,6 +210,16 @@ def plan(op: str, m: int, n: int, k: int, *, dtype: torch.dtype = torch.bfloat16
     if op == "gemv":
         if path != "fused" or m > GEMV_MAX_M:
             raise ValueError(f"the GEMV is fused and takes M <= {GEMV_MAX_M}, got M={m}, path {path!r}")
+        if mma_gemv_supported(dtype, blocksize):
+            tiles, warps = (1 if m <= 8 else 2), _mma_gemv_warps(n, sms)
+            spec = _gemv_mma_spec(dtype, nested, blocksize, tiles, warps, (k // 64) % (2 * warps) == 0)
+            launch = Launch(spec=spec, grid=(_cdiv(n, 16),), iterations=_cdiv(k // 64, 2 * warps),
+                            weight_bytes_per_iteration=warps * 16 * 64, hbm_bytes=weights + io,
+                            iterations_in_flight=2)  # each trip loads the next trip's words before decoding
+            return Plan(op="gemv", path="fused", config=f"mma,m{8 * tiles},16x{128 * warps},w{warps}", launches=(launch,))
+        if m > SIMT_GEMV_MAX_M:
+            raise ValueError(f"the GEMV takes M <= {SIMT_GEMV_MAX_M} for {dtype} x with blocksize {blocksize}, got M={m} "
+                             f"(M <= {GEMV_MAX_M} needs bf16/fp16 x and blocksize % 64 == 0)")
         tuned = _tuned(("gemv", m, n, k, str(dtype), nested, blocksize, arch))
         block_m, block_n, block_w, warps = config or tuned or _gemv_config(m, n, k, sms)
         spec = _gemv_spec(dtype, nested, blocksize, block_m, block_n, block_w, warps, k % (8 * block_w) == 0)
@@ -304,12 +341,18 @@ def _route(route, m: int, state: QuantState, backward: bool) -> tuple[str, str]:
     return op, path
 
 
+def gemv_max_m(dtype: torch.dtype, blocksize: int) -> int:
+    """The most rows of x the GEMV takes for this x dtype and blocksize."""
+    return GEMV_MAX_M if mma_gemv_supported(dtype, blocksize) else SIMT_GEMV_MAX_M
+
+
 def _launch(kernel_plan: Plan, *args, **runtime) -> None:
     launch = kernel_plan.launches[0]
     spec = launch.spec
     constexprs = {**spec.constexprs, **runtime}
-    if "SHFL" in constexprs:
-        constexprs["SHFL"] = not interpreting()
+    for flag in ("SHFL", "ASM"):  # inline assembly only where it is compiled
+        if flag in constexprs:
+            constexprs[flag] = not interpreting()
     spec.kernel[launch.grid](*args, **constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages, **spec.options)
 
 
@@ -346,7 +389,15 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
              arch=_arch_key(), config=config)
     args = _state_args(packed, state)
     bias_ptr = bias_arg if has_bias else y
-    if op == "gemv":
+    if op == "gemv" and p.config.startswith("mma"):
+        data, code, *scales = args
+        if data.data_ptr() % 8:  # 64-bit weight loads
+            data = data.clone()
+        if x2.data_ptr() % 8 or x2.stride(0) % 4:  # 64-bit x loads
+            x2 = x2.clone()
+        _launch(p, x2, data, pair_table(code, x.dtype, device), *scales, bias_ptr, y2, m, n, k, x2.stride(0),
+                HAS_BIAS=has_bias)
+    elif op == "gemv":
         _launch(p, x2, *args, bias_ptr, y2, m, n, k, x2.stride(0), HAS_BIAS=has_bias)
     else:
         _launch(p, x2, *args, bias_ptr, y2, m, n, k, x2.stride(0), _m_bucket(m), HAS_BIAS=has_bias,
@@ -407,6 +458,11 @@ def compile_specs() -> list[KernelSpec]:
         specs.append(_gemv_spec(torch.bfloat16, True, 64, block_m, block_n, 128, 4, True))
     specs += [_gemv_spec(torch.float16, True, 64, 1, 16, 128, 4, True), _gemv_spec(torch.float32, True, 64, 1, 16, 128, 4, True),
               _gemv_spec(torch.bfloat16, False, 64, 1, 16, 128, 4, True), _gemv_spec(torch.bfloat16, True, 64, 1, 16, 128, 4, False)]
+    for dtype, nested, tiles, warps, even in ((torch.bfloat16, True, 1, 4, True), (torch.bfloat16, True, 1, 8, True),
+                                              (torch.bfloat16, True, 2, 4, True), (torch.bfloat16, True, 2, 8, True),
+                                              (torch.float16, True, 1, 4, True), (torch.bfloat16, False, 1, 4, True),
+                                              (torch.bfloat16, True, 1, 4, False)):
+        specs.append(_gemv_mma_spec(dtype, nested, 64, tiles, warps, even))
     gemm = list(dict.fromkeys(_GEMM_CONFIGS["sm80"] + _GEMM_CONFIGS["sm90"]))
     specs += [_gemm_spec(torch.bfloat16, True, 64, cfg, False) for cfg in gemm]
     specs += [_gemm_spec(torch.float16, True, 64, gemm[0], False), _gemm_spec(torch.bfloat16, False, 64, gemm[0], False)]

@@ -88,7 +88,7 @@ def _compile(spec: Any, capability: int):
 
 
 def ptxas_usage(ptx: str, capability: int, fmad: bool) -> dict[str, int]:
-    """Registers and spill bytes from `ptxas -v` on the PTX."""
+    """Registers, spill bytes and static shared memory from `ptxas -v` on the PTX."""
     arch = f"sm_{capability}{'a' if capability >= 90 else ''}"
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -100,7 +100,9 @@ def ptxas_usage(ptx: str, capability: int, fmad: bool) -> dict[str, int]:
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or spill is None:
         raise RuntimeError(f"could not parse ptxas -v output:\n{log}")
-    return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2))}
+    smem = re.search(r"(\d+) bytes smem", log)  # static shared memory (a table declared in inline PTX)
+    return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
+            "static_shared": int(smem.group(1)) if smem else 0}
 
 
 _WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128, "256": 256}
@@ -162,8 +164,9 @@ def build(spec: Any, arch: str) -> dict[str, Any]:
             "cubin": compiled.asm["cubin"],
             "sass": sass.stdout,
             "usage": ptxas_usage(compiled.asm["ptx"], capability, fmad=options.get("enable_fp_fusion", True)),
-            "shared_bytes": int(compiled.metadata.shared),
         }
+        # what a CTA occupies: Triton's dynamic shared memory plus any static declaration
+        _BUILT[key]["shared_bytes"] = int(compiled.metadata.shared) + _BUILT[key]["usage"]["static_shared"]
     return _BUILT[key]
 
 
