@@ -119,7 +119,7 @@ def _check_forward(xshape, n, k, bs, dq, has_bias, dtype, route=None):
 @pytest.mark.parametrize("xshape,n,k,bs,dq,has_bias", CASES)
 def test_kernel_forward_against_float64(xshape, n, k, bs, dq, has_bias, dtype):
     x, packed, state, bias, y = _check_forward(xshape, n, k, bs, dq, has_bias, dtype)
-    if x.numel() // k > kern.GEMV_MAX_M:  # dequantize + F.linear: the reference's math
+    if x.numel() // k > kern.gemv_max_m(dtype, bs):  # dequantize + F.linear: the reference's math
         assert torch.equal(y, ref.matmul(x, packed, state, bias))
 
 
@@ -160,6 +160,70 @@ def test_kernel_gemv_shuffle_decode_matches_table():
         outs = _replay_ptx(_decode.BYTES_ASM.value, {8: word}, code, 8)  # (hi0..hi3, lo0..lo3)
         want = [code[(word >> (8 * i + 4)) & 15] for i in range(4)] + [code[(word >> (8 * i)) & 15] for i in range(4)]
         assert outs == want
+
+
+@needs_triton
+@given(m=st.integers(1, 16), n=st.integers(1, 40), blocks=st.integers(1, 20), bs=st.sampled_from([64, 128, 256]),
+       dq=st.booleans(), has_bias=st.booleans(), fp16=st.booleans(), quant_type=st.sampled_from(["nf4", "fp4"]))
+def test_tensor_core_gemv_against_float64(m, n, blocks, bs, dq, has_bias, fp16, quant_type):
+    """The mma GEMV (its fragments emulated by the interpreter) on drawn shapes: 1 to 16 rows of x
+    (one or two 8-row tiles), N not a multiple of the 16-row program, K from one 64-weight block to
+    20 (ragged trips: 8 blocks per trip with 4 warps), every blocksize it takes, both codebooks."""
+    k = 64 * blocks
+    if k % bs:
+        bs = 64
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    packed, state, w64 = weight(n, k, bs, dq, quant_type, device=DEVICE)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype) if has_bias else None
+    assert kern.plan("gemv", m, n, k, dtype=dtype, nested=dq, blocksize=bs).config.startswith("mma")
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    y = kern.matmul(x, packed, state, bias, out=out, route=("gemv", "fused"))
+    want = x.double() @ w64.T + (0 if bias is None else bias.double())
+    # codes rounded to x's dtype (bf16 2^-9, fp16 2^-12), sums in float32: the tolerances of F.linear
+    assert y is out and rel_err(y, want) < TOL[dtype]
+
+
+@needs_triton
+def test_tensor_core_gemv_pair_lookup_matches_table():
+    """The GEMV decodes a byte with prmt + mad + ld.shared from a shared table the interpreter cannot
+    build: replay the PTX on the host against a 32-copy table laid out as `_fill_table` writes it,
+    for every byte value in every position and every lane, and compare with the pair table."""
+    from fourbit.kernels import matmul_gemv_mma as mma
+    from fourbit.nf4 import NF4_CODE
+
+    for dtype in (torch.bfloat16, torch.float16):
+        table = mma.pair_table(NF4_CODE, dtype, torch.device("cpu")).tolist()
+        bits = NF4_CODE.to(dtype).view(torch.int16).tolist()
+        assert all(table[b] & 0xFFFF == bits[b >> 4] & 0xFFFF and (table[b] >> 16) & 0xFFFF == bits[b & 15] & 0xFFFF
+                   for b in range(256))
+        base = 1024  # any address: the lookup adds, it does not OR
+        smem = {base + 16 * q + 4 * j: table[q // 8] for q in range(2048) for j in range(4)}  # st.shared.v4 of _fill_table
+        for lane in (0, 5, 31):
+            for word in (0x03020100, 0xFFFEFDFC, 0x7F80017E, 0x12345678):
+                outs = _replay_lookup(mma.LOOKUP_ASM.value, word, base + 4 * lane, smem)
+                assert outs == [table[(word >> (8 * i)) & 255] for i in range(4)]
+
+
+def _replay_lookup(asm: str, word: int, lane_addr: int, smem: dict[int, int]) -> list[int]:
+    """Run the prmt/mad/ld.shared subset of PTX for one lane ($4 the word, $5 the lane's address)."""
+    regs: dict[str, int] = {"$4": word, "$5": lane_addr}
+    for line in asm.split(";"):
+        line = line.strip(" {}\n\t")
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op == "prmt.b32":  # selector 0x444i: byte i of a to byte 0, bytes 1-3 from b (= 0)
+            assert args[2] == "0" and args[3].startswith("0x444"), line
+            regs[args[0]] = (regs[args[1]] >> (8 * int(args[3][-1]))) & 0xFF
+        elif op == "mad.lo.u32":
+            regs[args[0]] = (regs[args[1]] * int(args[2]) + regs[args[3]]) & 0xFFFFFFFF
+        elif op == "ld.shared.u32":
+            regs[args[0]] = smem[regs[args[1].strip("[]")]]
+        else:
+            raise AssertionError(f"unexpected instruction {line!r}")
+    return [regs[f"${i}"] for i in range(4)]
 
 
 def _replay_ptx(asm: str, inputs: dict[int, int], code: list[float], n_out: int) -> list[float]:
@@ -230,7 +294,7 @@ def test_workspace_is_reused():
 
 
 REPORT_SPECS = ["matmul_gemm[bf16,bs64,dq,128x128x64,w8s4]", "matmul_backward[bf16,bs64,dq,64x128x64,w4s4]",
-                "matmul_gemv[bf16,bs64,dq,m1,16x512B,w4]"]
+                "matmul_gemv[bf16,bs64,dq,m1,16x512B,w4]", "matmul_gemv_mma[bf16,bs64,dq,m16,w8]"]
 
 
 def test_compile_report_tensor_cores_no_spills(tmp_path):
@@ -254,38 +318,58 @@ def test_compile_report_tensor_cores_no_spills(tmp_path):
     assert set(rows) == {(name, arch) for name in REPORT_SPECS for arch in ("sm_80", "sm_90a")}
     for (name, arch), r in rows.items():
         assert r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        if "gemv" in name:
+        if "gemv_mma" in name:  # mma.sync: HMMA on both; 64-bit weight loads (8 bytes of a row per lane)
+            assert r["widest_ldg"] == 64 and r["hmma"] > 0
+        elif "gemv" in name:
             assert r["widest_ldg"] == 128
         else:
             assert r["hgmma" if arch == "sm_90a" else "hmma"] > 0
 
 
 def test_gemv_plan_fills_the_gpu_without_split_k():
-    """BLOCK_N halves until the grid covers the SMs; K is never split (one launch, no partials)."""
+    """Both GEMVs cover the SMs in one launch (no partials in memory): the tensor-core GEMV with
+    16-row programs (8 warps splitting K where that leaves fewer than 3 programs per SM); the SIMT
+    GEMV (fp32 x) halves BLOCK_N until the grid covers the SMs."""
     for n, k in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]:
+        for m in (1, 8, 9, 16):
+            (launch,) = kern.plan("gemv", m, n, k).launches
+            assert launch.spec.name.startswith("matmul_gemv_mma") and launch.grid == (-(-n // 16),)
+            assert launch.spec.constexprs["TILES"] == (1 if m <= 8 else 2) and launch.spec.constexprs["EVEN"]
+            assert launch.spec.num_warps == (8 if n < 3 * 16 * kern.SMS else 4)
+            assert launch.iterations * launch.weight_bytes_per_iteration * launch.grid[0] >= n * k // 2
         for m in (1, 2, 4):
-            p = kern.plan("gemv", m, n, k)
+            p = kern.plan("gemv", m, n, k, dtype=torch.float32)
             (launch,) = p.launches
             assert launch.grid[0] >= kern.SMS and len(launch.grid) == 1
             assert launch.spec.constexprs["EVEN"] and launch.spec.options == {"enable_fp_fusion": True}
             assert launch.iterations * launch.weight_bytes_per_iteration * launch.grid[0] >= n * k // 2
-    assert kern.plan("gemv", 1, 1024, 4096).launches[0].spec.constexprs["BLOCK_N"] == 4  # 256 programs
-    assert kern.plan("gemv", 1, 64, 192).launches[0].spec.constexprs["BLOCK_W"] == 32  # 24 words per row
+    assert kern.plan("gemv", 1, 1024, 4096, dtype=torch.float32).launches[0].spec.constexprs["BLOCK_N"] == 4  # 256 programs
+    assert kern.plan("gemv", 1, 64, 192, dtype=torch.float32).launches[0].spec.constexprs["BLOCK_W"] == 32  # 24 words
+    assert not kern.plan("gemv", 1, 64, 192).launches[0].spec.constexprs["EVEN"]  # 3 blocks, 8 per trip
     with pytest.raises(ValueError, match="M <= 4"):
-        kern.plan("gemv", 5, 64, 64)
+        kern.plan("gemv", 5, 64, 64, dtype=torch.float32, path="fused")
+    with pytest.raises(ValueError, match="M <= 4"):
+        kern.plan("gemv", 5, 64, 64, blocksize=32, path="fused")
+    with pytest.raises(ValueError, match="M <= 16"):
+        kern.plan("gemv", 17, 64, 64)
 
 
 def test_default_routes_and_plans():
-    assert kern.default_route(1) == ("gemv", "fused") and kern.default_route(4) == ("gemv", "fused")
-    assert kern.default_route(5) == ("gemm", "dequantize+cublas")
+    assert kern.default_route(1) == ("gemv", "fused") and kern.default_route(16) == ("gemv", "fused")
+    assert kern.default_route(17) == ("gemm", "dequantize+cublas")
+    assert kern.default_route(4, dtype=torch.float32) == ("gemv", "fused")
+    assert kern.default_route(5, dtype=torch.float32) == kern.default_route(5, blocksize=32) == ("gemm", "dequantize+cublas")
     assert kern.default_route(8192, backward=True) == ("backward", "dequantize+cublas")
     from fourbit import dispatch
 
     assert dispatch.GEMV_MAX_M <= kern.GEMV_MAX_M
     routes = {m: (dispatch.matmul_route(m, 4096, 4096), dispatch.matmul_route(m, 4096, 4096, backward=True))
-              for m in (1, 2, 3, 64, 65, 2048)}
-    assert routes[1] == routes[2] == (("gemv", "fused"), ("backward", "fused"))
-    assert routes[3] == routes[64] == (("gemm", "fused"), ("backward", "fused"))
+              for m in (1, 2, 3, 16, 17, 64, 65, 2048)}
+    assert routes[1] == routes[3] == routes[16] == (("gemv", "fused"), ("backward", "fused"))
+    assert routes[17] == routes[64] == (("gemm", "fused"), ("backward", "fused"))
+    simt = {m: dispatch.matmul_route(m, 4096, 4096, dtype=torch.float32) for m in (2, 3)}
+    assert simt == {2: ("gemv", "fused"), 3: ("gemm", "fused")}
+    assert dispatch.matmul_route(3, 4096, 4096, blocksize=32) == ("gemm", "fused")
     assert routes[65] == routes[2048] == (("gemm", "dequantize+cublas"), ("backward", "dequantize+cublas"))
     p = kern.plan("gemm", 2048, 4096, 14336)
     assert p.path == "dequantize+cublas" and p.cublas_mnk == (2048, 4096, 14336)
@@ -302,7 +386,7 @@ def test_compile_specs_cover_every_planned_config():
     assert len(names) == len(set(names))
     planned = set()
     for n, k in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192), (1024, 4096), (512, 4096)]:
-        for m in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4, 9, 16):
             planned.add(kern.plan("gemv", m, n, k).launches[0].spec.name)
         for op in ("gemm", "backward"):
             for m in (16, 64, 2048):
@@ -318,9 +402,9 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FOURBIT_TUNE_CACHE", str(tmp_path / "tune.json"))
     monkeypatch.setattr(matmul_tune, "_TUNE_TABLE", None)
-    key = ("gemv", 1, 4096, 4096, "torch.bfloat16", True, 64, "sm90")
+    key = ("gemv", 1, 4096, 4096, "torch.float32", True, 64, "sm90")
     candidates = kern._gemv_candidates(1, 4096, 4096)
-    assert 2 <= len(candidates) <= 4
+    assert 2 <= len(candidates) <= 4 and kern._gemv_candidates(1, 4096, 4096, torch.bfloat16) == [(8,), (4,)]
     kern.plan.cache_clear()
     try:
         best = matmul_tune._tune_store(key, candidates, lambda cfg: {candidates[1]: 1.0}.get(cfg, 2.0))
@@ -329,7 +413,8 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
         monkeypatch.setattr(matmul_tune, "_TUNE_TABLE", None)  # a new process reads the file
         monkeypatch.setattr(matmul_tune, "interpreting", lambda: False)
         assert matmul_tune._tuned(key) == candidates[1]
-        assert kern.plan("gemv", 1, 4096, 4096).config == "m{},{}x{}B,w{}".format(best[0], best[1], 4 * best[2], best[3])
+        assert kern.plan("gemv", 1, 4096, 4096, dtype=torch.float32).config == "m{},{}x{}B,w{}".format(
+            best[0], best[1], 4 * best[2], best[3])
     finally:
         kern.plan.cache_clear()
 

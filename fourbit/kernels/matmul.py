@@ -76,12 +76,13 @@ def fused_shape_supported(state: QuantState) -> bool:
     return len(state.shape) == 2 and k % state.blocksize == 0 and k % 64 == 0
 
 
-def default_route(m: int, *, backward: bool = False) -> tuple[str, str]:
+def default_route(m: int, *, backward: bool = False, dtype: torch.dtype = torch.bfloat16,
+                  blocksize: int = 64) -> tuple[str, str]:
     """What this module runs when the caller names no route: the GEMV where it applies, otherwise
     dequantize + cuBLAS. The dispatcher (`fourbit.dispatch.matmul_route`) owns the crossovers."""
     if backward:
         return "backward", "dequantize+cublas"
-    if m <= GEMV_MAX_M:
+    if m <= gemv_max_m(dtype, blocksize):
         return "gemv", "fused"
     return "gemm", "dequantize+cublas"
 
@@ -202,7 +203,7 @@ def plan(op: str, m: int, n: int, k: int, *, dtype: torch.dtype = torch.bfloat16
     overrides the configuration (what `tune` times); otherwise the tuning cache, then the rule."""
     if op not in ("gemv", "gemm", "backward"):
         raise ValueError(f"op must be 'gemv', 'gemm' or 'backward', got {op!r}")
-    path = path or default_route(m, backward=op == "backward")[1]
+    path = path or default_route(m, backward=op == "backward", dtype=dtype, blocksize=blocksize)[1]
     if path not in ("fused", "dequantize+cublas"):
         raise ValueError(f"path must be 'fused' or 'dequantize+cublas', got {path!r}")
     io = _SIZE[dtype] * (m * k + m * n)
@@ -211,7 +212,9 @@ def plan(op: str, m: int, n: int, k: int, *, dtype: torch.dtype = torch.bfloat16
         if path != "fused" or m > GEMV_MAX_M:
             raise ValueError(f"the GEMV is fused and takes M <= {GEMV_MAX_M}, got M={m}, path {path!r}")
         if mma_gemv_supported(dtype, blocksize):
-            tiles, warps = (1 if m <= 8 else 2), _mma_gemv_warps(n, sms)
+            tiles = 1 if m <= 8 else 2
+            tuned = _tuned(("gemv_mma", tiles, n, k, str(dtype), nested, blocksize, arch))
+            (warps,) = config or tuned or (_mma_gemv_warps(n, sms),)
             spec = _gemv_mma_spec(dtype, nested, blocksize, tiles, warps, (k // 64) % (2 * warps) == 0)
             launch = Launch(spec=spec, grid=(_cdiv(n, 16),), iterations=_cdiv(k // 64, 2 * warps),
                             weight_bytes_per_iteration=warps * 16 * 64, hbm_bytes=weights + io,
@@ -268,7 +271,9 @@ def _m_bucket(m: int) -> int:
 
 
 # ---- tuning -------------------------------------------------------------------------------------
-def _gemv_candidates(m: int, n: int, k: int) -> list[tuple]:
+def _gemv_candidates(m: int, n: int, k: int, dtype: torch.dtype = torch.float32, blocksize: int = 64) -> list[tuple]:
+    if mma_gemv_supported(dtype, blocksize):  # the tensor-core GEMV: (warps,)
+        return [(_mma_gemv_warps(n, SMS),), (12 - _mma_gemv_warps(n, SMS),)]
     bm, bn, bw, w = _gemv_config(m, n, k, SMS)
     return list(dict.fromkeys([(bm, bn, bw, w), (bm, max(4, bn // 2), bw, w), (bm, bn, max(8, bw // 2), w),
                                (bm, min(bn, 8), bw, 2)]))
@@ -284,7 +289,10 @@ def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, b
     n, k = (int(d) for d in state.shape)
     m = a.numel() // a.shape[-1]
     nested, arch = state.nested is not None, _arch_key()
-    if op == "gemv":
+    if op == "gemv" and mma_gemv_supported(a.dtype, state.blocksize):
+        key = ("gemv_mma", 1 if m <= 8 else 2, n, k, str(a.dtype), nested, state.blocksize, arch)
+        candidates = _gemv_candidates(m, n, k, a.dtype, state.blocksize)
+    elif op == "gemv":
         key, candidates = ("gemv", m, n, k, str(a.dtype), nested, state.blocksize, arch), _gemv_candidates(m, n, k)
     elif op in ("gemm", "backward"):
         key = (op, _m_bucket(m), n, k, str(a.dtype), nested, state.blocksize, arch)
@@ -328,16 +336,17 @@ def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
     return data, code, absmax, absmax2, code8, offset.to(device=data.device, dtype=torch.float32).reshape(1)
 
 
-def _route(route, m: int, state: QuantState, backward: bool) -> tuple[str, str]:
+def _route(route, m: int, state: QuantState, backward: bool, dtype: torch.dtype) -> tuple[str, str]:
     if not fused_shape_supported(state):
         raise ValueError(f"the Triton matmul needs K % blocksize == 0 and K % 64 == 0, got K={int(state.shape[-1])} "
                          f"with blocksize {state.blocksize} (fourbit.dispatch.matmul runs the reference for these)")
-    op, path = route or default_route(m, backward=backward)
+    op, path = route or default_route(m, backward=backward, dtype=dtype, blocksize=state.blocksize)
     if (op == "backward") != backward or op not in ("gemv", "gemm", "backward") or path not in ("fused", "dequantize+cublas"):
         raise ValueError(f"route {(op, path)!r} is not one of this launcher's: "
                          f"{'(backward, fused | dequantize+cublas)' if backward else '(gemv, fused), (gemm, fused | dequantize+cublas)'}")
-    if op == "gemv" and m > GEMV_MAX_M:
-        raise ValueError(f"the GEMV takes at most {GEMV_MAX_M} rows of x, got M={m}")
+    if op == "gemv" and m > gemv_max_m(dtype, state.blocksize):
+        raise ValueError(f"the GEMV takes at most {gemv_max_m(dtype, state.blocksize)} rows of {dtype} x with "
+                         f"blocksize {state.blocksize}, got M={m}")
     return op, path
 
 
@@ -374,7 +383,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
     y = _output(out, (*x.shape[:-1], n), x)
     if m == 0 or n == 0:
         return y
-    op, path = _route(route, m, state, backward=False)
+    op, path = _route(route, m, state, backward=False, dtype=x.dtype)
     nested, has_bias = state.nested is not None, bias is not None
     bias_arg = bias.to(x.dtype) if has_bias else None  # rounded to x's dtype first, as the reference
     y2 = y.view(m, n)
@@ -426,7 +435,7 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
         return dx
     if n == 0:
         return dx.zero_()
-    _, path = _route(route, m, state, backward=True)
+    _, path = _route(route, m, state, backward=True, dtype=dy.dtype)
     dx2 = dx.view(m, k)
     if path == "dequantize+cublas":
         w = dequantize_into(packed, state, _workspace(n * k, dy.dtype, device)).view(n, k)  # (N, K)
