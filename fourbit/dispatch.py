@@ -23,15 +23,20 @@ K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
 model `fourbit.kernels.costmodel` until a GPU measurement replaces them):
 
-    M <= GEMV_MAX_M (2)          ("gemv", "fused")               the GEMV: 0.90 of the HBM roofline at M = 1
+    M <= GEMV_MAX_M (16)         ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
+                                                                 % 64 == 0): 1.00 of the HBM roofline at M = 1,
+                                                                 0.84-0.86 at M = 16; fp32 x or blocksize 32:
+                                                                 the SIMT GEMV up to SIMT_GEMV_MAX_M (2)
     M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
     M > FUSED_MAX_M              (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.90 of dense
                                                                  bf16 at M = 2048, 0.97 at 8192
-Predicted on the five Llama-3 shapes (sm_90a): the GEMV takes up to 4 rows, but at M = 4 (one x
-vector more per row of x through shared memory each step) it is L1-bound, 221 us summed over the
-five shapes against 159 us for the fused GEMM, which is flat from M = 1 to 64 (memory-bound); at
-M = 2 the GEMV is still ahead (0.65 of the roofline). The fused kernels beat dequantize + cuBLAS up
-to M = 128 (4096x4096, M = 16: 6.8 vs 17.7 us; 28672x8192: 56 vs 247 us) and tie at 256; that
+Predicted on the five Llama-3 shapes (sm_90a): the tensor-core GEMV decodes a packed byte with three
+instructions and leaves the multiply-adds to mma.sync, so its cost barely grows with M (5.5 loop
+instructions per byte at M <= 8, 6.2-6.7 at M = 16, where x's second 8-row tile makes it L1-bound);
+the fused GEMM it replaced up to M = 16 was predicted at 0.30-0.51 of the roofline there. The SIMT
+GEMV (8.6 instructions per byte at M = 1, 0.90) is L1-bound from M = 4 on (221 us summed over the
+five shapes against 159 us for the fused GEMM). The fused kernels beat dequantize + cuBLAS up to
+M = 128 (4096x4096, M = 16: 6.8 vs 17.7 us; 28672x8192: 56 vs 247 us) and tie at 256; that
 crossover sits at 64, one step on the safe side, because the model is optimistic for the fused
 decode.
 
