@@ -205,6 +205,38 @@ def test_tensor_core_gemv_pair_lookup_matches_table():
                 assert outs == [table[(word >> (8 * i)) & 255] for i in range(4)]
 
 
+def test_tensor_core_gemv_keeps_one_element_per_thread(tmp_path):
+    """The mma fragments are per lane, so every tensor of the GEMV must map element t to lane t % 32
+    of warp t // 32: Triton's 1-D blocked layout with one element per thread, or the [warps, 32]
+    layout of the final reduction. Compiled for sm_90a in a child process (the interpreter cannot)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import importlib, re\n"
+        "from fourbit.kernels.report import _compile, ARCHS\n"
+        "m = importlib.import_module('fourbit.kernels.matmul')\n"
+        "for s in m.compile_specs():\n"
+        "    if 'gemv_mma' in s.name and s.constexprs['TILES'] == 2:\n"
+        "        ir = _compile(s, ARCHS['sm_90a'])[0].asm['ttgir']\n"
+        "        print(s.num_warps, *sorted(set(re.findall(r'^#(?:blocked|linear|mma)\\w* = (.*)$', ir, re.M))), sep='\\n')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    lines = child.stdout.strip().splitlines()
+    assert sum(line.isdigit() for line in lines) == 2 and sum(line.startswith("#ttg") for line in lines) >= 2, lines
+    warps = None
+    for line in lines:
+        if line.isdigit():
+            warps = int(line)
+            continue
+        assert line in (f"#ttg.blocked<{{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{warps}], order = [0]}}>",
+                        f"#ttg.blocked<{{sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [{warps}, 1], "
+                        "order = [1, 0]}>"), line
+
+
 def _replay_lookup(asm: str, word: int, lane_addr: int, smem: dict[int, int]) -> list[int]:
     """Run the prmt/mad/ld.shared subset of PTX for one lane ($4 the word, $5 the lane's address)."""
     regs: dict[str, int] = {"$4": word, "$5": lane_addr}
