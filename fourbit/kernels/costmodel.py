@@ -26,7 +26,8 @@ same cuBLAS time, so the assumption cancels except through the dequantize share.
 This is a lower bound on the work per byte, not a simulator. Blind spots: it assumes perfect
 overlap of the bounded resources and perfect latency hiding within them; no instruction latency or
 dependency stalls, no scheduling, no bank conflicts beyond table gathers, no L2 misses on tiles
-re-read across programs, no launch overhead, pipeline fill or drain (about 2-5 us per launch, which
+re-read across programs, no prologue (the tensor-core GEMV writes a 32 KB table per program
+before its loop), no launch overhead, pipeline fill or drain (about 2-5 us per launch, which
 is comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
 assumed, the clock read right after a matmul run), static counts of predicated code and both sides
 of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe,

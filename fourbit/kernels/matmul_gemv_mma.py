@@ -26,9 +26,14 @@ is decoded whole, in three instructions, from a table of code pairs:
     The warps of a program split K (warp w takes blocks w, w + WARPS, ...), with the next block's
     weights loaded before the current one is decoded, and sum their partials once at the end.
 
-Hand count (sm_90a, Triton 3.9, cuobjdump -sass; see HAND_COUNT and the cost model): per block a
-thread spends 16 x 3 instructions on lookups (PRMT, IMAD/LEA, LDS), 4 HMMA (8 at M > 8), 4 FFMA (8),
-2 weight loads, 4 x loads (8) and its two rows' scales.
+Hand count (sm_90a, Triton 3.9, cuobjdump -sass of `python -m fourbit.kernels.costmodel
+--save-binaries`): a loop trip (2 blocks, 32 packed bytes per thread) of the M <= 8, 4-warp kernel
+is 175 instructions, 5.5 per byte: 32 PRMT + 32 IMAD + 32 LDS for the lookups (3.0 per byte), 8
+HMMA, 15 global loads (4 x 64-bit weights, 8 x 64-bit x, a scale code, its nested code and scale),
+4 SHFL for the scales, 13 FP32 (scales and accumulation), the rest addresses and loop control.
+M = 16 adds 8 HMMA, 8 x loads and 8 FFMA: 215, 6.7 per byte; 8 warps: 5.7 and 6.2. The SIMT GEMV
+spends 8.6 per byte at M = 1. Before the loop each program writes the 32 KB table: 2048 16-byte
+stores (16 per thread with 4 warps, 8 with 8), not charged by the cost model.
 
 Programming model: every tensor of the kernel has WARPS * 32 elements, one per thread (element t is
 lane t % 32 of warp t // 32 in Triton's blocked layout), so the inline assembly, which is per thread,
@@ -57,8 +62,8 @@ from ._decode import block_scales
 __all__ = ["HAND_COUNT", "gemv_mma_kernel", "pair_table", "LOOKUP_ASM", "MMA_ASM", "MMA_FP16_ASM"]
 
 # Thread-instructions per packed weight byte in the loop (sm_90a SASS between the loop label and
-# its back-edge, `python -m fourbit.kernels.costmodel --save-binaries`), filled from the cost model.
-HAND_COUNT: dict[str, float] = {}
+# its back-edge, `python -m fourbit.kernels.costmodel --save-binaries`; bf16 x, nested scales, bs 64).
+HAND_COUNT = {"m8_w4": 5.5, "m8_w8": 5.7, "m16_w4": 6.7, "m16_w8": 6.2}
 
 TABLE_WORDS = 256 * 32  # 256 pairs x 32 lane copies
 
