@@ -262,6 +262,21 @@ def test_bad_modes_and_launches(monkeypatch):
         distributed.setup("fsdp")
     ctx = distributed.setup("none")
     assert (ctx.rank, ctx.world_size, ctx.backend) == (0, 1, None)
+    # under torchrun: a wrong backend, NCCL without CUDA, more processes than GPUs are user errors
+    from fourbit.errors import InvalidInput, Unavailable
+
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(InvalidInput, match="backend must be 'nccl'"):
+        distributed.setup("ddp", backend="mpi")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Unavailable, match="needs CUDA.*use backend='gloo'"):
+        distributed.setup("ddp", backend="nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(Unavailable, match=r"LOCAL_RANK 1 has no GPU: this machine shows 1 — use torchrun --nproc_per_node <= 1"):
+        distributed.setup("ddp", backend="nccl")
     with pytest.raises(ValueError, match="FSDP mixed-precision settings"):
         parallel.wrap_model(torch.nn.Linear(2, 2), ctx, param_dtype=torch.bfloat16)
 

@@ -40,6 +40,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import InvalidInput, Unavailable
+
 __all__ = [
     "MODES",
     "check_mode",
@@ -114,22 +116,20 @@ def setup(mode: str = "none", *, device: str | torch.device = "auto", backend: s
         return Runtime("none", 0, 1, 0, torch.device(device), None)
     missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
     if missing:
-        raise RuntimeError(
-            f"--distributed {mode} needs the torchrun environment, but {missing} are not set; launch with "
-            f"`torchrun --nproc_per_node N -m fourbit.cli finetune --distributed {mode} ...`"
+        raise Unavailable(
+            f"--distributed {mode} needs the torchrun environment, but {missing} are not set",
+            f"launch with `torchrun --nproc_per_node N -m fourbit.cli finetune --distributed {mode} ...`",
         )
     local_rank = int(os.environ["LOCAL_RANK"])
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend must be 'nccl' (GPU) or 'gloo' (CPU), got {backend!r}")
+        raise InvalidInput(f"backend must be 'nccl' (GPU) or 'gloo' (CPU), got {backend!r}", "pass nccl or gloo")
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise RuntimeError("backend 'nccl' needs CUDA, which this process does not see; use backend='gloo' on CPU")
+            raise Unavailable("backend 'nccl' needs CUDA, which this process does not see", "use backend='gloo' on CPU")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"LOCAL_RANK {local_rank} has no GPU: this machine shows {torch.cuda.device_count()}; "
-                f"use --nproc_per_node <= {torch.cuda.device_count()}"
-            )
+            raise Unavailable(f"LOCAL_RANK {local_rank} has no GPU: this machine shows {torch.cuda.device_count()}",
+                              f"use torchrun --nproc_per_node <= {torch.cuda.device_count()}")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
