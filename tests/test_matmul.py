@@ -198,6 +198,11 @@ def test_tensor_core_gemv_pair_lookup_matches_table():
         assert all(table[b] & 0xFFFF == bits[b >> 4] & 0xFFFF and (table[b] >> 16) & 0xFFFF == bits[b & 15] & 0xFFFF
                    for b in range(256))
         base = 1024  # any address: the lookup adds, it does not OR
+        code = NF4_CODE.clone()
+        first = mma.pair_table(code, dtype, torch.device("cpu"))
+        assert mma.pair_table(code, dtype, torch.device("cpu")) is first  # built once per codebook tensor
+        code[0] = 0.5  # an in-place change is seen (the tensor's version moves)
+        assert mma.pair_table(code, dtype, torch.device("cpu"))[0] != first[0]
         smem = {base + 16 * q + 4 * j: table[q // 8] for q in range(2048) for j in range(4)}  # st.shared.v4 of _fill_table
         for lane in (0, 5, 31):
             for word in (0x03020100, 0xFFFEFDFC, 0x7F80017E, 0x12345678):

@@ -162,12 +162,12 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
     args = _state_args(packed, state)
     bias_ptr = bias_arg if has_bias else y
     if op == "gemv" and p.config.startswith("mma"):
-        data, code, *scales = args
+        data, _, *scales = args
         if data.data_ptr() % 8:  # 64-bit weight loads
             data = data.clone()
         if x2.data_ptr() % 8 or x2.stride(0) % 4:  # 64-bit x loads
             x2 = x2.clone()
-        _launch(p, x2, data, pair_table(code, x.dtype, device), *scales, bias_ptr, y2, m, n, k, x2.stride(0),
+        _launch(p, x2, data, pair_table(state.code, x.dtype, device), *scales, bias_ptr, y2, m, n, k, x2.stride(0),
                 HAS_BIAS=has_bias)
     elif op == "gemv":
         _launch(p, x2, *args, bias_ptr, y2, m, n, k, x2.stride(0), HAS_BIAS=has_bias)

@@ -53,6 +53,8 @@ the bound of the reference, which rounds code * absmax to x's dtype once.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -91,20 +93,24 @@ MMA_FP16_ASM = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
 _DECLARE_ASM = tl.constexpr(".shared .align 16 .b8 fourbit_gemv_lut[32768];\n\tmov.u32 $0, fourbit_gemv_lut;")
 _STORE_ASM = tl.constexpr("st.shared.v4.u32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;")
 
-_TABLES: dict[tuple, torch.Tensor] = {}
+# code tensor -> {(its version, dtype, device): table}: built once per codebook tensor, so a decode
+# step never copies the codes to the host (that would synchronize the stream on every call)
+_TABLES: dict[int, tuple[weakref.ref, dict]] = {}  # id(code) -> (weak reference, tables)
 
 
 def pair_table(code: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256,) int32: entry b = bits of code[b >> 4] in x's dtype | those of code[b & 15] << 16; one per
-    (codebook, dtype, device), kept (the 16 codes are NF4's or FP4's constants)."""
-    values = tuple(float(v) for v in code.detach().to("cpu", torch.float32).tolist())
-    key = (values, dtype, device)
-    table = _TABLES.get(key)
+    """(256,) int32 on `device`: entry b = bits of code[b >> 4] in x's dtype | those of code[b & 15]
+    << 16 (codes rounded to nearest-even, as torch casts); kept for as long as `code` lives unchanged."""
+    entry = _TABLES.get(id(code))
+    if entry is None or entry[0]() is not code:  # tensors compare elementwise: keyed by identity
+        entry = _TABLES[id(code)] = (weakref.ref(code, lambda _, i=id(code): _TABLES.pop(i, None)), {})
+    tables = entry[1]
+    key = (code._version, dtype, torch.device(device))
+    table = tables.get(key)
     if table is None:
-        bits = torch.tensor(values, dtype=torch.float32).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        bits = code.detach().to("cpu", torch.float32).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
         b = torch.arange(256)
-        table = (bits[b >> 4] | (bits[b & 15] << 16)).to(torch.int32).to(device)
-        _TABLES[key] = table
+        table = tables[key] = (bits[b >> 4] | (bits[b & 15] << 16)).to(torch.int32).to(device)
     return table
 
 
