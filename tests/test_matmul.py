@@ -242,15 +242,19 @@ def test_tensor_core_gemv_keeps_one_element_per_thread(tmp_path):
                         "order = [1, 0]}>"), line
 
 
+def _ptx_instructions(asm: str):
+    """(line, opcode, operands) of each instruction of an inline-asm block (declarations skipped)."""
+    for line in asm.split(";"):
+        line = line.strip(" {}\n\t")
+        if line and not line.startswith(".reg"):
+            op, rest = line.split(None, 1)
+            yield line, op, [a.strip() for a in rest.split(",")]
+
+
 def _replay_lookup(asm: str, word: int, lane_addr: int, smem: dict[int, int]) -> list[int]:
     """Run the prmt/mad/ld.shared subset of PTX for one lane ($4 the word, $5 the lane's address)."""
     regs: dict[str, int] = {"$4": word, "$5": lane_addr}
-    for line in asm.split(";"):
-        line = line.strip(" {}\n\t")
-        if not line or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        args = [a.strip() for a in rest.split(",")]
+    for line, op, args in _ptx_instructions(asm):
         if op == "prmt.b32":  # selector 0x444i: byte i of a to byte 0, bytes 1-3 from b (= 0)
             assert args[2] == "0" and args[3].startswith("0x444"), line
             regs[args[0]] = (regs[args[1]] >> (8 * int(args[3][-1]))) & 0xFF
@@ -268,12 +272,7 @@ def _replay_ptx(asm: str, inputs: dict[int, int], code: list[float], n_out: int)
     import re
 
     regs: dict[str, object] = {f"${i}": v for i, v in inputs.items()}
-    for line in asm.split(";"):
-        line = line.strip(" {}\n\t")
-        if not line or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        args = [a.strip() for a in rest.split(",")]
+    for line, op, args in _ptx_instructions(asm):
         if op == "shr.b32":
             regs[args[0]] = (regs[args[1]] & 0xFFFFFFFF) >> int(args[2])
         elif op == "shfl.sync.idx.b32":
