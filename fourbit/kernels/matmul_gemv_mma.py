@@ -23,8 +23,10 @@ is decoded whole, in three instructions, from a table of code pairs:
     16c + 4j .. 16c + 4j + 3 (the B registers). A block's 64 weights share one scale, so its 4 mmas
     accumulate into a zeroed C, which is then scaled in float32 (4 FFMA per thread per block).
   * Rows of x are the mma's N = 8 columns: M <= 8 uses one mma per k16 step, M <= 16 two (TILES = 2).
-    The warps of a program split K (warp w takes blocks w, w + WARPS, ...), with the next block's
-    weights loaded before the current one is decoded, and sum their partials once at the end.
+    The warps of a program split K: trip i of warp w takes blocks 2 (i * WARPS + w) and the next,
+    the following trip's weights loaded before this one's are decoded (WARPS = 4, or 8 when there
+    are fewer than 3 programs per SM, to keep enough bytes in flight); the partials are summed once
+    at the end.
 
 Hand count (sm_90a, Triton 3.9, cuobjdump -sass of `python -m fourbit.kernels.costmodel
 --save-binaries`): a loop trip (2 blocks, 32 packed bytes per thread) of the M <= 8, 4-warp kernel
@@ -66,8 +68,6 @@ __all__ = ["HAND_COUNT", "gemv_mma_kernel", "pair_table", "LOOKUP_ASM", "MMA_ASM
 # Thread-instructions per packed weight byte in the loop (sm_90a SASS between the loop label and
 # its back-edge, `python -m fourbit.kernels.costmodel --save-binaries`; bf16 x, nested scales, bs 64).
 HAND_COUNT = {"m8_w4": 5.5, "m8_w8": 5.7, "m16_w4": 6.7, "m16_w8": 6.2}
-
-TABLE_WORDS = 256 * 32  # 256 pairs x 32 lane copies
 
 # $4: a 32-bit word of packed weights (bytes 0..3), $5: this lane's table address (table + 4 * lane).
 # Output $i: the pair of byte i. prmt 0x444i moves byte i to byte 0 and zeroes the rest.
