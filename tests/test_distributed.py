@@ -43,8 +43,24 @@ def single_process_run(model_name: str, checkpoint_dir, optimizer_kind: str = "t
     return helpers.train_steps(model, optimizer, model.config.vocab_size, 0, helpers.STEPS, str(checkpoint_dir))
 
 
+# A worker aborted by torch's own C++ (std::terminate in its CPU collectives, no Python error; seen
+# once in ~10 runs of the SmolLM2 test on the 2-core machine, and reported upstream for FSDP tests:
+# pytorch/pytorch#90549) says nothing about fourbit, so such a launch is run once more. Any other
+# failure, a Python exception or a wrong number, fails at once.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def launch(args: list[str], log_path, timeout_s: int) -> None:
     """`torchrun --nproc_per_node 2 <args>` on a free port; fails the test with the log on error."""
+    for attempt in (1, 2):
+        returncode, text = _launch_once(args, log_path, timeout_s)
+        if returncode == 0 or NATIVE_ABORT not in text or "Traceback" in text.split(NATIVE_ABORT)[0]:
+            break
+        os.replace(log_path, f"{log_path}.aborted{attempt}")
+    assert returncode == 0, f"torchrun failed or timed out after {timeout_s} s (exit {returncode}):\n{text[-8000:]}"
+
+
+def _launch_once(args: list[str], log_path, timeout_s: int) -> tuple[int, str]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args,
@@ -62,8 +78,22 @@ def launch(args: list[str], log_path, timeout_s: int) -> None:
                 proc.kill()
                 proc.wait()
     with open(log_path) as f:
-        text = f.read()
-    assert proc.returncode == 0, f"torchrun failed or timed out after {timeout_s} s (exit {proc.returncode}):\n{text[-8000:]}"
+        return proc.returncode, f.read()
+
+
+def test_launch_retries_only_a_native_abort(monkeypatch, tmp_path):
+    log = tmp_path / "torchrun.log"
+    aborted = f"loading\n{NATIVE_ABORT}\nTraceback (launcher)\nChildFailedError"
+    for outcomes, passes in (([(1, aborted), (0, "")], True), ([(1, aborted), (1, aborted)], False),
+                             ([(1, "Traceback (worker)\nValueError\n" + aborted), (0, "")], False),
+                             ([(1, "AssertionError"), (0, "")], False)):
+        calls = iter(outcomes)
+        monkeypatch.setattr(sys.modules[__name__], "_launch_once", lambda *a: (log.write_text("x"), next(calls))[1])
+        if passes:
+            launch([], str(log), 1)
+        else:
+            with pytest.raises(AssertionError, match="torchrun failed"):
+                launch([], str(log), 1)
 
 
 def torchrun(out, *extra, timeout_s: int) -> dict:
