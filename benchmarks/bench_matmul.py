@@ -31,7 +31,7 @@ import torch
 
 from fourbit.nf4 import dequantize, quantize
 
-from .harness import record, time_fn, write_results
+from .harness import graphed, quantized_bytes, record, time_fn, write_results
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (N, K)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
@@ -49,23 +49,8 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / (t["median_ms"] / 1e3) / 1e9
 
 
-def _quantized_bytes(n: int, k: int, double_quant: bool, blocksize: int = 64) -> int:
-    nb = n * k // blocksize
-    return n * k // 2 + (nb + 4 * (-(-nb // 256)) if double_quant else 4 * nb)
-
-
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
-
-
-def _graphed(fn):
-    """fn replayed from a CUDA graph (captured after a warm-up call, which also autotunes)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def run(device: str = "cpu", smoke: bool = False, full: bool = False, dtypes=(torch.bfloat16,), ms=None,
@@ -114,9 +99,9 @@ def run(device: str = "cpu", smoke: bool = False, full: bool = False, dtypes=(to
                     raise AssertionError(f"{name} is wrong for M={m} N={n} K={k} {dtype}: relative error {err:.2e}")
             for name, fn in providers.items():
                 if cuda and m <= 16:
-                    fn = _graphed(fn)
+                    fn = graphed(fn)
                 dq = name != "fourbit-triton-nodq"
-                w_bytes = n * k * dense_w.element_size() if name == "dense" else _quantized_bytes(n, k, dq)
+                w_bytes = n * k * dense_w.element_size() if name == "dense" else quantized_bytes(n, k, dq)
                 io_bytes = (m * k + m * n) * dense_w.element_size()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()

@@ -143,3 +143,20 @@ def write_results(name: str, rows: list[dict[str, Any]], device: str | None = No
     os.replace(tmp, path)
     render(path)
     return path
+
+
+def quantized_bytes(n: int, k: int, double_quant: bool, blocksize: int = 64) -> int:
+    """Bytes of an (n, k) NF4 weight as stored: packed codes, uint8 or float32 scales, and with double
+    quantization one float32 scale per 256 blocks."""
+    blocks = n * k // blocksize
+    return n * k // 2 + (blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks)
+
+
+def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn replayed from a CUDA graph, captured after a warm-up call (which also autotunes)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

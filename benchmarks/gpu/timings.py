@@ -22,28 +22,12 @@ import torch
 import fourbit.nf4 as reference
 from fourbit import dispatch
 
-from ..harness import record, time_fn
+from ..harness import graphed, quantized_bytes, record, time_fn
 from .checks import MATMUL_TOL
 from .common import GEMV_MS, Session, peer, rel_err
 
 BLOCKSIZE = 64
 DEQUANTIZE_TOL = 2**-8  # bf16 output vs the exact fp32 decode: half a bf16 ulp per element (bytes: checks.py)
-
-
-def packed_bytes(n: int, k: int, double_quant: bool) -> int:
-    blocks = n * k // BLOCKSIZE
-    return n * k // 2 + (blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks)
-
-
-def graphed(fn):
-    """fn replayed from a CUDA graph, captured after a warm-up call (which also autotunes); fn
-    itself if capture fails (recorded by the caller as not graphed)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 class Weight:
@@ -64,7 +48,7 @@ class Weight:
 def providers(case: str, w: Weight, m: int, device: str) -> dict[str, tuple]:
     """{provider: (fn, float64 expected output or None, weight bytes)} for one case."""
     bnb, bnbf = peer()
-    dq_bytes, nodq_bytes = packed_bytes(w.n, w.k, True), packed_bytes(w.n, w.k, False)
+    dq_bytes, nodq_bytes = quantized_bytes(w.n, w.k, True, BLOCKSIZE), quantized_bytes(w.n, w.k, False, BLOCKSIZE)
     dense_bytes = 2 * w.n * w.k
     if case == "dequantize":
         out = {"fourbit": (lambda: dispatch.dequantize(*w.dq, dtype=torch.bfloat16), w.w64, dq_bytes)}  # bnb's too: bf16
