@@ -109,8 +109,10 @@ def matmul_route(m: int, n: int, k: int, *, backward: bool = False, dtype: torch
     """(op, path) of the Triton matmul for x: (m, k), W: (n, k) (backward: dx = dy @ W, dy: (m, n)):
     op "gemv" | "gemm" | "backward", path "fused" | "dequantize+cublas" (see the module docstring).
     x's dtype and the blocksize choose between the two GEMVs."""
-    tensor_core_gemv = dtype in (torch.bfloat16, torch.float16) and blocksize % 64 == 0
-    op = "backward" if backward else ("gemv" if m <= (GEMV_MAX_M if tensor_core_gemv else SIMT_GEMV_MAX_M) else "gemm")
+    from .kernels.matmul_plan import mma_gemv_supported  # called on the Triton path only
+
+    gemv_max = GEMV_MAX_M if mma_gemv_supported(dtype, blocksize) else SIMT_GEMV_MAX_M
+    op = "backward" if backward else ("gemv" if m <= gemv_max else "gemm")
     return op, ("fused" if m <= FUSED_MAX_M else "dequantize+cublas")
 
 

@@ -16,7 +16,8 @@ requires K % 64 == 0) and hold one scale per row (BLOCK_K <= blocksize) or BLOCK
 them. The backward reads the same row-major [BN, BK] tiles: the blocks run along K in both
 products, only the reduction runs over the tile's rows (`tl.dot(dy_tile, w_tile)`).
 
-Where this path runs (`fourbit.dispatch.matmul_route`): forward 3 <= M <= 64, backward M <= 64. There
+Where this path runs (`fourbit.dispatch.matmul_route`): forward 17 <= M <= 64 for bf16/fp16 x (3 <= M
+<= 64 for fp32 x or blocksize 32, below the tensor-core GEMV), backward M <= 64. There
 the cost model finds it memory- or L1-bound and ahead of dequantize + cuBLAS (M = 16, 28672x8192:
 56 vs 247 us), which writes and re-reads a dense W. From M = 128 on its large tiles wait on every
 HGMMA before decoding the next tile (`WARPGROUP.DEPBAR.LE gsb0, 0x0`), so decode and MMA overlap
