@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy completion of a prompt with a trained adapter")
     gen.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/finetune/adapter)")
     gen.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
-    gen.add_argument("--base-weights", choices=("nf4", "fp32", "bf16"), default=None,
+    from .train.config import BASE_WEIGHTS
+
+    gen.add_argument("--base-weights", choices=BASE_WEIGHTS, default=None,
                      help="base to apply the adapter to (default: the run's --base-weights, else nf4)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("prompt")
