@@ -28,8 +28,11 @@ model `fourbit.kernels.costmodel` until a GPU measurement replaces them):
                                                                  0.84-0.86 at M = 16; fp32 x or blocksize 32:
                                                                  the SIMT GEMV up to SIMT_GEMV_MAX_M (2)
     M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
-    M > FUSED_MAX_M              (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.90 of dense
-                                                                 bf16 at M = 2048, 0.97 at 8192
+    SWAP_MIN_M (1024) <= M       ("gemm" | "backward", "fused")  Hopper, bf16/fp16: the swapped tiles, W from
+      < SWAP_MAX_M (8192)                                        registers into async wgmma: 0.97 of dense
+                                                                 bf16 cuBLAS at M = 1024-4096
+    otherwise                    (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.82 of dense
+                                                                 bf16 at M = 1024, 0.90 at 2048, 0.97 at 8192
 Predicted on the five Llama-3 shapes (sm_90a): the tensor-core GEMV decodes a packed byte with three
 instructions and leaves the multiply-adds to mma.sync, so its cost barely grows with M (5.5 loop
 instructions per byte at M <= 8, 6.2-6.7 at M = 16, where x's second 8-row tile makes it L1-bound);
@@ -38,7 +41,12 @@ GEMV (8.6 instructions per byte at M = 1, 0.90) is L1-bound from M = 4 on (221 u
 five shapes against 159 us for the fused GEMM). The fused kernels beat dequantize + cuBLAS up to
 M = 128 (4096x4096, M = 16: 6.8 vs 17.7 us; 28672x8192: 56 vs 247 us) and tie at 256; that
 crossover sits at 64, one step on the safe side, because the model is optimistic for the fused
-decode.
+decode. The swapped tiles are tensor-bound where they fill the SMs (256 x 128 tiles: from M = 1024
+on every shape) and beat dequantize + cuBLAS there, whose decode pass costs 2.5 bytes of HBM traffic
+per weight, M-independent: 0.82 of dense at M = 1024, 0.90 at 2048. At M = 8192 the two tie by the
+model (0.970 against 0.973; the fused tiles lose 3 % to wave quantization), so the measured cuBLAS
+path keeps the largest M. On sm_80/89 (no register-operand wgmma) and for fp32 x every M above 64
+takes dequantize + cuBLAS.
 
 Imports are lazy and plain (inside each function): with FOURBIT_BACKEND=reference, or on CPU under
 auto, Triton is never imported.
@@ -52,6 +60,7 @@ import torch
 
 __all__ = [
     "FUSED_MAX_M",
+    "SWAP_MAX_M",
     "GEMV_MAX_M",
     "SIMT_GEMV_MAX_M",
     "adamw_update_32bit",
@@ -67,6 +76,7 @@ __all__ = [
 GEMV_MAX_M = 16  # route to the tensor-core GEMV up to here (bf16/fp16 x, blocksize % 64 == 0)
 SIMT_GEMV_MAX_M = 2  # the SIMT GEMV (fp32 x or blocksize 32) up to here (it takes up to 4)
 FUSED_MAX_M = 64  # above, dequantize + cuBLAS (module docstring)
+SWAP_MAX_M = 8192  # from here dequantize + cuBLAS again: the model ties them (0.973 vs 0.970)
 
 _BACKENDS = ("auto", "reference", "triton")
 
@@ -109,11 +119,12 @@ def matmul_route(m: int, n: int, k: int, *, backward: bool = False, dtype: torch
     """(op, path) of the Triton matmul for x: (m, k), W: (n, k) (backward: dx = dy @ W, dy: (m, n)):
     op "gemv" | "gemm" | "backward", path "fused" | "dequantize+cublas" (see the module docstring).
     x's dtype and the blocksize choose between the two GEMVs."""
-    from .kernels.matmul_plan import mma_gemv_supported  # called on the Triton path only
+    from .kernels.matmul_plan import SWAP_MIN_M, mma_gemv_supported, swap_gemm_supported  # the Triton path only
 
     gemv_max = GEMV_MAX_M if mma_gemv_supported(dtype, blocksize) else SIMT_GEMV_MAX_M
     op = "backward" if backward else ("gemv" if m <= gemv_max else "gemm")
-    return op, ("fused" if m <= FUSED_MAX_M else "dequantize+cublas")
+    swapped = SWAP_MIN_M <= m < SWAP_MAX_M and swap_gemm_supported(dtype, k, backward)
+    return op, ("fused" if m <= FUSED_MAX_M or swapped else "dequantize+cublas")
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None, *,

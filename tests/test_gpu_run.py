@@ -79,6 +79,7 @@ def test_dry_run_brings_every_headline_number_back(tmp_path):
     for m in (1, 16, 33):
         assert {("matmul", p, m) for p in ("fourbit", "bitsandbytes", "dense")} <= timed
     assert {("matmul", "fourbit-nodq", 1), ("backward", "fourbit", 33), ("backward", "bitsandbytes", 33),
+            ("matmul", "fourbit-dequant", 33), ("backward", "fourbit-dequant", 33),
             ("dequantize", "fourbit", None), ("dequantize", "bitsandbytes", None)} <= timed
     assert {x["provider"] for x in by_kind["train"]} == {"fourbit", "bnb+peft"}
     if (REPO / "fourbit" / "kernels" / "costmodel.py").exists():  # joined on the dry run's shapes at M = 1
@@ -102,7 +103,7 @@ def test_without_bitsandbytes_fourbit_and_dense_are_still_timed(tmp_path):
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
     lines, problems = read_results(out)
     assert not problems
-    assert {x["provider"] for x in lines if x["kind"] == "timing"} == {"fourbit", "fourbit-nodq", "dense"}
+    assert {x["provider"] for x in lines if x["kind"] == "timing"} == {"fourbit", "fourbit-nodq", "fourbit-dequant", "dense"}
     assert any(x["kind"] == "note" and "bitsandbytes missing" in x["text"] for x in lines)
 
     env.pop("FOURBIT_BACKEND")  # the training stage runs the reference on the CPU, as run.sh's dry run does

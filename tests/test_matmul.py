@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fourbit.kernels._triton_utils import interpreting
@@ -127,6 +127,56 @@ def test_kernel_forward_against_float64(xshape, n, k, bs, dq, has_bias, dtype):
 @pytest.mark.parametrize("xshape,n,k,bs,dq,has_bias", [CASES[0], CASES[1], CASES[4], CASES[5]])
 def test_kernel_fused_gemm_against_float64(xshape, n, k, bs, dq, has_bias):
     _check_forward(xshape, n, k, bs, dq, has_bias, torch.float16, route=("gemm", "fused"))
+
+
+def _check_swapped(m, n, k, bs, dq, has_bias, quant_type, dtype, gemm_cfg, backward_cfg):
+    packed, state, w64 = weight(n, k, bs, dq, quant_type, device=DEVICE)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype) if has_bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    y = kern.matmul(x, packed, state, bias, out=out, route=("gemm", "fused"), config=gemm_cfg)
+    want = x.double() @ w64.T + (0 if bias is None else bias.double())
+    assert rel_err(y, want) < TOL[dtype], (m, n, k)
+    gy = torch.randn(m, n, device=DEVICE).to(dtype)
+    gx = torch.full((m, k), float("nan"), dtype=dtype, device=DEVICE)
+    kern.matmul_backward(gy, packed, state, out=gx, route=("backward", "fused"), config=backward_cfg)
+    assert rel_err(gx, gy.double() @ w64) < TOL[dtype], (m, n, k)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32])
+def test_swapped_tiles_as_planned_against_float64(dtype):
+    """The tiles the dispatcher runs from M = 1024 on Hopper (y^T = W x^T and dx^T = W^T dy^T, W the
+    register operand), on ragged M and N: 257 rows of x in 256-row tiles, 130 rows of W in 128."""
+    gemm_cfg = kern.plan("gemm", 2048, 4096, 4096, path="fused").config
+    assert gemm_cfg == "256x128x64,w8s3,swap" and kern.plan("backward", 2048, 4096, 4096, path="fused").config == (
+        "256x64x128,w8s3,swap")
+    _check_swapped(257, 130, 384, 128, False, True, "nf4", dtype, (256, 128, 64, 8, 3, True), (256, 64, 128, 8, 3, True))
+
+
+@needs_triton
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 80), n=st.integers(1, 80), kb=st.integers(1, 4), bs=st.sampled_from([64, 128]),
+       dq=st.booleans(), has_bias=st.booleans(), quant_type=st.sampled_from(["nf4", "fp4"]))
+def test_swapped_tiles_against_float64(m, n, kb, bs, dq, has_bias, quant_type):
+    """Small swapped tiles (32 x 32 programs) over drawn shapes: several K and N trips, partial tiles
+    in M and N, blocks wider than a K step (bs 128 with 64-wide gemm steps)."""
+    _check_swapped(m, n, 128 * kb, bs, dq, has_bias, quant_type, torch.float16, (32, 32, 64, 4, 1, True),
+                   (32, 32, 128, 4, 1, True))
+
+
+@needs_triton
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_empty_k_gives_the_bias(has_bias):
+    """K = 0: no products, y = bias (or zeros), as the reference; the launchers never start a kernel
+    whose loop assumes K > 0 (the swapped tiles, routed at M = 1100)."""
+    packed, state = quantize(torch.randn(8, 0, device=DEVICE), blocksize=64)
+    x = torch.randn(1100, 0, device=DEVICE).to(torch.float16)
+    bias = torch.randn(8, device=DEVICE).to(torch.float16) if has_bias else None
+    out = torch.full((1100, 8), float("nan"), dtype=torch.float16, device=DEVICE)
+    y = kern.matmul(x, packed, state, bias, out=out, route=("gemm", "fused"), config=(256, 128, 64, 8, 3, True))
+    assert torch.equal(y, ref.matmul(x, packed, state, bias))
+    assert torch.equal(y, bias.expand(1100, 8) if has_bias else torch.zeros_like(y))
 
 
 @needs_triton
@@ -413,7 +463,12 @@ def test_default_routes_and_plans():
     simt = {m: dispatch.matmul_route(m, 4096, 4096, dtype=torch.float32) for m in (2, 3)}
     assert simt == {2: ("gemv", "fused"), 3: ("gemm", "fused")}
     assert dispatch.matmul_route(3, 4096, 4096, blocksize=32) == ("gemm", "fused")
-    assert routes[65] == routes[2048] == (("gemm", "dequantize+cublas"), ("backward", "dequantize+cublas"))
+    assert routes[65] == (("gemm", "dequantize+cublas"), ("backward", "dequantize+cublas"))
+    assert routes[2048] == (("gemm", "fused"), ("backward", "fused"))  # the swapped tiles (Hopper, bf16/fp16)
+    for m in (1023, 8192):
+        assert dispatch.matmul_route(m, 4096, 4096) == ("gemm", "dequantize+cublas")
+    assert dispatch.matmul_route(2048, 4096, 4096, dtype=torch.float32) == ("gemm", "dequantize+cublas")
+    assert dispatch.matmul_route(2048, 4096, 4160, backward=True) == ("backward", "dequantize+cublas")  # K % 128
     p = kern.plan("gemm", 2048, 4096, 14336)
     assert p.path == "dequantize+cublas" and p.cublas_mnk == (2048, 4096, 14336)
     assert p.launches[0].spec.name == "dequantize_4bit[bfloat16,bs64,dq]"

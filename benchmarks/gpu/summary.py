@@ -18,7 +18,7 @@ from pathlib import Path
 from .common import read_results
 
 MAX_FILES, MAX_DEPTH = 8, 2  # the device tool's limits on what comes back from $OUT
-PEERS = ("fourbit-nodq", "bitsandbytes", "dense")
+PEERS = ("fourbit-nodq", "fourbit-dequant", "bitsandbytes", "dense")
 
 
 def parse_budget(text: str) -> dict[str, int]:
@@ -44,8 +44,8 @@ def timing_table(timings: list[dict]) -> list[str]:
     cases: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for t in timings:
         cases[(t["op"], t["shape"])][t["provider"]] = t
-    lines = ["| case | M×N×K | fourbit ms | nodq ms | bnb ms | dense ms | fourbit GB/s | % copy | TFLOP/s | vs bnb | vs dense |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | M×N×K | fourbit ms | nodq ms | dequant+cuBLAS ms | bnb ms | dense ms | fourbit GB/s | % copy | TFLOP/s "
+             "| vs bnb | vs dense |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (op, shape), row in cases.items():
         ours = row.get("fourbit", {})
         ms = {p: row[p]["median_ms"] if p in row else None for p in ("fourbit", *PEERS)}
@@ -54,7 +54,8 @@ def timing_table(timings: list[dict]) -> list[str]:
             return f"{ms[p] / ms['fourbit']:.2f}×" if ms[p] and ms["fourbit"] else ""
 
         gbs, pct, tflops = ours.get("gb_per_s"), ours.get("pct_of_ceiling"), ours.get("tflop_per_s")
-        lines.append(f"| {op} | {shape} | {_ms(ms['fourbit'])} | {_ms(ms['fourbit-nodq'])} | {_ms(ms['bitsandbytes'])} | "
+        lines.append(f"| {op} | {shape} | {_ms(ms['fourbit'])} | {_ms(ms['fourbit-nodq'])} | {_ms(ms['fourbit-dequant'])} | "
+                     f"{_ms(ms['bitsandbytes'])} | "
                      f"{_ms(ms['dense'])} | {'' if gbs is None else f'{gbs:.0f}'} | {'' if pct is None else f'{pct:.0f}'} | "
                      f"{'' if tflops is None else f'{tflops:.1f}'} | {vs('bitsandbytes')} | {vs('dense')} |")
     return lines

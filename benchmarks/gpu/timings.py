@@ -6,7 +6,9 @@ Cases, in this order (a timeout loses the later ones, so the order is by importa
     matmul M=2048    training/prefill forward
     backward M=2048  dx = dy @ W, the input gradient a QLoRA step needs
 Providers: `fourbit` (what `fourbit.dispatch` runs: the path and crossover it picks), `fourbit-nodq`
-(plain fp32 scales, M = 1 and 2048: the cost of double quantization), `bitsandbytes`
+(plain fp32 scales, M = 1 and 2048: the cost of double quantization), `fourbit-dequant` (M = 2048:
+the dequantize + cuBLAS route, timed beside the fused swapped tiles the dispatcher picks on Hopper,
+so the run measures the crossover the cost model set), `bitsandbytes`
 (`matmul_4bit` forward; its backward is dequantize_4bit + matmul, as its autograd does) and
 `dense` (torch.matmul on the bf16 weight already dequantized: the cuBLAS floor fourbit is read
 against). Every weight is cold: `triton.testing.do_bench` overwrites a 256 MB buffer (more than
@@ -21,6 +23,7 @@ import torch
 
 import fourbit.nf4 as reference
 from fourbit import dispatch
+from fourbit.kernels.matmul import matmul as kernel_matmul, matmul_backward as kernel_matmul_backward
 
 from ..harness import graphed, quantized_bytes, record, time_fn
 from .checks import MATMUL_TOL
@@ -61,6 +64,8 @@ def providers(case: str, w: Weight, m: int, device: str) -> dict[str, tuple]:
         out = {"fourbit": (lambda: dispatch.matmul(x, *w.dq), want, dq_bytes)}
         if m == 1 or m >= 2048:
             out["fourbit-nodq"] = (lambda: dispatch.matmul(x, *w.nodq), want, nodq_bytes)
+        if m > max(GEMV_MS):  # the training M
+            out["fourbit-dequant"] = (lambda: kernel_matmul(x, *w.dq, route=("gemm", "dequantize+cublas")), want, dq_bytes)
         if bnb:
             packed, state = w.bnb
             out["bitsandbytes"] = (lambda: bnb.matmul_4bit(x, packed.t(), state), x.double() @ w.bnb_w64.T, dq_bytes)
@@ -68,7 +73,9 @@ def providers(case: str, w: Weight, m: int, device: str) -> dict[str, tuple]:
         return out
     dy = torch.randn(m, w.n, device=device, dtype=w.dtype)
     want = dy.double() @ w.w64
-    out = {"fourbit": (lambda: dispatch.matmul_backward(dy, *w.dq), want, dq_bytes)}
+    out = {"fourbit": (lambda: dispatch.matmul_backward(dy, *w.dq), want, dq_bytes),
+           "fourbit-dequant": (lambda: kernel_matmul_backward(dy, *w.dq, route=("backward", "dequantize+cublas")),
+                               want, dq_bytes)}  # only the training M reaches here
     if bnbf:
         out["bitsandbytes"] = (lambda: torch.matmul(dy, bnbf.dequantize_4bit(*w.bnb).to(dy.dtype)),
                                dy.double() @ w.bnb_w64, dq_bytes)

@@ -23,6 +23,7 @@ class CompileSpec:
     num_stages: int = 3
     expect_vector_bits: int | None = None  # widest global load the hot loop must use (e.g. 128)
     expect_tensor_cores: bool = False  # HMMA (sm_80/89) / HGMMA (sm_90a) must appear
+    archs: tuple[str, ...] | None = None  # the report's targets this spec runs on (None: all)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,9 @@ is then bounded by the slowest of
     gathers from a table with data-dependent addresses the expected number of distinct 128-B lines
     32 random lanes touch, HGMMA its shared-memory operands;
   * tensor cores: the measured dense bf16 rate; a loop that waits for every wgmma before decoding
-    the next tile (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) overlaps decode and MMA only across CTAs;
+    the next tile (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) overlaps decode and MMA only across CTAs; one
+    whose wgmma takes A from registers (Triton splits it in two halves, `wait_group 1` after each)
+    overlaps the decode with half of the MMA;
   * bytes in flight: resident CTAs (registers, shared memory, threads) x weight bytes one CTA has
     in flight (one loop trip for register loads unless the plan says more, stages-1 for cp.async/TMA
     pipelines) must cover HBM latency x the SM's share of bandwidth (Little's law);
@@ -44,7 +46,7 @@ registers, shared memory, resident CTAs, loop address range and instruction mix)
     config        the plan's configuration label
     path          "fused" | "dequantize+cublas"
     limiter       what bounds the time: issue | <pipe class> | l1 | tensor | mma_wait (decode and MMA
-                  serialized) | latency | hbm | cublas
+                  serialized, or overlapping only half of the MMA) | latency | hbm | cublas
     predicted_fraction  gemv/dequantize: roofline time / predicted time, roofline = compulsory HBM
                   bytes (4.127-bit weights, activations in and out; dequantize: its bf16 output too) at
                   HBM_BYTES_PER_S; gemm/backward: dense bf16 cuBLAS time / predicted time (> 1 is faster)
@@ -169,6 +171,10 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     if facts["waits_all_mma"] and clk["tensor"]:
         # decode and MMA serialize inside a program; only other resident programs fill the gap
         trip = max(trip, (clk["issue"] + clk["tensor"]) / active)
+    elif facts.get("mma_register_a") and clk["tensor"]:
+        # Triton splits a register-operand wgmma in two halves with `wait_group 1` after each: the
+        # next decode overlaps only the second half
+        trip = max(trip, (clk["tensor"] / 2 + max(clk["issue"], clk["tensor"] / 2)) / active)
     sm_clk = {name: per_sm * launch.iterations * c for name, c in clk.items()}
     if trip > max(clk.values()):
         sm_clk["mma_wait"] = per_sm * launch.iterations * trip

@@ -13,12 +13,15 @@ Three ways to compute it, named by (op, path) as `fourbit.dispatch.matmul_route`
     bit-identical to the reference: the scale multiplies partial sums (see their modules).
   * ("gemm" | "backward", "fused"): `matmul_gemm`, tensor cores on tiles decoded in registers with
     the same shuffle lookups, small-M tiles that fill the SMs; the dispatcher's choice for the forward
-    at 3 <= M <= 64 and the backward at M <= 64 (memory-bound there: W is read once, 4.127 bits each).
+    at 3 <= M <= 64 and the backward at M <= 64 (memory-bound there: W is read once, 4.127 bits each),
+    and on Hopper for 1024 <= M < 8192: swapped tiles (y^T = W x^T) that feed the decoded W to async
+    wgmma from registers, so the decode hides under the MMA (predicted 0.97x dense cuBLAS at M = 2048).
   * ("gemm" | "backward", "dequantize+cublas"): the one-launch Triton dequantize writes W in x's
     dtype into a workspace reused across calls (one per device and dtype, grown on demand), then
     cuBLAS: torch.addmm / torch.mm. Bit-identical to the reference (`fourbit.nf4.matmul`), which is
-    F.linear on the weight dequantized into x's dtype; dx = dy @ W the same way. At M = 2048 the
-    decode costs one extra pass over W (read 0.5 B, write 2 B per weight) next to 2*M FLOP per weight.
+    F.linear on the weight dequantized into x's dtype; dx = dy @ W the same way. The decode costs one
+    extra pass over W (read 0.5 B, write 2 B per weight) next to 2*M FLOP per weight: 0.90x dense at
+    M = 2048, 0.97x at 8192, where the dispatcher takes it again.
 The workspace is only valid until the next call on the same stream; cuBLAS consumes it in stream
 order right after the decode, so a caller never sees it.
 
@@ -64,7 +67,8 @@ def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, b
         key, candidates = ("gemv", m, n, k, str(a.dtype), nested, state.blocksize, arch), _gemv_candidates(m, n, k)
     elif op in ("gemm", "backward"):
         key = (op, _m_bucket(m), n, k, str(a.dtype), nested, state.blocksize, arch)
-        candidates = [c for c in (_GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS) if k % c[2] == 0]
+        candidates = [c for c in (_GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS)
+                      if k % c[2] == 0 and (len(c) <= 5 or arch == "sm90")]  # swapped tiles: Hopper only
     else:
         raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
     bench = bench or triton.testing.do_bench
@@ -139,13 +143,15 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         raise TypeError(f"the Triton matmul takes float32/float16/bfloat16 x, got {x.dtype} (use the reference)")
     device = check_launch_device(x=x, packed=packed, absmax=state.absmax, bias=bias)
     n, k = (int(d) for d in state.shape)
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(x.shape[:-1].numel(), k)  # (-1, k) is ambiguous when k == 0
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = _output(out, (*x.shape[:-1], n), x)
     if m == 0 or n == 0:
         return y
+    if k == 0:  # no products, only the bias (the swapped tiles' loop assumes K > 0)
+        return y.copy_(bias.to(x.dtype).expand_as(y)) if bias is not None else y.zero_()
     op, path = _route(route, m, state, backward=False, dtype=x.dtype)
     nested, has_bias = state.nested is not None, bias is not None
     bias_arg = bias.to(x.dtype) if has_bias else None  # rounded to x's dtype first, as the reference

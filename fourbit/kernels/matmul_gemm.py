@@ -16,12 +16,23 @@ requires K % 64 == 0) and hold one scale per row (BLOCK_K <= blocksize) or BLOCK
 them. The backward reads the same row-major [BN, BK] tiles: the blocks run along K in both
 products, only the reduction runs over the tile's rows (`tl.dot(dy_tile, w_tile)`).
 
+Swapped tiles (SWAP, Hopper): the program computes y^T = W x^T (backward: dx^T = W^T dy^T), so the
+decoded W is wgmma's A operand, which Hopper takes from registers (after one conversion through
+shared memory into the fragment layout), and only x's tile, loaded by the pipeline into rotating
+shared-memory buffers, is read by the tensor cores. Triton then issues the MMA asynchronously, split
+in two halves along BLOCK_K with `wgmma.wait_group 1` between them: the decode of the next tile
+runs while the current tile's second half is in the tensor cores. In the unswapped tiles the decoded
+W is the shared-memory B operand in a single buffer, so every HGMMA is waited for before the next
+decode overwrites it (`WARPGROUP.DEPBAR.LE gsb0, 0x0`). Cost model (sm_90a, M = 2048, 256 x 128
+tiles, 64-wide K steps, 8 warps): 0.97x dense cuBLAS, tensor-bound (L1 80 us, issue 34 us against
+90 us of MMA at 4096x4096), where the unswapped 128x128 tiles reach 0.57x and dequantize + cuBLAS
+0.90x.
+
 Where this path runs (`fourbit.dispatch.matmul_route`): forward 17 <= M <= 64 for bf16/fp16 x (3 <= M
-<= 64 for fp32 x or blocksize 32, below the tensor-core GEMV), backward M <= 64. There
-the cost model finds it memory- or L1-bound and ahead of dequantize + cuBLAS (M = 16, 28672x8192:
-56 vs 247 us), which writes and re-reads a dense W. From M = 128 on its large tiles wait on every
-HGMMA before decoding the next tile (`WARPGROUP.DEPBAR.LE gsb0, 0x0`), so decode and MMA overlap
-only across CTAs: 0.56-0.72x of dense cuBLAS at M = 2048, where dequantize + cuBLAS reaches 0.90x.
+<= 64 for fp32 x or blocksize 32, below the tensor-core GEMV), backward M <= 64, and the swapped
+tiles for 1024 <= M < 8192 on Hopper with bf16/fp16 x. At small M the cost model finds it memory- or
+L1-bound and ahead of dequantize + cuBLAS (M = 16, 28672x8192: 56 vs 247 us), which writes and
+re-reads a dense W.
 """
 
 from __future__ import annotations
@@ -64,9 +75,11 @@ def decode_tile(packed_ptr, code_ptr, table, absmax_ptr, absmax2_ptr, code8_ptr,
 def gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, bias_ptr, y_ptr,
                  M, N, K, stride_xm, M_BUCKET,
                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, SHFL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 SWAP: tl.constexpr = False):
     """Program = one (BM, BN) tile of y; tiles grouped GROUP_M at a time along M so that the W tiles
-    a group shares are still in L2. M_BUCKET (next power of two of M) only keys the autotuner."""
+    a group shares are still in L2. M_BUCKET (next power of two of M) only keys the autotuner.
+    SWAP computes the tile transposed, y^T = W x^T (see the module docstring)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -81,24 +94,43 @@ def gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8_ptr,
     n_mask = rn < N
     offset = tl.load(offset_ptr) if NESTED else 0.0
     table = lane_table(code_ptr, tl.zeros((BLOCK_N, BLOCK_K // 2), tl.int32), SHFL)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        # K > 0 (the launcher returns early otherwise). Without this the zero-trip path defines the
+        # accumulator registers with plain moves before the loop's final wgmma wait, and ptxas then
+        # serializes every wgmma of the kernel (C7515: WARPGROUP.DEPBAR.LE gsb0, 0x0 after each HGMMA).
+        # The unswapped tiles wait for every wgmma anyway; the hint costs them 0.4 % (16.1 -> 16.3 i/B).
+        tl.assume(K > 0)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
         w = decode_tile(packed_ptr, code_ptr, table, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
                         BLOCKSIZE, NESTED, SHFL, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)  # (BM, BN)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & n_mask[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if SWAP:  # W from registers, x^T from shared memory: (BN, BM)
+            acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)  # (BM, BN)
+    if SWAP:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        mask = n_mask[:, None] & (rm[None, :] < M)
+        tl.store(y_ptr + rm[None, :].to(tl.int64) * N + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & n_mask[None, :]
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def backward_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, dx_ptr,
                      M, N, K, stride_dym, M_BUCKET,
                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr, SHFL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program = one (BM, BK) tile of dx = dy @ W, reducing over N in BN-row tiles of W."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False):
+    """Program = one (BM, BK) tile of dx = dy @ W, reducing over N in BN-row tiles of W; SWAP computes
+    it transposed, dx^T = W^T dy^T, with W^T from registers."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,7 +138,12 @@ def backward_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8
     rk = k0 + tl.arange(0, BLOCK_K)
     offset = tl.load(offset_ptr) if NESTED else 0.0
     table = lane_table(code_ptr, tl.zeros((BLOCK_N, BLOCK_K // 2), tl.int32), SHFL)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if SWAP:
+        tl.assume(N > 0)  # the launcher returns early otherwise; see gemm_kernel
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_mask = rn < N
@@ -114,5 +151,11 @@ def backward_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8
                      mask=(rm[:, None] < M) & n_mask[None, :], other=0.0)  # (BM, BN)
         w = decode_tile(packed_ptr, code_ptr, table, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
                         BLOCKSIZE, NESTED, SHFL, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)  # (BM, BK)
-    tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rm[:, None] < M)
+        if SWAP:  # (BK, BM)
+            acc = tl.dot(tl.trans(w.to(dy_ptr.dtype.element_ty)), tl.trans(dy), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)  # (BM, BK)
+    if SWAP:
+        tl.store(dx_ptr + rm[None, :].to(tl.int64) * K + rk[:, None], acc.to(dx_ptr.dtype.element_ty), mask=rm[None, :] < M)
+    else:
+        tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rm[:, None] < M)

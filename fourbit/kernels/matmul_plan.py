@@ -26,10 +26,11 @@ from .matmul_gemv_mma import gemv_mma_kernel
 from .matmul_tune import _tuned
 
 __all__ = ["plan", "launch_plans", "default_route", "fused_shape_supported", "gemv_max_m", "mma_gemv_supported",
-           "compile_specs", "GEMV_MAX_M", "SIMT_GEMV_MAX_M", "SMS"]
+           "swap_gemm_supported", "compile_specs", "GEMV_MAX_M", "SIMT_GEMV_MAX_M", "SWAP_MIN_M", "SMS"]
 
 GEMV_MAX_M = 16  # the tensor-core GEMV (bf16/fp16 x, blocksize % 64 == 0): two 8-row mma tiles
 SIMT_GEMV_MAX_M = 4  # fp32 x or blocksize 32: the SIMT GEMV, FMA-bound above (4 FFMA per byte per row of x)
+SWAP_MIN_M = 1024  # the swapped (y^T = W x^T) tiles from here: 256 x-rows per program fill 132 SMs
 SMS = 132  # H200 / H100 SXM; plans for a real device use its count
 _PTR = POINTER_TYPES
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -37,15 +38,18 @@ _SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}  # fp32 stays exact
 _GEMV_OPTIONS = {"enable_fp_fusion": True}  # products and sums as FMA chains; see matmul_gemv
 
-# Fused GEMM/backward shortlists (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), spill-free on
-# sm_80/89/90a per the compile report (128x128x64 needs 8 warps on sm_80/89, 128x256 BLOCK_K = 32).
+# Fused GEMM/backward shortlists (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SWAP]), spill-free
+# on sm_80/89/90a per the compile report (128x128x64 needs 8 warps on sm_80/89, 128x256 BLOCK_K = 32).
+# SWAP tiles (sm_90, bf16/fp16, M >= SWAP_MIN_M) hand the decoded W to wgmma as its register operand,
+# so the decode of the next tile overlaps the MMA (matmul_gemm's docstring).
 _GEMM_CONFIGS = {
     "sm80": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
-    "sm90": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 4),
+    "sm90": [(256, 128, 64, 8, 3, True), (128, 256, 32, 8, 3), (128, 128, 64, 8, 4), (16, 128, 128, 4, 4),
+             (16, 64, 128, 4, 4),
              (16, 32, 128, 4, 4), (32, 128, 64, 4, 4)],
 }
 # backward: (16, 128, 32) used local memory on sm_90a (LDL/STL 3), so small M takes 64x128 tiles
-_BACKWARD_CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (16, 64, 128, 4, 4)]
+_BACKWARD_CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (16, 64, 128, 4, 4), (256, 64, 128, 8, 3, True)]
 
 
 def fused_shape_supported(state: QuantState) -> bool:
@@ -53,6 +57,12 @@ def fused_shape_supported(state: QuantState) -> bool:
     aligned, runs of 32 weights); `fourbit.dispatch` sends other weights to the reference."""
     k = int(state.shape[-1])
     return len(state.shape) == 2 and k % state.blocksize == 0 and k % 64 == 0
+
+
+def swap_gemm_supported(dtype: torch.dtype, k: int, backward: bool = False) -> bool:
+    """Whether the swapped tiles can run: Hopper (wgmma takes a register operand), bf16/fp16 x, and
+    K a multiple of the backward's 128-wide output tiles."""
+    return dtype in (torch.bfloat16, torch.float16) and _arch_key() == "sm90" and (not backward or k % 128 == 0)
 
 
 def default_route(m: int, *, backward: bool = False, dtype: torch.dtype = torch.bfloat16,
@@ -137,9 +147,10 @@ def _gemv_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, int]:
 
 
 def _gemm_spec(dtype, nested, blocksize, cfg, backward: bool) -> KernelSpec:
-    bm, bn, bk, w, s = cfg
+    bm, bn, bk, w, s = cfg[:5]
+    swap = len(cfg) > 5 and bool(cfg[5])
     constexprs = {"BLOCKSIZE": blocksize, "NESTED": nested, "PRECISION": _DOT_PRECISION[dtype], "SHFL": True,
-                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}
     if backward:
         sig = {"dy_ptr": _PTR[dtype], **_state_signature(nested), "dx_ptr": _PTR[dtype], "M": "i32", "N": "i32",
                "K": "i32", "stride_dym": "i32", "M_BUCKET": "i32"}
@@ -149,18 +160,25 @@ def _gemm_spec(dtype, nested, blocksize, cfg, backward: bool) -> KernelSpec:
         sig = {"x_ptr": _PTR[dtype], **_state_signature(nested), "bias_ptr": _PTR[dtype], "y_ptr": _PTR[dtype],
                "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "M_BUCKET": "i32"}
         name, kernel = "matmul_gemm", gemm_kernel
-    return KernelSpec(name=f"{name}[{_SHORT[dtype]},bs{blocksize}{',dq' if nested else ''},{bm}x{bn}x{bk},w{w}s{s}]",
+    return KernelSpec(name=f"{name}[{_SHORT[dtype]},bs{blocksize}{',dq' if nested else ''},{bm}x{bn}x{bk},w{w}s{s}"
+                           f"{',swap' if swap else ''}]",
                       kernel=kernel, signature={**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs,
-                      num_warps=w, num_stages=s, expect_tensor_cores=True)
+                      num_warps=w, num_stages=s, expect_tensor_cores=True,
+                      archs=("sm_90a",) if swap else None)  # spills on sm_80/89 (255 registers), never routed there
 
 
-def _gemm_default(op: str, m: int, n: int, k: int, arch: str, sms: int) -> tuple:
+def _gemm_default(op: str, m: int, n: int, k: int, arch: str, sms: int, dtype: torch.dtype = torch.bfloat16) -> tuple:
     """The shortlist entry the rule picks (BLOCK_K must divide K). Fitted to the cost model's ranking
     on the five Llama-3 shapes at M = 16 and 64 (sm_90a): the GEMM takes small-M tiles up to M = 64,
     32-row tiles first above M = 16, and the first tile that gives at least half the SMs a program
     (M = 16, 4096x4096: 16x32 tiles, 128 programs, 6.8 us against 14.0 us for 16x128); the backward
-    takes 64x128 tiles, or 16x64x128 at M <= 16 when K >= 3N (more programs along K)."""
+    takes 64x128 tiles, or 16x64x128 at M <= 16 when K >= 3N (more programs along K). From M =
+    SWAP_MIN_M on Hopper with bf16/fp16 x both take the swapped 256-row tiles (tensor-bound there)."""
     fits = [c for c in (_GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS) if k % c[2] == 0]
+    swapped = [c for c in fits if len(c) > 5 and c[5]]
+    if swapped and m >= SWAP_MIN_M and arch == "sm90" and dtype in (torch.bfloat16, torch.float16):
+        return swapped[0]
+    fits = [c for c in fits if c not in swapped]
     if op == "backward":
         narrow = [c for c in fits if c[:3] == (16, 64, 128)]
         return narrow[0] if narrow and m <= 16 and k >= 3 * n else fits[0]
@@ -214,7 +232,8 @@ def plan(op: str, m: int, n: int, k: int, *, dtype: torch.dtype = torch.bfloat16
         mnk = (m, n, k) if op == "gemm" else (m, k, n)
         return Plan(op=op, path=path, config=f"dequantize[{launch.spec.name}]+cublas", launches=(launch,),
                     cublas_mnk=mnk)
-    cfg = config or _tuned((op, _m_bucket(m), n, k, str(dtype), nested, blocksize, arch)) or _gemm_default(op, m, n, k, arch, sms)
+    cfg = (config or _tuned((op, _m_bucket(m), n, k, str(dtype), nested, blocksize, arch))
+           or _gemm_default(op, m, n, k, arch, sms, dtype))
     return _fused_plan(op, m, n, k, dtype, nested, blocksize, tuple(cfg))
 
 
@@ -225,7 +244,8 @@ def _fused_plan(op, m, n, k, dtype, nested, blocksize, cfg) -> Plan:
     io = _SIZE[dtype] * (m * k + m * n)
     launch = Launch(spec=spec, grid=grid, iterations=trips, weight_bytes_per_iteration=bn * bk // 2,
                     hbm_bytes=_weight_bytes(n, k, nested, blocksize) + io)
-    return Plan(op=op, path="fused", config=f"{bm}x{bn}x{bk},w{cfg[3]}s{cfg[4]}", launches=(launch,))
+    swap = ",swap" if len(cfg) > 5 and cfg[5] else ""
+    return Plan(op=op, path="fused", config=f"{bm}x{bn}x{bk},w{cfg[3]}s{cfg[4]}{swap}", launches=(launch,))
 
 
 def launch_plans(op: str, m: int, n: int, k: int, *, sms: int = SMS) -> list[Plan]:

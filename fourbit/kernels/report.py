@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if interpreting():
         parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
     specs, notes, import_ok = collect_specs(args.module or MODULES, only=args.only)
-    rows = [analyse(spec, arch) for spec in specs for arch in args.arch]
+    rows = [analyse(spec, arch) for spec in specs for arch in args.arch if spec.archs is None or arch in spec.archs]
     print(format_table(rows))
     for note in notes:
         print("note:", note)

@@ -209,9 +209,13 @@ def hgmma_smem_bytes(ins: Instruction) -> int:
         return 0
     n, k = int(shape.group(1)), int(shape.group(2))
     elem = 1 if any(m in ("E4M3", "E5M2", "S8", "U8") for m in ins.modifiers) else 2
+    return ((0 if _a_in_registers(ins) else 64 * k * elem) + n * k * elem) // 4
+
+
+def _a_in_registers(ins: Instruction) -> bool:
+    """HGMMA's A operand is a register (`R..` before the B descriptor), not a shared-memory descriptor."""
     operands = [x.strip() for x in ins.operands.split(",")]
-    a_in_registers = len(operands) > 1 and operands[1].startswith("R")
-    return ((0 if a_in_registers else 64 * k * elem) + n * k * elem) // 4
+    return len(operands) > 1 and operands[1].startswith("R")
 
 
 def mix(body: tuple[Instruction, ...] | list[Instruction]) -> dict:
@@ -219,13 +223,13 @@ def mix(body: tuple[Instruction, ...] | list[Instruction]) -> dict:
 
     Returns {"instructions", "by_class": {class: n}, "global_load_bits": {bits: n},
     "shared_bits": {"load"/"store": {bits: n}}, "l1_wavefronts", "tensor_flops",
-    "hgmma_smem_bytes", "waits_all_mma"}; l1_wavefronts counts 128-byte L1/shared-memory
+    "hgmma_smem_bytes", "waits_all_mma", "mma_register_a"}; l1_wavefronts counts 128-byte L1/shared-memory
     transactions per warp (a minimum: perfectly coalesced, conflict-free)."""
     by_class: collections.Counter = collections.Counter()
     gl_bits: collections.Counter = collections.Counter()
     sh = {"load": collections.Counter(), "store": collections.Counter()}
     wavefronts = flops = hg_smem = 0
-    waits_all = False
+    waits_all = register_a = False
     for ins in body:
         cls = classify(ins)
         by_class[cls] += 1
@@ -240,6 +244,7 @@ def mix(body: tuple[Instruction, ...] | list[Instruction]) -> dict:
             wavefronts += max(1, access_bytes(ins) // 128)
         flops += tensor_flops(ins)
         hg_smem += hgmma_smem_bytes(ins)
+        register_a |= ins.opcode == "HGMMA" and hgmma_smem_bytes(ins) and _a_in_registers(ins)
         # `WARPGROUP.DEPBAR.LE gsb0, 0x0`: wait until no wgmma is outstanding, so the next decode
         # cannot overlap the MMA just issued
         if ins.opcode == "WARPGROUP" and "DEPBAR" in ins.modifiers and re.search(r",\s*0x0\b", ins.operands):
@@ -253,4 +258,5 @@ def mix(body: tuple[Instruction, ...] | list[Instruction]) -> dict:
         "tensor_flops": flops,
         "hgmma_smem_bytes": hg_smem,
         "waits_all_mma": waits_all,
+        "mma_register_a": bool(register_a),
     }

@@ -93,7 +93,7 @@ def matmul(
     `out`, if given, is a contiguous (..., N) tensor of x's dtype that receives y."""
     check_matmul_args(x, packed, state, bias)
     n_out, k = (int(d) for d in state.shape)
-    x2 = x.reshape(-1, k)  # (M, K)
+    x2 = x.reshape(x.shape[:-1].numel(), k)  # (M, K); (-1, k) is ambiguous when k == 0
     shape = (*x.shape[:-1], n_out)
     if out is None and _chunk_rows(n_out, k, state.blocksize) >= n_out:  # one chunk: y needs no copy
         b = None if bias is None else bias.to(x.dtype)
