@@ -60,9 +60,12 @@ def fused_shape_supported(state: QuantState) -> bool:
 
 
 def swap_gemm_supported(dtype: torch.dtype, k: int, backward: bool = False) -> bool:
-    """Whether the swapped tiles can run: Hopper (wgmma takes a register operand), bf16/fp16 x, and
-    K a multiple of the backward's 128-wide output tiles."""
-    return dtype in (torch.bfloat16, torch.float16) and _arch_key() == "sm90" and (not backward or k % 128 == 0)
+    """Whether the dispatcher may send large M to the swapped tiles: Hopper (wgmma takes a register
+    operand; the interpreter and the cost model plan for the H200), bf16/fp16 x, and K a multiple of
+    the backward's 128-wide output tiles. Blackwell's tensor cores work differently (tcgen05): there
+    the tiles are neither modelled nor measured, so dequantize + cuBLAS keeps large M."""
+    hopper = not torch.cuda.is_available() or interpreting() or torch.cuda.get_device_capability()[0] == 9
+    return dtype in (torch.bfloat16, torch.float16) and hopper and (not backward or k % 128 == 0)
 
 
 def default_route(m: int, *, backward: bool = False, dtype: torch.dtype = torch.bfloat16,
