@@ -96,14 +96,13 @@ def gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8_ptr,
     table = lane_table(code_ptr, tl.zeros((BLOCK_N, BLOCK_K // 2), tl.int32), SHFL)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWAP:
         # K > 0 (the launcher returns early otherwise). Without this the zero-trip path defines the
         # accumulator registers with plain moves before the loop's final wgmma wait, and ptxas then
         # serializes every wgmma of the kernel (C7515: WARPGROUP.DEPBAR.LE gsb0, 0x0 after each HGMMA).
         # The unswapped tiles wait for every wgmma anyway; the hint costs them 0.4 % (16.1 -> 16.3 i/B).
         tl.assume(K > 0)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
         w = decode_tile(packed_ptr, code_ptr, table, absmax_ptr, absmax2_ptr, code8_ptr, offset, rn, n_mask, k0, K,
@@ -113,15 +112,11 @@ def gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8_ptr,
         else:
             acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)  # (BM, BN)
     if SWAP:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        mask = n_mask[:, None] & (rm[None, :] < M)
-        tl.store(y_ptr + rm[None, :].to(tl.int64) * N + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        mask = (rm[:, None] < M) & n_mask[None, :]
-        tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        acc = tl.trans(acc)  # (BM, BN)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & n_mask[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -140,10 +135,9 @@ def backward_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8
     table = lane_table(code_ptr, tl.zeros((BLOCK_N, BLOCK_K // 2), tl.int32), SHFL)
     if SWAP:
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        tl.assume(N > 0)  # the launcher returns early otherwise; see gemm_kernel
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    if SWAP:
-        tl.assume(N > 0)  # the launcher returns early otherwise; see gemm_kernel
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_mask = rn < N
@@ -156,6 +150,5 @@ def backward_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code8
         else:
             acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)  # (BM, BK)
     if SWAP:
-        tl.store(dx_ptr + rm[None, :].to(tl.int64) * K + rk[:, None], acc.to(dx_ptr.dtype.element_ty), mask=rm[None, :] < M)
-    else:
-        tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rm[:, None] < M)
+        acc = tl.trans(acc)  # (BM, BK)
+    tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rm[:, None] < M)
