@@ -27,43 +27,18 @@ import triton.language as tl
 __all__ = ["block_scales", "lane_table", "lookup_word", "lookup_bytes", "WORD_ASM", "BYTES_ASM"]
 
 # The lookups' PTX, module constants so that tests can replay them on the host (tests/test_matmul.py).
-# $8: the packed word (4 bytes), $9: this lane's table entry code[lane % 16]; outputs $0..$7.
-WORD_ASM = tl.constexpr("""{
-            .reg .b32 s<7>;
-            shr.b32 s0, $8, 4;
-            shr.b32 s1, $8, 8;
-            shr.b32 s2, $8, 12;
-            shr.b32 s3, $8, 16;
-            shr.b32 s4, $8, 20;
-            shr.b32 s5, $8, 24;
-            shr.b32 s6, $8, 28;
-            shfl.sync.idx.b32 $0, $9, s0, 31, -1;
-            shfl.sync.idx.b32 $1, $9, $8, 31, -1;
-            shfl.sync.idx.b32 $2, $9, s2, 31, -1;
-            shfl.sync.idx.b32 $3, $9, s1, 31, -1;
-            shfl.sync.idx.b32 $4, $9, s4, 31, -1;
-            shfl.sync.idx.b32 $5, $9, s3, 31, -1;
-            shfl.sync.idx.b32 $6, $9, s6, 31, -1;
-            shfl.sync.idx.b32 $7, $9, s5, 31, -1;
-            }""")  # $e = code of element e (byte e//2, high nibble first)
-BYTES_ASM = tl.constexpr("""{
-            .reg .b32 s<7>;
-            shr.b32 s0, $8, 4;
-            shr.b32 s1, $8, 8;
-            shr.b32 s2, $8, 12;
-            shr.b32 s3, $8, 16;
-            shr.b32 s4, $8, 20;
-            shr.b32 s5, $8, 24;
-            shr.b32 s6, $8, 28;
-            shfl.sync.idx.b32 $0, $9, s0, 31, -1;
-            shfl.sync.idx.b32 $4, $9, $8, 31, -1;
-            shfl.sync.idx.b32 $1, $9, s2, 31, -1;
-            shfl.sync.idx.b32 $5, $9, s1, 31, -1;
-            shfl.sync.idx.b32 $2, $9, s4, 31, -1;
-            shfl.sync.idx.b32 $6, $9, s3, 31, -1;
-            shfl.sync.idx.b32 $3, $9, s6, 31, -1;
-            shfl.sync.idx.b32 $7, $9, s5, 31, -1;
-            }""")  # $0..$3 = high nibbles of bytes 0..3, $4..$7 = low nibbles
+# $8: the packed word (4 bytes), $9: this lane's table entry code[lane % 16]. Seven shifts bring each
+# nibble to the low bits (a shuffle reads only the low five bits of its lane operand); shuffle e
+# reads element e's code (byte e//2, high nibble first) into output $out[e].
+def _lookup_asm(out: list[int]) -> str:
+    shifts = "".join(f"\n            shr.b32 s{i}, $8, {4 * (i + 1)};" for i in range(7))
+    index = ["s0", "$8", "s2", "s1", "s4", "s3", "s6", "s5"]  # element e sits at shift 8*(e//2) + 4*(1 - e%2)
+    shuffles = "".join(f"\n            shfl.sync.idx.b32 ${out[e]}, $9, {index[e]}, 31, -1;" for e in range(8))
+    return "{\n            .reg .b32 s<7>;" + shifts + shuffles + "\n            }"
+
+
+WORD_ASM = tl.constexpr(_lookup_asm([0, 1, 2, 3, 4, 5, 6, 7]))  # $e = code of element e
+BYTES_ASM = tl.constexpr(_lookup_asm([0, 4, 1, 5, 2, 6, 3, 7]))  # $0..$3 = high nibbles of bytes 0..3, $4..$7 = low
 
 
 @triton.jit
