@@ -41,9 +41,9 @@ from ._triton_utils import check_launch_device, interpreting
 from .compile import Plan
 from .dequantize import dequantize_into
 from .matmul_gemv_mma import pair_table
-from .matmul_plan import (_BACKWARD_CONFIGS, _DOT_PRECISION, _GEMM_CONFIGS, GEMV_MAX_M, SIMT_GEMV_MAX_M, SMS,
+from .matmul_plan import (_DOT_PRECISION, GEMV_MAX_M, SIMT_GEMV_MAX_M, SMS,
                           _arch_key, _gemv_candidates, _m_bucket, compile_specs, default_route, fused_shape_supported,
-                          gemv_max_m, launch_plans, mma_gemv_supported, plan)
+                          gemv_max_m, launch_plans, mma_gemv_supported, plan, shortlist)
 from .matmul_tune import _tune_store, tune_cache_path
 
 __all__ = ["matmul", "matmul_backward", "plan", "launch_plans", "default_route", "fused_shape_supported",
@@ -67,8 +67,7 @@ def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, b
         key, candidates = ("gemv", m, n, k, str(a.dtype), nested, state.blocksize, arch), _gemv_candidates(m, n, k)
     elif op in ("gemm", "backward"):
         key = (op, _m_bucket(m), n, k, str(a.dtype), nested, state.blocksize, arch)
-        candidates = [c for c in (_GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS)
-                      if k % c[2] == 0 and (len(c) <= 5 or arch == "sm90")]  # swapped tiles: Hopper only
+        candidates = [c for c in shortlist(op, arch) if k % c[2] == 0]
     else:
         raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
     bench = bench or triton.testing.do_bench

@@ -26,7 +26,7 @@ from .matmul_gemv_mma import gemv_mma_kernel
 from .matmul_tune import _tuned
 
 __all__ = ["plan", "launch_plans", "default_route", "fused_shape_supported", "gemv_max_m", "mma_gemv_supported",
-           "swap_gemm_supported", "compile_specs", "GEMV_MAX_M", "SIMT_GEMV_MAX_M", "SWAP_MIN_M", "SMS"]
+           "shortlist", "swap_gemm_supported", "compile_specs", "GEMV_MAX_M", "SIMT_GEMV_MAX_M", "SWAP_MIN_M", "SMS"]
 
 GEMV_MAX_M = 16  # the tensor-core GEMV (bf16/fp16 x, blocksize % 64 == 0): two 8-row mma tiles
 SIMT_GEMV_MAX_M = 4  # fp32 x or blocksize 32: the SIMT GEMV, FMA-bound above (4 FFMA per byte per row of x)
@@ -49,7 +49,13 @@ _GEMM_CONFIGS = {
              (16, 32, 128, 4, 4), (32, 128, 64, 4, 4)],
 }
 # backward: (16, 128, 32) used local memory on sm_90a (LDL/STL 3), so small M takes 64x128 tiles
-_BACKWARD_CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (16, 64, 128, 4, 4), (256, 64, 128, 8, 3, True)]
+_BACKWARD_CONFIGS = {"sm80": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (16, 64, 128, 4, 4)]}
+_BACKWARD_CONFIGS["sm90"] = _BACKWARD_CONFIGS["sm80"] + [(256, 64, 128, 8, 3, True)]
+
+
+def shortlist(op: str, arch: str) -> list[tuple]:
+    """The fused configurations of op "gemm" | "backward" for arch "sm80" | "sm90" (tune's candidates)."""
+    return (_GEMM_CONFIGS if op == "gemm" else _BACKWARD_CONFIGS)[arch]
 
 
 def fused_shape_supported(state: QuantState) -> bool:
@@ -177,9 +183,9 @@ def _gemm_default(op: str, m: int, n: int, k: int, arch: str, sms: int, dtype: t
     (M = 16, 4096x4096: 16x32 tiles, 128 programs, 6.8 us against 14.0 us for 16x128); the backward
     takes 64x128 tiles, or 16x64x128 at M <= 16 when K >= 3N (more programs along K). From M =
     SWAP_MIN_M on Hopper with bf16/fp16 x both take the swapped 256-row tiles (tensor-bound there)."""
-    fits = [c for c in (_GEMM_CONFIGS[arch] if op == "gemm" else _BACKWARD_CONFIGS) if k % c[2] == 0]
-    swapped = [c for c in fits if len(c) > 5 and c[5]]
-    if swapped and m >= SWAP_MIN_M and arch == "sm90" and dtype in (torch.bfloat16, torch.float16):
+    fits = [c for c in shortlist(op, arch) if k % c[2] == 0]
+    swapped = [c for c in fits if len(c) > 5 and c[5]]  # only in the sm90 lists
+    if swapped and m >= SWAP_MIN_M and dtype in (torch.bfloat16, torch.float16):
         return swapped[0]
     fits = [c for c in fits if c not in swapped]
     if op == "backward":
@@ -262,7 +268,7 @@ def launch_plans(op: str, m: int, n: int, k: int, *, sms: int = SMS) -> list[Pla
         return [Plan(op="dequantize", path="fused", config=launch.spec.name, launches=(launch,))]
     if op not in ("gemm", "backward"):
         raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
-    configs = _GEMM_CONFIGS["sm90"] if op == "gemm" else _BACKWARD_CONFIGS
+    configs = shortlist(op, "sm90")
     plans = [_fused_plan(op, m, n, k, torch.bfloat16, True, 64, cfg) for cfg in configs if k % cfg[2] == 0]
     plans.append(plan(op, m, n, k, path="dequantize+cublas", sms=sms))
     return plans
@@ -304,5 +310,5 @@ def compile_specs() -> list[KernelSpec]:
     gemm = list(dict.fromkeys(_GEMM_CONFIGS["sm80"] + _GEMM_CONFIGS["sm90"]))
     specs += [_gemm_spec(torch.bfloat16, True, 64, cfg, False) for cfg in gemm]
     specs += [_gemm_spec(torch.float16, True, 64, gemm[0], False), _gemm_spec(torch.bfloat16, False, 64, gemm[0], False)]
-    specs += [_gemm_spec(torch.bfloat16, True, 64, cfg, True) for cfg in _BACKWARD_CONFIGS]
+    specs += [_gemm_spec(torch.bfloat16, True, 64, cfg, True) for cfg in _BACKWARD_CONFIGS["sm90"]]
     return specs
