@@ -1,0 +1,163 @@
+/* y = x @ W^T + bias for a few rows of x (decode, M <= a few dozen) against a 4-bit weight W: [N, K].
+ *
+ * The weight is decoded in registers and never written: per 8 weights, one 32-bit load, two shifts,
+ * two vpermps and a blend give the float32 codes (quant4.c), one FMA per row of x accumulates them.
+ * The block scale multiplies each block's partial sum once: y[m, n] = sum_b s_b * sum_{k in b} c_k x_mk,
+ * float32 throughout (W's values are exact there; x is widened exactly), rounded once to x's dtype.
+ * The reference (`fourbit.nf4.matmul`) rounds W to x's dtype and runs F.linear: the two agree within
+ * F.linear's own tolerance against float64 (tests/test_cpu_kernels.py), not bit for bit.
+ *
+ * Rows of W are split over threads. Tiles of up to 4 rows of x share one decode; a single row keeps
+ * four partial sums so that the FMA latency (4 cycles) hides behind the decode. A weight whose rows
+ * do not start on a block boundary (K % blocksize != 0) decodes each row into a float32 scratch row
+ * first (scalar decode, then the same dot products). */
+#include "common.h"
+
+#include <stdlib.h>
+
+typedef struct {
+    const float *x;          /* (M, K) float32 */
+    int64_t M, K, N, bs;
+    const uint8_t *packed;
+    const float *code, *absmax;
+    const uint8_t *qabs;
+    const float *absmax2, *code8;
+    float offset;
+    int64_t nbs;
+    const float *bias;       /* (N,) float32 or NULL */
+    void *out;               /* (M, N) */
+    int dtype;
+} gemv_ctx;
+
+static inline float gemv_scale(const gemv_ctx *c, int64_t b) {
+    if (c->qabs) {
+        float s = c->code8[c->qabs[b]] * c->absmax2[b / c->nbs];
+        return s + c->offset;
+    }
+    return c->absmax[b];
+}
+
+static void gemv_row_decode(const gemv_ctx *c, int64_t n, float *w) {
+    for (int64_t k = 0, e = n * c->K; k < c->K; k++, e++)
+        w[k] = c->code[(c->packed[e >> 1] >> ((e & 1) ? 0 : 4)) & 15] * gemv_scale(c, e / c->bs);
+}
+
+static void gemv_store(const gemv_ctx *c, int64_t m, int64_t n, float acc) {
+    if (c->bias) acc += c->bias[n];
+    fb_store(c->out, m * c->N + n, acc, c->dtype);
+}
+
+static void gemv_portable(void *arg, int64_t n0, int64_t n1) {
+    const gemv_ctx *c = (const gemv_ctx *)arg;
+    float *w = (float *)malloc((size_t)(c->K > 0 ? c->K : 1) * sizeof(float));
+    if (!w) return;
+    for (int64_t n = n0; n < n1; n++) {
+        gemv_row_decode(c, n, w);
+        for (int64_t m = 0; m < c->M; m++) {
+            float acc = 0.0f;
+            const float *xm = c->x + m * c->K;
+            for (int64_t k = 0; k < c->K; k++) acc += w[k] * xm[k];
+            gemv_store(c, m, n, acc);
+        }
+    }
+    free(w);
+}
+
+#if FB_X86
+#define DECODE8(ptr)                                                                                     \
+    ({                                                                                                   \
+        __m256i v_ = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(ptr)));                    \
+        __m256i i_ = _mm256_srlv_epi32(v_, right);                                                       \
+        _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, i_), _mm256_permutevar8x32_ps(hi, i_),              \
+                         _mm256_castsi256_ps(_mm256_sllv_epi32(v_, left)));                             \
+    })
+
+/* rows [n0, n1) of W against MT rows of x starting at m0; K % bs == 0 */
+__attribute__((always_inline)) FB_AVX2 static inline void gemv_tile_avx2(const gemv_ctx *c, int64_t n0, int64_t n1,
+                                                                          int64_t m0, const int MT) {
+    const __m256 lo = _mm256_loadu_ps(c->code), hi = _mm256_loadu_ps(c->code + 8);
+    const __m256i right = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+    const __m256i left = _mm256_setr_epi32(24, 28, 16, 20, 8, 12, 0, 4);
+    const int64_t K = c->K, bs = c->bs, per_row = K / bs;
+    const float *x = c->x + m0 * K;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = c->packed + (n * K >> 1);
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t j = 0; j < per_row; j++) {
+            const __m256 s = _mm256_set1_ps(gemv_scale(c, n * per_row + j));
+            const uint8_t *q = row + (j * bs >> 1);
+            const float *xb = x + j * bs;
+            if (MT == 1) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t k = 0; k < bs; k += 32, q += 16) {
+                    a0 = _mm256_fmadd_ps(DECODE8(q), _mm256_loadu_ps(xb + k), a0);
+                    a1 = _mm256_fmadd_ps(DECODE8(q + 4), _mm256_loadu_ps(xb + k + 8), a1);
+                    a2 = _mm256_fmadd_ps(DECODE8(q + 8), _mm256_loadu_ps(xb + k + 16), a2);
+                    a3 = _mm256_fmadd_ps(DECODE8(q + 12), _mm256_loadu_ps(xb + k + 24), a3);
+                }
+                acc[0] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), s, acc[0]);
+            } else {
+                __m256 a[4][2];
+                for (int m = 0; m < MT; m++) a[m][0] = a[m][1] = _mm256_setzero_ps();
+                for (int64_t k = 0; k < bs; k += 16, q += 8) {
+                    __m256 w0 = DECODE8(q), w1 = DECODE8(q + 4);
+                    for (int m = 0; m < MT; m++) {
+                        a[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + m * K + k), a[m][0]);
+                        a[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + m * K + k + 8), a[m][1]);
+                    }
+                }
+                for (int m = 0; m < MT; m++) acc[m] = _mm256_fmadd_ps(_mm256_add_ps(a[m][0], a[m][1]), s, acc[m]);
+            }
+        }
+        for (int m = 0; m < MT; m++) gemv_store(c, m0 + m, n, fb_hsum_avx2(acc[m]));
+    }
+}
+
+FB_AVX2 static void gemv_avx2(void *arg, int64_t n0, int64_t n1) {
+    const gemv_ctx *c = (const gemv_ctx *)arg;
+    if (c->K % c->bs) {
+        float *w = (float *)malloc((size_t)c->K * sizeof(float));
+        if (!w) return;
+        for (int64_t n = n0; n < n1; n++) {
+            gemv_row_decode(c, n, w);
+            for (int64_t m = 0; m < c->M; m++) {
+                const float *xm = c->x + m * c->K;
+                __m256 a = _mm256_setzero_ps();
+                int64_t k = 0;
+                for (; k + 8 <= c->K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(xm + k), a);
+                float acc = fb_hsum_avx2(a);
+                for (; k < c->K; k++) acc += w[k] * xm[k];
+                gemv_store(c, m, n, acc);
+            }
+        }
+        free(w);
+        return;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= c->M; m += 4) gemv_tile_avx2(c, n0, n1, m, 4);
+    switch (c->M - m) {
+        case 3: gemv_tile_avx2(c, n0, n1, m, 3); break;
+        case 2: gemv_tile_avx2(c, n0, n1, m, 2); break;
+        case 1: gemv_tile_avx2(c, n0, n1, m, 1); break;
+    }
+}
+#endif
+
+/* x: (M, K) in x_dtype (widened here); bias: (N,) float32 or NULL; out: (M, N) in out_dtype. */
+int fourbit_gemv_4bit(const void *x, int x_dtype, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t bs,
+                      const float *code, const float *absmax, const uint8_t *qabs, const float *absmax2,
+                      const float *code8, float offset, int64_t nested_bs, const float *bias, void *out, int out_dtype,
+                      int threads) {
+    float *xf = (float *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(float));
+    if (!xf) return -1;
+    for (int64_t i = 0; i < M * K; i++) xf[i] = fb_load(x, i, x_dtype);
+    gemv_ctx c = {xf, M, K, N, bs, packed, code, absmax, qabs, absmax2, code8, offset, nested_bs, bias, out, out_dtype};
+    fb_range_fn fn = gemv_portable;
+#if FB_X86
+    if (fb_isa >= FB_ISA_AVX2) fn = gemv_avx2;
+#endif
+    /* a thread per 2^17 weights at least (64 KiB packed): a team costs tens of microseconds */
+    fb_parallel_for(N, 1, (1 << 17) / (K > 0 ? K : 1) + 1, threads, fn, &c);
+    free(xf);
+    return 0;
+}
