@@ -1,20 +1,27 @@
-"""The one place that chooses between the PyTorch reference (`fourbit.nf4`) and Triton (`fourbit.kernels`).
+"""The one place that chooses between the PyTorch reference (`fourbit.nf4`), Triton (`fourbit.kernels`)
+and the C kernels for CPU tensors (`fourbit.cpu`).
 
-Every backend-dependent operation is exported here with the signature both implementations share:
+Every backend-dependent operation is exported here with the signature all implementations share:
 
-    op                    reference                       Triton kernel
-    quantize              fourbit.nf4.quant.quantize      fourbit.kernels.quantize.quantize
-    dequantize            fourbit.nf4.quant.dequantize    fourbit.kernels.dequantize.dequantize
-    matmul                fourbit.nf4.matmul.matmul       fourbit.kernels.matmul.matmul
-    matmul_backward       fourbit.nf4.matmul...           fourbit.kernels.matmul.matmul_backward
-    adamw_update_32bit    fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_32bit
-    adamw_update_8bit     fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_8bit
+    op                    reference                       Triton kernel                          CPU kernel
+    quantize              fourbit.nf4.quant.quantize      fourbit.kernels.quantize.quantize      fourbit.cpu.quantize
+    dequantize            fourbit.nf4.quant.dequantize    fourbit.kernels.dequantize.dequantize  fourbit.cpu.dequantize
+    matmul                fourbit.nf4.matmul.matmul       fourbit.kernels.matmul.matmul          fourbit.cpu.matmul
+    matmul_backward       fourbit.nf4.matmul...           fourbit.kernels.matmul.matmul_backward fourbit.cpu.matmul_backward
+    adamw_update_32bit    fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_32bit  fourbit.cpu...
+    adamw_update_8bit     fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_8bit   fourbit.cpu...
+    quantize_blockwise    fourbit.nf4.blockwise...        (the reference on CUDA tensors)        fourbit.cpu...
+    dequantize_blockwise  fourbit.nf4.blockwise...        (the reference on CUDA tensors)        fourbit.cpu...
 
-FOURBIT_BACKEND = auto (default) | reference | triton
-    auto       Triton for CUDA tensors, the reference otherwise.
+FOURBIT_BACKEND = auto (default) | reference | triton | cpu
+    auto       Triton for CUDA tensors; the CPU kernels for CPU tensors when they build and load,
+               else the reference (one line on stderr says why, once per process).
     reference  always the reference.
     triton     always Triton; on CPU tensors this needs TRITON_INTERPRET=1.
-The environment is read on every call, so tests may switch it with monkeypatch.
+    cpu        the CPU kernels for CPU tensors (an error, with the reason, if they cannot load).
+The environment is read on every call, so tests may switch it with monkeypatch. The CPU kernels are
+bit-identical to the reference except the fused GEMV (M <= fourbit.cpu.GEMV_MAX_M rows of x), which
+computes in float32 and agrees within F.linear's tolerance.
 
 Rules beyond the environment live here too, never inside a kernel module: a kernel launcher raises
 ValueError on what it cannot do, and this module decides what runs instead. The Triton matmul needs
@@ -49,12 +56,13 @@ path keeps the largest M. On sm_80/89 (no register-operand wgmma) and for fp32 x
 takes dequantize + cuBLAS.
 
 Imports are lazy and plain (inside each function): with FOURBIT_BACKEND=reference, or on CPU under
-auto, Triton is never imported.
+auto, Triton is never imported; with FOURBIT_BACKEND=reference the CPU kernels are never built.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -66,11 +74,14 @@ __all__ = [
     "adamw_update_32bit",
     "adamw_update_8bit",
     "backend_for",
+    "cpu_kernels_available",
     "dequantize",
+    "dequantize_blockwise",
     "matmul",
     "matmul_backward",
     "matmul_route",
     "quantize",
+    "quantize_blockwise",
 ]
 
 GEMV_MAX_M = 16  # route to the tensor-core GEMV up to here (bf16/fp16 x, blocksize % 64 == 0)
@@ -78,16 +89,39 @@ SIMT_GEMV_MAX_M = 2  # the SIMT GEMV (fp32 x or blocksize 32) up to here (it tak
 FUSED_MAX_M = 64  # above, dequantize + cuBLAS (module docstring)
 SWAP_MAX_M = 8192  # from here dequantize + cuBLAS again: the model ties them (0.973 vs 0.970)
 
-_BACKENDS = ("auto", "reference", "triton")
+_BACKENDS = ("auto", "reference", "triton", "cpu")
+_CPU: dict[str, object] = {}  # the CPU kernels' verdict for this process: {"ok": bool}
+
+
+def cpu_kernels_available() -> bool:
+    """Whether fourbit.cpu's kernels are built and loaded (built on the first call; the verdict is kept).
+    If they cannot be, one line on stderr says why, once per process."""
+    if "ok" not in _CPU:
+        from .cpu import available
+
+        ok, why = available()
+        _CPU["ok"] = ok
+        if not ok:
+            print(f"fourbit: CPU kernels unavailable ({why}); using the PyTorch reference", file=sys.stderr)
+    return bool(_CPU["ok"])
 
 
 def backend_for(t: torch.Tensor) -> str:
-    """"reference" or "triton" for an operation on tensor t."""
+    """"reference", "triton" or "cpu" for an operation on tensor t."""
     choice = os.environ.get("FOURBIT_BACKEND", "auto").strip().lower() or "auto"
     if choice not in _BACKENDS:
         raise ValueError(f"FOURBIT_BACKEND must be one of {list(_BACKENDS)}, got {choice!r}")
     if choice == "auto":
-        return "triton" if t.is_cuda else "reference"
+        if t.is_cuda:
+            return "triton"
+        return "cpu" if t.device.type == "cpu" and cpu_kernels_available() else "reference"
+    if choice == "cpu":
+        if t.device.type != "cpu":
+            raise ValueError(f"FOURBIT_BACKEND=cpu runs CPU tensors only, got one on {t.device}")
+        from .cpu import _lib
+
+        _lib.library()  # raises Unavailable, with the reason, if the kernels cannot be built or loaded
+        return "cpu"
     if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "FOURBIT_BACKEND=triton on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -98,8 +132,11 @@ def backend_for(t: torch.Tensor) -> str:
 
 def quantize(x: torch.Tensor, **kwargs):
     """(packed, QuantState) of x; keywords as `fourbit.nf4.quantize`."""
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "triton":
         from .kernels.quantize import quantize as impl
+    elif backend == "cpu":
+        from .cpu import quantize as impl
     else:
         from .nf4.quant import quantize as impl
     return impl(x, **kwargs)
@@ -107,8 +144,11 @@ def quantize(x: torch.Tensor, **kwargs):
 
 def dequantize(packed: torch.Tensor, state, **kwargs) -> torch.Tensor:
     """The dense tensor of `state.shape`; keywords as `fourbit.nf4.dequantize`."""
-    if backend_for(packed) == "triton":
+    backend = backend_for(packed)
+    if backend == "triton":
         from .kernels.dequantize import dequantize as impl
+    elif backend == "cpu":
+        from .cpu import dequantize as impl
     else:
         from .nf4.quant import dequantize as impl
     return impl(packed, state, **kwargs)
@@ -130,7 +170,12 @@ def matmul_route(m: int, n: int, k: int, *, backward: bool = False, dtype: torch
 def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None, *,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequantize(W).T + bias; x: (..., K), W: [N, K], y: (..., N) in x.dtype."""
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "cpu":
+        from .cpu import matmul as cpu_kernel
+
+        return cpu_kernel(x, packed, state, bias, out=out)
+    if backend == "triton":
         from .kernels.matmul import fused_shape_supported, matmul as kernel
 
         if fused_shape_supported(state):
@@ -144,7 +189,12 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | No
 
 def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """grad_x = grad_y @ dequantize(W); grad_y: (..., N), grad_x: (..., K) in grad_y.dtype."""
-    if backend_for(grad_y) == "triton":
+    backend = backend_for(grad_y)
+    if backend == "cpu":
+        from .cpu import matmul_backward as cpu_kernel
+
+        return cpu_kernel(grad_y, packed, state)
+    if backend == "triton":
         from .kernels.matmul import fused_shape_supported, matmul_backward as kernel
 
         if fused_shape_supported(state):
@@ -158,8 +208,11 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state) -> torch.
 def adamw_update_32bit(p, g, m, v, **hyper) -> None:
     """One AdamW step in place on flat p, m, v (float32 states); keywords lr, beta1, beta2, eps,
     weight_decay, step."""
-    if backend_for(p) == "triton":
+    backend = backend_for(p)
+    if backend == "triton":
         from .kernels.adamw import adamw_update_32bit as impl
+    elif backend == "cpu":
+        from .cpu import adamw_update_32bit as impl
     else:
         from .nf4.adamw import adamw_update_32bit as impl
     impl(p, g, m, v, **hyper)
@@ -167,8 +220,30 @@ def adamw_update_32bit(p, g, m, v, **hyper) -> None:
 
 def adamw_update_8bit(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper) -> None:
     """One AdamW step in place on flat p and the 8-bit blockwise states (see `fourbit.nf4.adamw`)."""
-    if backend_for(p) == "triton":
+    backend = backend_for(p)
+    if backend == "triton":
         from .kernels.adamw import adamw_update_8bit as impl
+    elif backend == "cpu":
+        from .cpu import adamw_update_8bit as impl
     else:
         from .nf4.adamw import adamw_update_8bit as impl
     impl(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes of x's shape, float32 absmax per block) with a 256-entry code (`fourbit.nf4.quantize_blockwise`)."""
+    if backend_for(x) == "cpu":
+        from .cpu import quantize_blockwise as impl
+    else:
+        from .nf4.blockwise import quantize_blockwise as impl
+    return impl(x, code, blocksize)
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fl32(code[q] * absmax[block]) rounded to `dtype` (`fourbit.nf4.dequantize_blockwise`)."""
+    if backend_for(q) == "cpu":
+        from .cpu import dequantize_blockwise as impl
+    else:
+        from .nf4.blockwise import dequantize_blockwise as impl
+    return impl(q, absmax, code, blocksize, dtype)

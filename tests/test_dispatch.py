@@ -60,7 +60,11 @@ def test_reference_backend_never_imports_triton():
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv("FOURBIT_BACKEND", raising=False)
     x = torch.randn(64, 64)
-    assert dispatch.backend_for(x) == "reference"  # auto: CPU tensors take the reference
+    # auto: CPU tensors take the CPU kernels where they load (tests/test_cpu_kernels.py), else the reference
+    assert dispatch.backend_for(x) == ("cpu" if dispatch.cpu_kernels_available() else "reference")
+    monkeypatch.setenv("FOURBIT_BACKEND", "reference")
+    assert dispatch.backend_for(x) == "reference"
+    monkeypatch.delenv("FOURBIT_BACKEND")
     packed, state = dispatch.quantize(x)
     assert torch.equal(dispatch.dequantize(packed, state), nf4.dequantize(packed, state))
     monkeypatch.setenv("FOURBIT_BACKEND", " Triton ")

@@ -14,7 +14,6 @@ from torch import nn
 import fourbit.functional as FF
 import fourbit.nn as fnn
 from fourbit import dispatch
-from fourbit.nf4 import blockwise
 
 bnb = pytest.importorskip("bitsandbytes")
 from fourbit.integrations import bitsandbytes as fourbit_bnb  # noqa: E402  (needs bitsandbytes)
@@ -27,7 +26,7 @@ def calls(monkeypatch):
     """Counter of calls into fourbit's quantize / dequantize / matmul / blockwise functions."""
     counter: collections.Counter = collections.Counter()
     for module, name in ((dispatch, "quantize"), (dispatch, "dequantize"), (dispatch, "matmul"),
-                         (blockwise, "quantize_blockwise"), (blockwise, "dequantize_blockwise")):
+                         (dispatch, "quantize_blockwise"), (dispatch, "dequantize_blockwise")):
         real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -53,7 +52,14 @@ def train_step(ns, w, b, x):
             "absmax": layer.weight.quant_state.absmax}
 
 
-def test_bitsandbytes_layer_runs_on_fourbit_with_equal_results(calls):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bitsandbytes_layer_runs_on_fourbit_with_equal_results(calls, backend, monkeypatch):
+    """Under the reference every result equals bitsandbytes' own bit for bit. The CPU kernels give the
+    same bits except the forward output of this 5-row input, which their fused GEMV computes in float32
+    (fourbit.cpu.matmul): there within F.linear's float32 tolerance."""
+    if backend == "cpu" and not dispatch.cpu_kernels_available():
+        pytest.skip("the CPU kernels did not load")
+    monkeypatch.setenv("FOURBIT_BACKEND", backend)
     g = torch.Generator().manual_seed(0)
     w, x, b = torch.randn(48, 128, generator=g), torch.randn(5, 128, generator=g), torch.randn(48, generator=g)
     native = train_step(bnb.nn, w, b, x)
@@ -67,6 +73,9 @@ def test_bitsandbytes_layer_runs_on_fourbit_with_equal_results(calls):
     ours = train_step(fnn, w, b, x)
     for key in native:
         assert torch.equal(hooked[key], ours[key]), key
+        if backend == "cpu" and key == "y":
+            assert ((hooked[key] - native[key]).norm() / native[key].norm()).item() < 1e-6
+            continue
         # these shapes and this seed avoid the CPU build's rounding quirks (SPEC §3, §4): all equal
         assert torch.equal(hooked[key], native[key]), key
     calls.clear()

@@ -21,7 +21,7 @@ LAYERS = ["nf4", "kernels", "dispatch", "lora", "train", "cli"]
 # must be placed here (the test says so) before it can be imported.
 BELOW_ALL = {"errors"}
 PLACED = {"functional": "lora", "nn": "lora", "integrations": "lora", "optim": "train",
-          "__init__": "cli", "demo": "cli", "inspect": "cli"}
+          "__init__": "cli", "demo": "cli", "inspect": "cli", "cpu": "kernels"}
 # Two modules inside fourbit/kernels are tools that read the library rather than parts of it: the
 # static cost model rates what the dispatcher would run (it asks fourbit.dispatch for its route), and
 # the compile report prints the cost model's section. They sit just above dispatch; the test below

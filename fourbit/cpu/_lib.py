@@ -35,7 +35,7 @@ import torch
 
 from ..errors import Unavailable
 
-__all__ = ["library", "threads", "dtype_code", "isa_name", "build_seconds", "ISAS"]
+__all__ = ["library", "threads", "dtype_code", "isa_name", "set_isa", "build_seconds", "built_here", "ISAS"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("runtime.c", "quant4.c", "blockwise8.c", "adamw.c", "gemv4.c")
@@ -134,9 +134,12 @@ def _load() -> ctypes.CDLL:
                           "use FOURBIT_BACKEND=reference")
     cc = _compiler()
     key = _key(cc)
+    folder = _cache_root() / "cpu-kernels" / key
+    _STATE["built"] = not (folder / "libfourbit_cpu.so").exists()
     try:
-        path = _build(cc, _cache_root() / "cpu-kernels" / key)
+        path = _build(cc, folder)
     except OSError:  # the cache is not writable: build privately for this process
+        _STATE["built"] = True
         path = _build(cc, Path(tempfile.mkdtemp(prefix="fourbit-cpu-")) / key)
     try:
         lib = ctypes.CDLL(str(path))
@@ -151,7 +154,7 @@ def _load() -> ctypes.CDLL:
     isa = lib.fourbit_cpu_set_isa(ISAS.index(want))
     while isa > 0 and not _self_check(lib, isa):
         isa = lib.fourbit_cpu_set_isa(isa - 1)
-    _STATE["isa"] = ISAS[isa]
+    _STATE["isa"] = _STATE["checked"] = ISAS[isa]
     _STATE["seconds"] = time.perf_counter() - t0
     _STATE["path"] = str(path)
     return lib
@@ -204,6 +207,23 @@ def isa_name() -> str:
     """The instruction set the kernels use: "scalar", "avx2" or "avx512" (loads the library)."""
     library()
     return _STATE["isa"]
+
+
+def set_isa(name: str) -> str:
+    """Use instruction set `name` ("scalar", "avx2", "avx512"; capped at what this CPU runs) for every
+    later call in this process; returns the one now in use. Tests run each kernel on every path."""
+    if name not in ISAS:
+        raise ValueError(f"isa must be one of {list(ISAS)}, got {name!r}")
+    lib = library()
+    best = lib.fourbit_cpu_best_isa()
+    _STATE["isa"] = ISAS[lib.fourbit_cpu_set_isa(min(ISAS.index(name), ISAS.index(_STATE["checked"]), best))]
+    return _STATE["isa"]
+
+
+def built_here() -> bool:
+    """Whether this process compiled the library (False: it loaded the cached build)."""
+    library()
+    return _STATE["built"]
 
 
 def build_seconds() -> float:

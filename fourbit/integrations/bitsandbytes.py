@@ -19,8 +19,8 @@ bitsandbytes' back. The ops taken over (everything a 4-bit layer's forward and b
     dequantize_4bit(.out)  packed, absmax -> dense                     fourbit.dispatch.dequantize
     gemm_4bit              A @ W^T + bias, nested absmax decoded in    fourbit.dispatch.matmul
     gemv_4bit(.out)        the same with a float32 absmax              fourbit.dispatch.matmul
-    quantize_blockwise     8-bit blockwise codes (nested absmax)       fourbit.nf4.quantize_blockwise
-    dequantize_blockwise(.out)                                         fourbit.nf4.dequantize_blockwise
+    quantize_blockwise     8-bit blockwise codes (nested absmax)       fourbit.dispatch.quantize_blockwise
+    dequantize_blockwise(.out)                                         fourbit.dispatch.dequantize_blockwise
 
 So results follow fourbit, i.e. bitsandbytes' CUDA rounding rules everywhere: on CPU they differ
 from bitsandbytes' own CPU build exactly where that build differs from its CUDA kernels (SPEC §3,
@@ -36,7 +36,6 @@ import warnings
 import torch
 
 from .. import dispatch
-from ..nf4 import blockwise as _blockwise
 from ..nf4.codes import FP4_CODE, NF4_CODE
 from ..nf4.state import QuantState
 
@@ -92,11 +91,11 @@ def _gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
 
 
 def _quantize_blockwise(A, code, blocksize):
-    return _blockwise.quantize_blockwise(A, code, blocksize)
+    return dispatch.quantize_blockwise(A, code, blocksize)
 
 
 def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
-    return _blockwise.dequantize_blockwise(A, absmax, code, blocksize, dtype)
+    return dispatch.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
 
 def _dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
@@ -104,7 +103,7 @@ def _dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
 
 
 # bitsandbytes op name (overload included) -> fourbit kernel. Each entry looks its fourbit function
-# up when called, so a test can count calls by patching fourbit.dispatch / fourbit.nf4.blockwise.
+# up when called, so a test can count calls by patching fourbit.dispatch.
 OPS = {
     "quantize_4bit": _quantize_4bit,
     "dequantize_4bit": _dequantize_4bit,

@@ -23,7 +23,7 @@ typedef struct {
     const uint8_t *qabs;            /* (nb,) 8-bit codes of absmax - offset */
     const float *absmax2, *code8;   /* (ceil(nb / nbs),), (256,) */
     float offset;
-    int64_t nbs;
+    int nbs_log2;                   /* nested blocks hold 2^nbs_log2 scales (256) */
     int64_t b0;                     /* block number of element 0 (a chunk of a larger weight) */
     void *out;
     int dtype;
@@ -32,7 +32,7 @@ typedef struct {
 static inline float deq4_scale(const deq4_ctx *c, int64_t b) {
     b += c->b0;
     if (c->qabs) {
-        float s = c->code8[c->qabs[b]] * c->absmax2[b / c->nbs];
+        float s = c->code8[c->qabs[b]] * c->absmax2[b >> c->nbs_log2];
         return s + c->offset;
     }
     return c->absmax[b];
@@ -108,8 +108,9 @@ static void deq4_portable(void *arg, int64_t b0, int64_t b1) {
 int fourbit_dequantize_4bit(const uint8_t *packed, int64_t e0, int64_t n, int64_t bs, const float *code,
                             const float *absmax, const uint8_t *qabs, const float *absmax2, const float *code8,
                             float offset, int64_t nested_bs, void *out, int dtype, int threads) {
-    if (e0 % bs) return -1;
-    deq4_ctx c = {packed + e0 / 2, n, bs, code, absmax, qabs, absmax2, code8, offset, nested_bs, e0 / bs, out, dtype};
+    if (e0 % bs || nested_bs < 1 || (nested_bs & (nested_bs - 1))) return -1;
+    deq4_ctx c = {packed + e0 / 2, n, bs, code, absmax, qabs, absmax2, code8, offset, __builtin_ctzll(nested_bs), e0 / bs,
+                  out, dtype};
     int64_t nb = (n + bs - 1) / bs;
     fb_range_fn fn = deq4_portable;
 #if FB_X86
