@@ -45,6 +45,24 @@ static void deq4_scalar(const deq4_ctx *c, int64_t e, int64_t end, float scale) 
 }
 
 #if FB_X86
+/* 8 codes from the 4 bytes at p (element order) */
+#define DEQ4_DECODE8(p)                                                                                   \
+    ({                                                                                                   \
+        __m256i v_ = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(p)));                      \
+        __m256i i_ = _mm256_srlv_epi32(v_, right);                                                       \
+        _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, i_), _mm256_permutevar8x32_ps(hi, i_),              \
+                         _mm256_castsi256_ps(_mm256_sllv_epi32(v_, left)));                             \
+    })
+
+/* 16 float32 -> 16 bfloat16 when none is NaN (a finite block scale: |code| <= 1), 2 shuffles per 16 */
+FB_AVX2 static inline __m256i bf16x16_finite(__m256 a, __m256 b) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    __m256i ua = _mm256_castps_si256(a), ub = _mm256_castps_si256(b);
+    ua = _mm256_srli_epi32(_mm256_add_epi32(ua, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ua, 16), one))), 16);
+    ub = _mm256_srli_epi32(_mm256_add_epi32(ub, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ub, 16), one))), 16);
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(ua, ub), 0xd8);  /* [a0-3 b0-3 | a4-7 b4-7] -> in order */
+}
+
 FB_AVX2 static void deq4_avx2(void *arg, int64_t b0, int64_t b1) {
     const deq4_ctx *c = (const deq4_ctx *)arg;
     const __m256 lo = _mm256_loadu_ps(c->code), hi = _mm256_loadu_ps(c->code + 8);
@@ -52,17 +70,22 @@ FB_AVX2 static void deq4_avx2(void *arg, int64_t b0, int64_t b1) {
     const __m256i left = _mm256_setr_epi32(24, 28, 16, 20, 8, 12, 0, 4);   /* its bit 3 -> bit 31 */
     for (int64_t b = b0; b < b1; b++) {
         int64_t e = b * c->bs, end = e + c->bs < c->n ? e + c->bs : c->n;
-        const __m256 s = _mm256_set1_ps(deq4_scale(c, b));
-        for (; e + 8 <= end; e += 8) {
-            uint32_t w;
-            memcpy(&w, c->packed + (e >> 1), 4);
-            __m256i v = _mm256_set1_epi32((int)w);
-            __m256i idx = _mm256_srlv_epi32(v, right);
-            __m256 code = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
-                                           _mm256_castsi256_ps(_mm256_sllv_epi32(v, left)));
-            fb_store8_avx2(c->out, e, _mm256_mul_ps(code, s), c->dtype);
+        const float scale = deq4_scale(c, b);
+        const __m256 s = _mm256_set1_ps(scale);
+        const uint8_t *q = c->packed;
+        if (c->dtype == FB_BF16 && isfinite(scale)) {
+            for (; e + 16 <= end; e += 16) {
+                __m256 w0 = _mm256_mul_ps(DEQ4_DECODE8(q + (e >> 1)), s), w1 = _mm256_mul_ps(DEQ4_DECODE8(q + (e >> 1) + 4), s);
+                _mm256_storeu_si256((__m256i *)((uint16_t *)c->out + e), bf16x16_finite(w0, w1));
+            }
+        } else if (c->dtype == FB_F32) {
+            for (; e + 16 <= end; e += 16) {
+                _mm256_storeu_ps((float *)c->out + e, _mm256_mul_ps(DEQ4_DECODE8(q + (e >> 1)), s));
+                _mm256_storeu_ps((float *)c->out + e + 8, _mm256_mul_ps(DEQ4_DECODE8(q + (e >> 1) + 4), s));
+            }
         }
-        deq4_scalar(c, e, end, deq4_scale(c, b));
+        for (; e + 8 <= end; e += 8) fb_store8_avx2(c->out, e, _mm256_mul_ps(DEQ4_DECODE8(q + (e >> 1)), s), c->dtype);
+        deq4_scalar(c, e, end, scale);
     }
 }
 
