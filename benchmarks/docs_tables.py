@@ -129,8 +129,15 @@ def qlora_vs_lora() -> str:
                 "embedding + norms", "adapter", "its gradients", "AdamW states", "activations saved for backward"], out)
 
 
+def cpu_kernels() -> str:
+    """fourbit's C kernels against bitsandbytes' CPU backend, from benchmarks/bench_cpu.py (docs/kernels.md)."""
+    from benchmarks.bench_cpu import goals_table
+
+    return goals_table(_load("cpu/cpu.json"))
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in
-          (cpu_headline, costmodel_sm90a, fidelity_smollm2, fidelity_minilm, inspect_pooled, qlora_vs_lora)}
+          (cpu_headline, costmodel_sm90a, fidelity_smollm2, fidelity_minilm, inspect_pooled, qlora_vs_lora, cpu_kernels)}
 
 
 def regenerate(text: str) -> str:

@@ -239,3 +239,17 @@ def test_isa_choice_is_capped_at_what_the_cpu_runs():
         _lib.set_isa(before)
     with pytest.raises(ValueError, match="isa must be one of"):
         _lib.set_isa("sse9")
+
+
+@pytest.mark.bnb
+def test_bench_cpu_smoke(tmp_path):
+    """One tiny repetition of benchmarks/bench_cpu.py (every section, both providers checked for
+    correctness first), and its goal table generated from the rows it wrote."""
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import bench_cpu
+
+    bench_cpu.main(["--smoke", "--out", str(tmp_path)])
+    table = (tmp_path / "cpu_goals.md").read_text()
+    for op in ("dequantize", "quantize", "matmul_4bit", "quantize_blockwise", "dequantize_blockwise", "adamw32", "adamw8"):
+        assert f"| {op} |" in table, op
+    assert (tmp_path / "cpu.json").exists()
