@@ -90,20 +90,31 @@ FUSED_MAX_M = 64  # above, dequantize + cuBLAS (module docstring)
 SWAP_MAX_M = 8192  # from here dequantize + cuBLAS again: the model ties them (0.973 vs 0.970)
 
 _BACKENDS = ("auto", "reference", "triton", "cpu")
-_CPU: dict[str, object] = {}  # the CPU kernels' verdict for this process: {"ok": bool}
+_CPU: dict[str, object] = {}  # the CPU kernels' verdict for this process: {"ok": bool, "module": fourbit.cpu}
 
 
 def cpu_kernels_available() -> bool:
     """Whether fourbit.cpu's kernels are built and loaded (built on the first call; the verdict is kept).
     If they cannot be, one line on stderr says why, once per process."""
     if "ok" not in _CPU:
-        from .cpu import available
+        from . import cpu
 
-        ok, why = available()
-        _CPU["ok"] = ok
+        ok, why = cpu.available()
+        _CPU["ok"], _CPU["module"] = ok, cpu
         if not ok:
             print(f"fourbit: CPU kernels unavailable ({why}); using the PyTorch reference", file=sys.stderr)
     return bool(_CPU["ok"])
+
+
+def _cpu():
+    """The fourbit.cpu package, imported once: an optimizer calls dispatch per tensor (420 per LoRA
+    step), and a `from .cpu import name` per call cost more than the kernel for small tensors."""
+    module = _CPU.get("module")
+    if module is None:
+        from . import cpu as module
+
+        _CPU["module"] = module
+    return module
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -118,9 +129,7 @@ def backend_for(t: torch.Tensor) -> str:
     if choice == "cpu":
         if t.device.type != "cpu":
             raise ValueError(f"FOURBIT_BACKEND=cpu runs CPU tensors only, got one on {t.device}")
-        from .cpu import _lib
-
-        _lib.library()  # raises Unavailable, with the reason, if the kernels cannot be built or loaded
+        _cpu()._lib.loaded()  # raises Unavailable, with the reason, if the kernels cannot be built or loaded
         return "cpu"
     if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
@@ -136,7 +145,7 @@ def quantize(x: torch.Tensor, **kwargs):
     if backend == "triton":
         from .kernels.quantize import quantize as impl
     elif backend == "cpu":
-        from .cpu import quantize as impl
+        impl = _cpu().quantize
     else:
         from .nf4.quant import quantize as impl
     return impl(x, **kwargs)
@@ -148,7 +157,7 @@ def dequantize(packed: torch.Tensor, state, **kwargs) -> torch.Tensor:
     if backend == "triton":
         from .kernels.dequantize import dequantize as impl
     elif backend == "cpu":
-        from .cpu import dequantize as impl
+        impl = _cpu().dequantize
     else:
         from .nf4.quant import dequantize as impl
     return impl(packed, state, **kwargs)
@@ -172,9 +181,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | No
     """y = x @ dequantize(W).T + bias; x: (..., K), W: [N, K], y: (..., N) in x.dtype."""
     backend = backend_for(x)
     if backend == "cpu":
-        from .cpu import matmul as cpu_kernel
-
-        return cpu_kernel(x, packed, state, bias, out=out)
+        return _cpu().matmul(x, packed, state, bias, out=out)
     if backend == "triton":
         from .kernels.matmul import fused_shape_supported, matmul as kernel
 
@@ -191,9 +198,7 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state) -> torch.
     """grad_x = grad_y @ dequantize(W); grad_y: (..., N), grad_x: (..., K) in grad_y.dtype."""
     backend = backend_for(grad_y)
     if backend == "cpu":
-        from .cpu import matmul_backward as cpu_kernel
-
-        return cpu_kernel(grad_y, packed, state)
+        return _cpu().matmul_backward(grad_y, packed, state)
     if backend == "triton":
         from .kernels.matmul import fused_shape_supported, matmul_backward as kernel
 
@@ -212,7 +217,7 @@ def adamw_update_32bit(p, g, m, v, **hyper) -> None:
     if backend == "triton":
         from .kernels.adamw import adamw_update_32bit as impl
     elif backend == "cpu":
-        from .cpu import adamw_update_32bit as impl
+        impl = _cpu().adamw_update_32bit
     else:
         from .nf4.adamw import adamw_update_32bit as impl
     impl(p, g, m, v, **hyper)
@@ -224,7 +229,7 @@ def adamw_update_8bit(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper) -> 
     if backend == "triton":
         from .kernels.adamw import adamw_update_8bit as impl
     elif backend == "cpu":
-        from .cpu import adamw_update_8bit as impl
+        impl = _cpu().adamw_update_8bit
     else:
         from .nf4.adamw import adamw_update_8bit as impl
     impl(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper)
@@ -233,7 +238,7 @@ def adamw_update_8bit(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper) -> 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes of x's shape, float32 absmax per block) with a 256-entry code (`fourbit.nf4.quantize_blockwise`)."""
     if backend_for(x) == "cpu":
-        from .cpu import quantize_blockwise as impl
+        impl = _cpu().quantize_blockwise
     else:
         from .nf4.blockwise import quantize_blockwise as impl
     return impl(x, code, blocksize)
@@ -243,7 +248,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """fl32(code[q] * absmax[block]) rounded to `dtype` (`fourbit.nf4.dequantize_blockwise`)."""
     if backend_for(q) == "cpu":
-        from .cpu import dequantize_blockwise as impl
+        impl = _cpu().dequantize_blockwise
     else:
         from .nf4.blockwise import dequantize_blockwise as impl
     return impl(q, absmax, code, blocksize, dtype)

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import Unavailable
 
-__all__ = ["library", "threads", "dtype_code", "isa_name", "set_isa", "build_seconds", "built_here", "ISAS"]
+__all__ = ["library", "loaded", "threads", "dtype_code", "isa_name", "set_isa", "build_seconds", "built_here", "ISAS"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("runtime.c", "quant4.c", "blockwise8.c", "adamw.c", "gemv4.c")
@@ -201,6 +201,12 @@ def library() -> ctypes.CDLL:
             _STATE["error"] = err
             raise
         return _STATE["lib"]
+
+
+def loaded() -> ctypes.CDLL:
+    """`library()` without the lock once it has loaded (the per-call path of every kernel)."""
+    lib = _STATE.get("lib")
+    return lib if lib is not None else library()
 
 
 def isa_name() -> str:

@@ -36,6 +36,7 @@ def _constants(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _check_cpu(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError naming the first tensor that is not on the CPU."""
     for name, t in tensors.items():
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"the CPU kernels need CPU tensors; {name} is on {t.device}")
@@ -127,7 +128,8 @@ def dequantize_into(packed: torch.Tensor, state: QuantState, out: torch.Tensor, 
 
 def dequantize(packed: torch.Tensor, state: QuantState, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense tensor of `state.shape` in `dtype` (default: the dtype that was quantized)."""
-    check_packed(packed, state)
+    if not isinstance(state, QuantState):
+        check_packed(packed, state)  # raises TypeError
     dtype = dtype or state.dtype
     check_float_dtype(dtype, allowed=FLOAT_DTYPES + (torch.float64,))
     out = torch.empty(state.numel, dtype=dtype)
