@@ -1,7 +1,7 @@
 """fourbit's CPU kernels (fourbit.cpu) beside bitsandbytes' CPU backend and fourbit's PyTorch reference,
 in one process, against the copy bandwidth measured in the same run.
 
-    python -m benchmarks.bench_cpu [--rounds 5] [--only dequantize matmul ...] [--finetune] [--smoke] [--out DIR]
+    python -m benchmarks.bench_cpu [--rounds 5] [--only dequantize matmul ...] [--train] [--finetune] [--smoke] [--out DIR]
 
 Ops (NF4 + double quantization, blocksize 64, as a new user runs them: fourbit.functional /
 fourbit.optim against bitsandbytes.functional / bitsandbytes.optim):
@@ -24,8 +24,9 @@ reads the input and writes codes and scales; AdamW 32-bit reads p, g, m, v and w
 value), 8-bit reads p, g and two codes and writes p and two codes (16 B) plus the scales. The copy
 bandwidth is torch's copy_ of 256 MiB float32 counted as read + write, with torch's threads.
 
---finetune also times `fourbit finetune` with its defaults (both backends), split into load (model,
-quantization, data), evaluation (the two exact-match passes) and training.
+--train adds benchmarks/bench_train.py's QLoRA training step (SmolLM2-135M, batch 8) for both backends
+against bitsandbytes + PEFT. --finetune times `fourbit finetune` with its defaults (both backends), split
+into load (model, quantization, data), evaluation (the two exact-match passes) and training.
 
 Also recorded: the first use's cost (compile + load with an empty cache, then a cached load, each in a
 fresh process).
@@ -265,6 +266,29 @@ def bench_optimizers(ceiling: float, rounds: int, min_time_s: float, smoke: bool
     return rows
 
 
+def bench_training_step(rounds: int, smoke: bool) -> list[dict]:
+    """benchmarks/bench_train.py's QLoRA step (SmolLM2-135M, batch 8, fp32, PagedAdamW; each provider in
+    fresh processes, alternating) under both backends; its bnb+peft row is the peer."""
+    import json
+
+    from . import bench_train
+
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for which in ("auto", "reference"):
+            with backend(which):
+                bench_train.main(["--out", f"{out}/{which}", "--rounds", str(1 if smoke else max(2, rounds // 2))]
+                                 + (["--smoke"] if smoke else []))
+            for r in json.loads((Path(out) / which / "train.json").read_text()):
+                if which == "reference" and r["provider"] != "fourbit":
+                    continue  # the peer ran in the first pass
+                r["provider"] = {"fourbit": "fourbit" if which == "auto" else "fourbit-reference",
+                                 "bnb+peft": "bitsandbytes"}[r["provider"]]
+                r["loadavg"] = _loadavg()
+                rows.append(r)
+    return rows
+
+
 def bench_finetune(ceiling: float, smoke: bool) -> list[dict]:
     """`fourbit finetune` with its defaults, per backend: load (Trainer: model, quantization, data),
     evaluation (both exact-match passes) and training (the rest of train())."""
@@ -306,7 +330,7 @@ SECTIONS = {"dequantize": bench_dequantize, "quantize": bench_quantize, "matmul"
 
 
 def run(smoke: bool = False, rounds: int = 5, min_time_s: float = 0.2, only: list[str] | None = None,
-        finetune: bool = False) -> list[dict]:
+        finetune: bool = False, train: bool = False) -> list[dict]:
     from fourbit import cpu, dispatch
 
     ok, why = cpu.available()
@@ -321,6 +345,8 @@ def run(smoke: bool = False, rounds: int = 5, min_time_s: float = 0.2, only: lis
         rows += first_use(smoke)
     for name in only or list(SECTIONS):
         rows += SECTIONS[name](ceiling, rounds, min_time_s, smoke)
+    if train:
+        rows += bench_training_step(rounds, smoke)
     if finetune:
         rows += bench_finetune(ceiling, smoke)
     for row in rows:
@@ -414,10 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per provider per round")
     ap.add_argument("--only", nargs="+", choices=list(SECTIONS))
+    ap.add_argument("--train", action="store_true", help="also bench_train's QLoRA step (SmolLM2, batch 8) per backend")
     ap.add_argument("--finetune", action="store_true", help="also time `fourbit finetune` (defaults) per backend")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu)")
     args = ap.parse_args(argv)
-    rows = run(args.smoke, args.rounds, args.min_time, args.only, args.finetune)
+    rows = run(args.smoke, args.rounds, args.min_time, args.only, args.finetune, args.train)
     path = write_results("cpu", rows, device="cpu", out_dir=args.out)
     (path.parent / "cpu_goals.md").write_text(goals_markdown(rows))
     print((path.parent / "cpu_goals.md").read_text())
