@@ -11,6 +11,8 @@
  * m and v wait in a stack buffer until the block's absmax is known. */
 #include "nearest.h"
 
+#include <stdlib.h>
+
 typedef struct {
     void *p;
     const void *g;
@@ -161,8 +163,12 @@ int fourbit_adamw_8bit(void *p, int p_dtype, const void *g, int g_dtype, uint8_t
                        float *absmax2, const float *qmap1, const float *qmap2, int64_t n, float b1, float omb1,
                        float b2, float omb2, float c2, float eps, float decay, int decay_on, float step_size,
                        int threads) {
-    const fb_nearest *t1 = fb_nearest_for(qmap1), *t2 = fb_nearest_for(qmap2);
-    if (!t1 || !t2) return -1;
+    fb_nearest *own1, *own2;
+    const fb_nearest *t1 = fb_nearest_for(qmap1, &own1), *t2 = fb_nearest_for(qmap2, &own2);
+    if (!t1 || !t2) {
+        free(own1), free(own2);
+        return -1;
+    }
     adamw_ctx c = {p, g, p_dtype, g_dtype, n, NULL, NULL, q1, q2, absmax1, absmax2, t1, t2,
                    b1, omb1, b2, omb2, decay, c2, eps, step_size, decay_on};
     fb_range_fn fn = a8_portable;
@@ -170,5 +176,6 @@ int fourbit_adamw_8bit(void *p, int p_dtype, const void *g, int g_dtype, uint8_t
     if (fb_isa >= FB_ISA_AVX2) fn = a8_avx2;
 #endif
     fb_parallel_for((n + QBLOCK - 1) / QBLOCK, 1, 64, threads, fn, &c);
+    free(own1), free(own2);
     return 0;
 }

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 
 static pthread_mutex_t nearest_lock = PTHREAD_MUTEX_INITIALIZER;
-static fb_nearest *nearest_cache[16];
+static fb_nearest *nearest_cache[FB_NEAREST_CACHED];
 
 static void nearest_build(fb_nearest *t, const float *code) {
     memcpy(t->code, code, sizeof t->code);
@@ -33,18 +33,19 @@ static void nearest_build(fb_nearest *t, const float *code) {
     t->bins[2 * FB_NEAREST_BINS] = t->bins[2 * FB_NEAREST_BINS + 1] = 0;
 }
 
-const fb_nearest *fb_nearest_for(const float *code) {
+const fb_nearest *fb_nearest_for(const float *code, fb_nearest **owned) {
     const fb_nearest *found = NULL;
+    *owned = NULL;
     pthread_mutex_lock(&nearest_lock);
     int i = 0;
-    for (; i < 16 && nearest_cache[i]; i++)
+    for (; i < FB_NEAREST_CACHED && nearest_cache[i]; i++)
         if (!memcmp(nearest_cache[i]->code, code, sizeof nearest_cache[i]->code)) { found = nearest_cache[i]; break; }
     if (!found) {
         fb_nearest *t = (fb_nearest *)malloc(sizeof *t);
         if (t) {
             nearest_build(t, code);
-            if (i == 16) { free(nearest_cache[15]); i = 15; }  /* more than 16 codes: replace the newest */
-            nearest_cache[i] = t;
+            if (i < FB_NEAREST_CACHED) nearest_cache[i] = t;  /* kept for the process */
+            else *owned = t;                                  /* the cache is full: the caller frees it */
             found = t;
         }
     }
@@ -125,7 +126,8 @@ FB_AVX2 static void qb_avx2(void *arg, int64_t b0, int64_t b1) {
 
 int fourbit_quantize_blockwise(const void *x, int dtype, int64_t n, int64_t bs, const float *code, uint8_t *q,
                                float *absmax, int threads) {
-    const fb_nearest *t = fb_nearest_for(code);
+    fb_nearest *owned;
+    const fb_nearest *t = fb_nearest_for(code, &owned);
     if (!t) return -1;
     qb_ctx c = {x, dtype, n, bs, t, q, absmax};
     fb_range_fn fn = qb_portable;
@@ -133,6 +135,7 @@ int fourbit_quantize_blockwise(const void *x, int dtype, int64_t n, int64_t bs, 
     if (fb_isa >= FB_ISA_AVX2) fn = qb_avx2;
 #endif
     fb_parallel_for((n + bs - 1) / bs, 1, (1 << 15) / bs + 1, threads, fn, &c);
+    free(owned);
     return 0;
 }
 

@@ -26,8 +26,11 @@ typedef struct {
 } fb_nearest;
 
 /* The table for `code` (256 float32, ascending), built once per distinct code and kept for the
- * process (a handful of codes: the two dynamic maps). */
-const fb_nearest *fb_nearest_for(const float *code);
+ * process (a handful of codes: the two dynamic maps). Past FB_NEAREST_CACHED distinct codes the table
+ * is built for the call alone: *owned then points at it and the caller frees it (a cached table is
+ * never freed, so no thread can lose one it is reading). */
+#define FB_NEAREST_CACHED 64
+const fb_nearest *fb_nearest_for(const float *code, fb_nearest **owned);
 
 static inline int fb_nearest_search(const fb_nearest *t, float s) {
     if (s != s) return 255;
