@@ -131,7 +131,7 @@ def qlora_vs_lora() -> str:
 
 def cpu_kernels() -> str:
     """fourbit's C kernels against bitsandbytes' CPU backend, from benchmarks/bench_cpu.py (docs/kernels.md)."""
-    from benchmarks.bench_cpu import goals_table
+    from benchmarks.cpu_table import goals_table
 
     return goals_table(_load("cpu/cpu.json"))
 
