@@ -13,7 +13,7 @@ def goals_table(rows: list[dict]) -> str:
     copy = next(r for r in rows if r["op"] == "copy")
     loads = sorted({r["loadavg"] for r in rows if r.get("loadavg") is not None})
     lines = [
-        f"Copy bandwidth (torch copy_ of 256 MiB, read + write) {copy['gb_per_s']:.1f} GB/s; instruction set "
+        f"Copy bandwidth (torch copy_ of {copy['shape']}, read + write) {copy['gb_per_s']:.1f} GB/s; instruction set "
         f"{copy.get('isa')}; {copy.get('threads')} threads; 1-minute load average during the run "
         f"{loads[0]:.2f}–{loads[-1]:.2f} (2 cores); git {copy.get('git_sha')}.",
         "",
