@@ -105,23 +105,49 @@ def _key(cc: str) -> str:
     return h.hexdigest()[:20]
 
 
+def _run(cmds: list[list[str]]) -> None:
+    """Run the commands side by side (one per core); raise Unavailable with the first error line."""
+    procs = []
+    try:
+        for cmd in cmds:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                first = next((line for line in err.splitlines() if "error" in line), err.strip()[:200])
+                raise Unavailable(f"compiling the CPU kernels failed: {first or f'{proc.args[0]} exited {proc.returncode}'}",
+                                  "install gcc (or set CC to a working C compiler)")
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise Unavailable(f"compiling the CPU kernels failed ({err})", "install gcc or set CC") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def _build(cc: str, folder: Path) -> Path:
+    """Compile each source to an object (in parallel: 3.3 s of compiler time here), link them into a
+    temporary .so and rename it into place."""
     target = folder / "libfourbit_cpu.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".build-{os.getpid()}-{threading.get_ident()}.so"
-    cmd = [*cc.split(), *FLAGS, *(str(CSRC / s) for s in SOURCES), "-o", str(tmp), "-lm"]
+    tag = f".build-{os.getpid()}-{threading.get_ident()}"
+    objects = [folder / f"{tag}-{Path(s).stem}.o" for s in SOURCES]
+    tmp = folder / f"{tag}.so"
+    compile_flags = [f for f in FLAGS if f != "-shared"]
+    jobs = max(1, min(len(SOURCES), os.cpu_count() or 1))
+    sources = [[*cc.split(), *compile_flags, "-c", str(CSRC / s), "-o", str(o)] for s, o in zip(SOURCES, objects)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise Unavailable(f"compiling the CPU kernels failed ({err})", "install gcc or set CC") from None
-    if done.returncode != 0 or not tmp.exists():
-        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-        tmp.unlink(missing_ok=True)
-        raise Unavailable(f"compiling the CPU kernels failed: {first or f'{cc} exited {done.returncode}'}",
-                          "install gcc (or set CC to a working C compiler)")
-    os.replace(tmp, target)  # atomic: another process sees no file or a whole one
+        for i in range(0, len(sources), jobs):
+            _run(sources[i : i + jobs])
+        _run([[*cc.split(), *FLAGS, *map(str, objects), "-o", str(tmp), "-lm"]])
+        if not tmp.exists():
+            raise Unavailable(f"compiling the CPU kernels failed: {cc} wrote no library", "install gcc or set CC")
+        os.replace(tmp, target)  # atomic: another process sees no file or a whole one
+    finally:
+        for leftover in (*objects, tmp):
+            leftover.unlink(missing_ok=True)
     return target
 
 
