@@ -28,7 +28,9 @@ import dataclasses
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import typing
 
 from .errors import InvalidInput, MissingFile, UserError
@@ -233,7 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop's own handler: unwinds like Ctrl-C, so locks are released and
+    half-written outputs removed (the default action would end the process on the spot)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # report passes its arguments through; argparse's REMAINDER misses a leading "--flag"
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -250,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fourbit {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, quantizing): nothing half-written
+    except KeyboardInterrupt as err:  # Ctrl-C outside a training loop (loading, quantizing): nothing half-written
         if args.debug or getattr(args, "debug_here", False):
             raise
         print(f"fourbit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, _Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -205,7 +205,8 @@ def test_overwrite_restores_the_old_run_when_the_new_one_fails(tiny, finished, t
     shutil.copytree(finished, run)
     before = _hashes(run)
     t = Trainer(small(tiny, run, steps=2, batch_size=2, eval_examples=4), overwrite=True, progress=False)
-    assert _hashes(run) == before  # constructing validates and loads; nothing moves yet
+    held = _hashes(run)
+    assert held.pop(rundir.LOCK) and held == before  # constructing locks, validates and loads; nothing moves yet
 
     def crash(self):
         assert not os.path.exists(os.path.join(run, "summary.json"))  # the old run is aside now
@@ -218,7 +219,7 @@ def test_overwrite_restores_the_old_run_when_the_new_one_fails(tiny, finished, t
     monkeypatch.undo()
 
     # a kill -9 in the same window leaves .replaced/; the next start puts it back
-    rundir.set_aside(run)
+    rundir.RunDir(run).begin(replacing=True)  # the old run set aside, as a killed --overwrite left it
     open(os.path.join(run, "metrics.jsonl"), "w").write('{"step": 1}\n')  # what the killed run wrote
     with pytest.raises(UserError, match="already holds a run"):
         Trainer(small(tiny, run, steps=2, batch_size=2, eval_examples=4), progress=False)
@@ -461,7 +462,10 @@ def test_output_errors_say_what_happened(code, words, tmp_path, monkeypatch):
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", refusing_open)
+    run = rundir.RunDir(str(tmp_path / "run"))
+    run.lock()
     with pytest.raises(OutputError, match=f"cannot write .*run: .*{words}"):
-        rundir.prepare(str(tmp_path / "run"))
+        run.check(resume=False, overwrite=False)
+    run.release()
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # the directory it had created is gone again
