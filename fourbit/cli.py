@@ -163,7 +163,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .train.models import export_4bit
+    from .train.export import export_4bit
 
     path = export_4bit(args.input, args.output, overwrite=args.overwrite)
     print(f"wrote {path}")

@@ -25,23 +25,23 @@ from fourbit.errors import BadFile, Diverged, InvalidInput, OutputError, UserErr
 from fourbit.train import Trainer
 from fourbit.train import rundir
 
+from helpers import FINISHED_ARGS, finished_run
 from test_train import small, tiny_llama_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_ARGS = ["--steps", "2", "--batch-size", "2", "--eval-examples", "4", "--targets", "q_proj", "v_proj", "--quiet"]
+RUN_ARGS = FINISHED_ARGS
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_llama_dir(str(tmp_path_factory.mktemp("tiny")))
+    return tiny_llama_dir(str(tmp_path_factory.getbasetemp() / "shared"))
 
 
 @pytest.fixture(scope="module")
 def finished(tiny, tmp_path_factory):
-    """A completed 2-step run of the tiny model (adapter, checkpoint, metrics, summary)."""
-    run = str(tmp_path_factory.mktemp("finished") / "run")
-    assert main(["finetune", "--model", tiny, "--output-dir", run, *RUN_ARGS]) == 0
-    return run
+    """A completed 2-step run of the tiny model (adapter, checkpoint, metrics, summary), shared with
+    the other modules that need one (helpers.finished_run)."""
+    return finished_run(tiny, str(tmp_path_factory.getbasetemp() / "shared"))
 
 
 def _hashes(root) -> dict[str, str]:

@@ -29,10 +29,10 @@ import tempfile
 
 import torch
 
-from ..errors import InvalidInput, RunExists, output_error
+from ..errors import InvalidInput, output_error
 
 __all__ = [
-    "EMBEDDED", "cache_dir", "export_4bit", "load_base", "load_dense", "load_quantized", "smollm2_dir",
+    "EMBEDDED", "cache_dir", "load_base", "load_dense", "load_quantized", "smollm2_dir",
     "smollm2_gguf_path", "stored_quantization",
 ]
 
@@ -193,98 +193,3 @@ def load_base(spec: str, base_weights: str = "nf4", *, compute_dtype: torch.dtyp
     model, tokenizer, source = load_dense(spec, dtype=dtypes[base_weights])
     release_checkpoint_mapping(model)
     return model, tokenizer, source
-
-def _check_export_paths(spec: str, output_dir: str, overwrite: bool) -> None:
-    """Refuse, before anything is loaded, an output that is, holds or sits inside the input (with
-    --overwrite it would destroy the source) or that exists without --overwrite."""
-    out = os.path.realpath(output_dir)
-    if spec != EMBEDDED and os.path.exists(spec):
-        src = os.path.realpath(spec)
-        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-            where = "is" if out == src else ("is inside" if out.startswith(src + os.sep) else "contains")
-            raise InvalidInput(
-                f"the output {output_dir!r} {where} the input {spec!r}; writing it would destroy the source model",
-                "choose an output directory outside the input",
-            )
-    if os.path.exists(output_dir):
-        if not overwrite:
-            raise RunExists(f"{output_dir!r} exists", "pass --overwrite to replace it, or choose another output directory")
-        if not os.path.isdir(output_dir):
-            raise InvalidInput(f"{output_dir!r} is a file, not a 4-bit model directory", "choose a directory path")
-
-
-def _settle_tree(directory: str) -> None:
-    """fsync every file and folder below `directory`, and give the folder the permissions the umask
-    allows (mkdtemp makes it 0700)."""
-    from ..nf4.files import fsync_dir
-
-    for base, _, files in os.walk(directory):
-        for name in files:
-            with open(os.path.join(base, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(base)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(directory, 0o777 & ~mask)
-
-
-def export_4bit(spec: str, output_dir: str, *, overwrite: bool = False) -> str:
-    """Quantize a model to NF4 (double quant, blocksize 64) and write a directory that
-    `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` loads with bitsandbytes:
-
-        model.safetensors   packed weights under bitsandbytes' keys (`<mod>.weight`, `.absmax`,
-                            `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`)
-        config.json         the model config + quantization_config (quant_method "bitsandbytes")
-        tokenizer files
-
-    Written into a temporary sibling directory (created first, so an unwritable place fails before
-    the model loads), fsync'd, and renamed into place; a replaced directory is moved aside first and
-    deleted only after the rename, so some complete copy exists at every moment.
-    """
-    from ..nf4.files import fsync_dir, save_safetensors_file
-
-    _check_export_paths(spec, output_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-quantize-", dir=parent)
-    except OSError as err:
-        raise output_error(output_dir, err) from err
-    old = None
-    try:
-        model, tokenizer, _ = load_quantized(spec)
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # tied to the embedding; transformers re-ties on load
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        model.config.quantization_config = {
-            "quant_method": "bitsandbytes",
-            "load_in_4bit": True,
-            "load_in_8bit": False,
-            "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": "float32",
-            "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"],
-        }
-        save_safetensors_file(os.path.join(tmp, "model.safetensors"), state, {"format": "pt"})
-        try:
-            model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            _settle_tree(tmp)
-            if os.path.exists(output_dir):
-                old = tempfile.mkdtemp(prefix=".tmp-replaced-", dir=parent)
-                os.replace(output_dir, os.path.join(old, "previous"))
-            os.replace(tmp, output_dir)
-            fsync_dir(parent)
-        except OSError as err:
-            raise output_error(output_dir, err) from err
-    except BaseException:
-        if old is not None and not os.path.exists(output_dir):
-            os.replace(os.path.join(old, "previous"), output_dir)  # put the replaced copy back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return output_dir
