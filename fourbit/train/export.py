@@ -4,7 +4,7 @@
                                   `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`)
     <out>/config.json             the model config + quantization_config (quant_method "bitsandbytes")
     <out>/tokenizer files
-    <out>/fourbit-quantize.json   the marker: which source, which fourbit version (transformers ignores it)
+    <out>/fourbit-quantize.json   the marker: fourbit quantize wrote it, from which source (transformers ignores it)
 
 Safe against a second process and against losing what is there: the output is locked (an flock on
 `<parent>/.<name>.fourbit.lock`, see lock.py) from before its paths are checked until it is in place,
@@ -154,10 +154,8 @@ def _write(spec: str, output_dir: str, parent: str, overwrite: bool) -> None:
             "llm_int8_skip_modules": ["lm_head"],
         }
         save_safetensors_file(os.path.join(tmp, "model.safetensors"), state, {"format": "pt"})
-        from .. import __version__
-
         source = spec if spec == EMBEDDED else os.path.abspath(spec)
-        marker = {"written_by": "fourbit quantize", "version": __version__, "source": source,
+        marker = {"written_by": "fourbit quantize", "source": source,
                   "created": datetime.datetime.now().isoformat(timespec="seconds")}
         try:
             model.config.save_pretrained(tmp)

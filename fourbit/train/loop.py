@@ -224,7 +224,10 @@ class Trainer:
         model, tokenizer, self.source = load_base(c.model, c.base_weights, compute_dtype=compute)
         self.tokenizer = tokenizer
         torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
-        add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
+        try:
+            add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
+        except ValueError as err:  # --targets that this architecture does not have (the message lists its names)
+            raise InvalidInput(f"--model {c.model}: {err}", "pass --targets with names of this model's linear layers") from None
         self.param_summary = str(trainable_parameters(model))
         n_params = trainable_parameters(model).total
         self.checkpointing = c.grad_checkpointing == "on" or (c.grad_checkpointing == "auto" and n_params > c.checkpointing_above)
@@ -234,6 +237,7 @@ class Trainer:
         self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
 
         self.data = encode_all(tokenizer, train_records, c.max_length)
+        encode_all(tokenizer, self.eval_records, c.max_length)  # the same limits and refusals as training records
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _build_optimizer(c, self.params)
@@ -259,7 +263,7 @@ class Trainer:
         if not self.eval_records:
             return None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device)
+            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device, max_length=self.config.max_length)
 
     def save_checkpoint(self) -> str:
         """Collective: every rank gathers, rank 0 writes."""

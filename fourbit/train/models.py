@@ -29,7 +29,8 @@ import tempfile
 
 import torch
 
-from ..errors import InvalidInput, output_error
+from ..errors import BadFile, InvalidInput, OutputError, output_error
+from .model_files import check_weights, gguf_errors, loading, read_config
 
 __all__ = [
     "EMBEDDED", "cache_dir", "load_base", "load_dense", "load_quantized", "smollm2_dir",
@@ -66,8 +67,9 @@ def _from_gguf(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with gguf_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # The weights are plain float32 now; drop the "gguf" marker so the model saves and trains as dense.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -82,11 +84,16 @@ def smollm2_dir() -> str:
     target = os.path.join(cache_dir(), f"smollm2-135m-instruct-{version}")
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
-    os.makedirs(cache_dir(), exist_ok=True)
-    model, tokenizer = _from_gguf(smollm2_gguf_path())
-    model.config._name_or_path = "SmolLM2-135M-Instruct"
-    tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir())
+    try:  # before the 15 s conversion: an unwritable cache (a read-only HOME) fails at once
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir())
+    except OSError as err:
+        error = output_error(cache_dir(), err)
+        raise OutputError(f"the embedded SmolLM2 is converted once into a cache: {error.what}",
+                          "set FOURBIT_CACHE (or XDG_CACHE_HOME) to a directory you can write") from err
     try:
+        model, tokenizer = _from_gguf(smollm2_gguf_path())
+        model.config._name_or_path = "SmolLM2-135M-Instruct"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "fourbit_source.json"), "w") as f:
@@ -111,10 +118,11 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
     if spec == EMBEDDED:
         spec = smollm2_dir()
     if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise InvalidInput(f"{spec!r} is a directory without config.json: not a transformers model directory", _MODEL_FIX)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        read_config(spec)
+        files = check_weights(spec)
+        with loading(spec, files):
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(spec)
     elif os.path.isfile(spec):
         with open(spec, "rb") as f:
             magic = f.read(4)
@@ -132,15 +140,13 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
 def stored_quantization(spec: str) -> dict | None:
     """The `quantization_config` in a transformers directory's config.json, or None (also for
     "smollm2", GGUF files and anything that is not such a directory)."""
-    path = os.path.join(spec, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(spec, "config.json")):
         return None
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-    return config.get("quantization_config") if isinstance(config, dict) else None
+    stored = read_config(spec).get("quantization_config")
+    if stored is not None and not isinstance(stored, dict):
+        raise BadFile(f"{os.path.join(spec, 'config.json')}: quantization_config is a JSON {type(stored).__name__}, not an object",
+                      "restore the file from the model's source")
+    return stored
 
 
 def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
@@ -152,15 +158,37 @@ def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
     from ..integrations.transformers import FourbitConfig
 
     if not stored.get("load_in_4bit"):
-        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else repr(stored.get("quant_method"))
-        raise ValueError(f"{spec!r} holds a {method} checkpoint; fourbit loads dense or 4-bit (NF4/FP4) directories")
-    model = AutoModelForCausalLM.from_pretrained(
-        spec, quantization_config=FourbitConfig(compute_dtype=compute_dtype), dtype=torch.float32, device_map={"": "cpu"}
-    )
-    tokenizer = AutoTokenizer.from_pretrained(spec)
+        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else f"{stored.get('quant_method')!r}-quantized"
+        raise InvalidInput(
+            f"{os.path.join(spec, 'config.json')}: quantization_config says this is a {method} checkpoint; "
+            "fourbit loads dense or 4-bit (NF4/FP4) directories",
+            "give the dense (unquantized) model; fourbit quantizes it to NF4 on load",
+        )
+    files = check_weights(spec)  # a damaged 4-bit tensor named here, not inside transformers' loading report
+    with loading(spec, files):
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, quantization_config=FourbitConfig(compute_dtype=compute_dtype), dtype=torch.float32, device_map={"": "cpu"}
+        )
+        tokenizer = AutoTokenizer.from_pretrained(spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, os.path.abspath(spec)
+
+
+def _check_linear_layers(model, spec: str) -> None:
+    """InvalidInput for a model whose projections are not nn.Linear (GPT-2's transposed Conv1D):
+    quantizing it would write a "4-bit" checkpoint in which nothing is 4-bit."""
+    from torch import nn
+
+    odd = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if odd:
+        raise InvalidInput(
+            f"{spec!r} is a {model.config.model_type} model whose {len(odd)} projection layers ({odd[0]}, ...) are "
+            "transformers Conv1D, not nn.Linear; fourbit quantizes only nn.Linear layers",
+            "use a model built from nn.Linear (Llama, Mistral, Qwen, SmolLM, ...)",
+        )
+    if not any(type(m) is nn.Linear for name, m in model.named_modules() if name and name != "lm_head"):
+        raise InvalidInput(f"{spec!r} has no nn.Linear layer to quantize", "use a model built from nn.Linear layers")
 
 
 def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=("lm_head",)):
@@ -174,6 +202,7 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
     if stored is not None:
         return _load_4bit_directory(spec, stored, compute_dtype)  # FourbitConfig releases the mapping itself
     model, tokenizer, source = load_dense(spec)
+    _check_linear_layers(model, spec)
     quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
     release_checkpoint_mapping(model)
     return model, tokenizer, source

@@ -188,10 +188,8 @@ class RunDir:
         """Mark the directory as a fourbit run and, for --overwrite, set the old run aside."""
         try:
             if not self.marked:
-                from .. import __version__
-
                 created = datetime.datetime.now().isoformat(timespec="seconds")
-                write_json(os.path.join(self.path, MARKER), {"fourbit_run": 1, "version": __version__, "created": created})
+                write_json(os.path.join(self.path, MARKER), {"written_by": "fourbit finetune", "created": created})
             if replacing:
                 aside = os.path.join(self.path, REPLACED)
                 if os.path.isdir(aside):  # an older replacement that was never settled: it is not this run
