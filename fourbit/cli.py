@@ -104,12 +104,16 @@ def _finetune(args: argparse.Namespace) -> int:
         given["targets"] = tuple(given["targets"])
     config = TrainConfig(**given)
     trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(trainer.param_summary)
     try:
+        print(trainer.param_summary)
         summary = trainer.train()
-    except KeyboardInterrupt:  # a second SIGINT/SIGTERM: the step was abandoned, nothing written
+    except KeyboardInterrupt as err:  # a second SIGINT/SIGTERM: the step was abandoned, nothing written
+        if isinstance(err, _Terminated):  # a SIGTERM before the loop took over signals: main() reports it
+            raise
         print("fourbit finetune: stopped at once by a second signal; the last checkpoint (if any) is unchanged", file=sys.stderr)
         return 130
+    finally:
+        trainer.close()  # train() released the run directory already, unless a signal came before it
     if summary["interrupted"]:
         again = [a for a in args.argv if a not in ("--overwrite", "--resume")] + ["--resume"]
         print(f"continue with: fourbit {shlex.join(again)}")

@@ -292,6 +292,7 @@ def test_sigterm_mid_run_checkpoints_and_resumes_bit_identically(tiny, tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
+    assert not os.path.exists(os.path.join(cut, rundir.LOCK))  # released on the way out
     stopped = json.load(open(os.path.join(cut, "checkpoint", "trainer_state.json")))["step"]
     assert 1 <= stopped < 6, out
     assert f"SIGTERM: stopped after step {stopped}" in out and "--resume" in out.splitlines()[-1]

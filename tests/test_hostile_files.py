@@ -179,12 +179,13 @@ def test_linear4bit_refuses_integer_input_as_nn_linear_does():
     from fourbit.lora import Linear4bit
 
     dense = nn.Linear(64, 32)
-    layer = Linear4bit.from_linear(dense)
     x = torch.randint(0, 5, (3, 64))
     with pytest.raises(RuntimeError):
         dense(x)
-    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
-        layer(x)
+    for compute_dtype in (torch.float32, None):  # with a compute dtype, the input used to be cast, the output truncated
+        layer = Linear4bit.from_linear(dense, compute_dtype=compute_dtype)
+        with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+            layer(x)
 
 
 # ---- 8. eval records obey --max-length -----------------------------------------------------------------------

@@ -141,19 +141,24 @@ def test_two_fresh_runs_then_a_resume_while_it_checkpoints_then_a_kill_leaves_a_
 
 # ---- 5: two quantizes into one output ---------------------------------------------------------------------------
 def test_concurrent_quantize_into_one_output(tiny, tmp_path, capsys):
-    """Two quantizes into one new output started together (of one model here: whichever wins, the
-    output must be its model, written once); then another model into it while the first holds it."""
+    """Two quantizes into one new output started together: one is refused, naming the other. A third,
+    of another model, is refused while the winner loads; SIGTERM then stops the winner with nothing
+    left behind (no output, temporary folder or lock), and the third, retried, writes its model."""
     out = str(tmp_path / "q4")
     holder = _first_of_two(tmp_path, "load", ["quantize", tiny, out], f"the output {out!r}")
     other = str(tmp_path / "other")
     shutil.copytree(tiny, other)
-    rc, err = run_cli(capsys, ["quantize", other, out, "--overwrite"])
+    rc, err = run_cli(capsys, ["quantize", other, out])
     assert rc == 2 and f"the output {out!r} is in use by pid {holder.proc.pid} on host " in err, err
-    holder.go("load")
-    rc, stdout, err = holder.finish()
-    assert rc == 0 and f"wrote {out}" in stdout, err
-    assert json.load(open(os.path.join(out, "fourbit-quantize.json")))["source"] == os.path.abspath(tiny)
-    assert sorted(os.listdir(tmp_path)) == ["hold0", "hold1", "other", "q4"]  # no lock, temporary or set-aside folder left
+
+    holder.proc.send_signal(signal.SIGTERM)
+    rc, _, err = holder.finish()
+    assert rc == 143 and err.strip().endswith("fourbit quantize: interrupted"), err
+    assert sorted(os.listdir(tmp_path)) == ["hold0", "hold1", "other"]
+    rc, err = run_cli(capsys, ["quantize", other, out])
+    assert rc == 0, err
+    assert json.load(open(os.path.join(out, "fourbit-quantize.json")))["source"] == os.path.abspath(other)
+    assert sorted(os.listdir(tmp_path)) == ["hold0", "hold1", "other", "q4"]
 
 
 # ---- 6: --overwrite and --resume only act on runs fourbit marked ------------------------------------------------
