@@ -17,7 +17,6 @@ only a directory fourbit quantize wrote (it carries the marker) or an empty one,
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -155,8 +154,7 @@ def _write(spec: str, output_dir: str, parent: str, overwrite: bool) -> None:
         }
         save_safetensors_file(os.path.join(tmp, "model.safetensors"), state, {"format": "pt"})
         source = spec if spec == EMBEDDED else os.path.abspath(spec)
-        marker = {"written_by": "fourbit quantize", "source": source,
-                  "created": datetime.datetime.now().isoformat(timespec="seconds")}
+        marker = {"written_by": "fourbit quantize", "source": source}  # no time: equal exports are equal bytes
         try:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
