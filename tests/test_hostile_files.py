@@ -301,7 +301,7 @@ def test_a_chat_template_that_refuses_a_role(tiny, tmp_path, capsys):
     data = tmp_path / "chat.jsonl"
     data.write_text((json.dumps(record) + "\n") * 24)
     _one_line(capsys, ["finetune", "--model", model, "--data", str(data), "--output-dir", str(tmp_path / "run"), *SHORT],
-              "chat template refused messages with roles ['system', 'user'] (only user and assistant roles)")
+              f"the chat template of {model} refused messages with roles ['system', 'user'] (only user and assistant roles)")
 
 
 def test_a_read_only_home_with_the_default_model(tmp_path, capsys, monkeypatch):

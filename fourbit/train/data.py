@@ -101,7 +101,8 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
         except TemplateError as err:  # the template's own raise_exception(...), or a broken template
             roles = [m.get("role") for m in messages]
             raise InvalidInput(
-                f"the tokenizer's chat template refused messages with roles {roles} ({err}); first message: "
+                f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'} refused messages "
+                f"with roles {roles} ({err}); first message: "
                 f"{str(messages[0].get('content'))[:60]!r}",
                 "give records whose roles the template accepts (its message says which), or use another model",
             ) from None

@@ -122,7 +122,7 @@ class Trainer:
     Without either, an output directory that already holds a run is refused.
 
     The run directory stays locked from construction until train() returns or raises; a Trainer
-    that is not trained releases it with close() (or `with Trainer(...) as t:`, or when collected).
+    that is not trained releases it with close() (or when it is garbage-collected, or the process ends).
     """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
@@ -156,12 +156,6 @@ class Trainer:
         """Release the run directory (train() does this itself when it ends)."""
         if self.is_main:
             self.run.release()
-
-    def __enter__(self) -> "Trainer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ---- setup -------------------------------------------------------------------------------
     def _open_run_dir(self, resume: bool, overwrite: bool) -> None:

@@ -60,7 +60,7 @@ from ..nf4.files import fsync_dir, write_bytes
 from .lock import Lock
 
 __all__ = [
-    "RunDir", "RUN_FILES", "MARKER", "LOCK", "REPLACED",
+    "RunDir", "RunDirExists", "RUN_FILES", "MARKER", "LOCK", "REPLACED",
     "write_json", "write_torch", "read_json", "read_torch", "append_line",
 ]
 
