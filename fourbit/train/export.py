@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 from ..errors import InvalidInput, RunExists, output_error
-from .lock import Lock
+from .lock import Lock, make_dirs, remove_empty
 from .models import EMBEDDED, load_quantized
 
 __all__ = ["export_4bit", "MARKER"]
@@ -76,30 +76,6 @@ def _settle_tree(directory: str) -> None:
     os.chmod(directory, 0o777 & ~mask)
 
 
-def _make_parents(folder: str) -> list[str]:
-    """os.makedirs that returns the folders it created, outermost first."""
-    missing = []
-    while not os.path.lexists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    created = []
-    for path in reversed(missing):
-        try:
-            os.mkdir(path)
-        except FileExistsError:  # created by someone else a moment ago
-            continue
-        created.append(path)
-    return created
-
-
-def _remove_empty(folders: list[str]) -> None:
-    for folder in reversed(folders):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            break
-
-
 def export_4bit(spec: str, output_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Quantize a model to NF4 (double quant, blocksize 64) and write a directory that
     `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` loads with bitsandbytes (see the
@@ -109,11 +85,11 @@ def export_4bit(spec: str, output_dir: str | os.PathLike, *, overwrite: bool = F
     parent = os.path.dirname(target)
     created: list[str] = []
     try:
-        created = _make_parents(parent)
+        created = make_dirs(parent)
         lock = Lock(os.path.join(parent, f".{os.path.basename(target)}.fourbit.lock"), what=f"the output {output_dir!r}")
         notice = lock.acquire()
     except OSError as err:
-        _remove_empty(created)
+        remove_empty(created)
         raise output_error(output_dir, err) from err
     if notice:
         print(f"fourbit: {notice}", file=sys.stderr)
@@ -122,7 +98,7 @@ def export_4bit(spec: str, output_dir: str | os.PathLike, *, overwrite: bool = F
         _write(spec, output_dir, parent, overwrite)
     except BaseException:
         lock.release()
-        _remove_empty(created)
+        remove_empty(created)
         raise
     lock.release()
     return output_dir

@@ -33,7 +33,37 @@ import weakref
 
 from ..errors import Locked, output_error
 
-__all__ = ["Lock", "Locked"]
+__all__ = ["Lock", "Locked", "make_dirs", "remove_empty"]
+
+
+def make_dirs(folder: str) -> list[str]:
+    """os.makedirs that returns the folders it created, outermost first, so that a refused command
+    can remove them again (`remove_empty`) and leave nothing behind."""
+    missing, head = [], os.path.abspath(folder)
+    while not os.path.lexists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    created = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # another process created it a moment ago: that is fine
+            continue
+        except OSError:
+            remove_empty(created)
+            raise
+        created.append(path)
+    return created
+
+
+def remove_empty(folders: list[str]) -> None:
+    """Remove `folders` (from make_dirs), innermost first, while they are empty: never a file someone
+    else (another run) put there."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 def _describe(holder: dict) -> str:
     """"pid 123 on host h since 2026-01-02 10:11:12 (fourbit finetune ...)" from a lock file's record."""

@@ -57,7 +57,7 @@ import torch
 
 from ..errors import BadFile, InvalidInput, MissingFile, RunExists, output_error
 from ..nf4.files import fsync_dir, write_bytes
-from .lock import Lock
+from .lock import Lock, make_dirs, remove_empty
 
 __all__ = [
     "RunDir", "RunDirExists", "RUN_FILES", "MARKER", "LOCK", "REPLACED",
@@ -102,23 +102,14 @@ class RunDir:
     # ---- lock ------------------------------------------------------------------------------------
     def lock(self) -> None:
         """Create the directory if needed and take its lock (Locked names the holder)."""
-        missing, head = [], os.path.abspath(self.path)
-        while not os.path.lexists(head):
-            missing.append(head)
-            head = os.path.dirname(head)
         try:
-            for folder in reversed(missing):
-                os.mkdir(folder)
-                self._created.append(folder)
-        except FileExistsError:  # another process created it a moment ago: that is fine
-            pass
+            self._created = make_dirs(self.path)
         except OSError as err:
-            self._remove_created()
             raise output_error(self.path, err) from err
         try:
             notice = self._lock.acquire()
         except BaseException:
-            self._remove_created()
+            self.release()
             raise
         if notice:
             print(f"fourbit: {notice}", file=sys.stderr)
@@ -126,14 +117,7 @@ class RunDir:
     def release(self) -> None:
         """Drop the lock and delete the folders `lock` created if they are still empty."""
         self._lock.release()
-        self._remove_created()
-
-    def _remove_created(self) -> None:
-        for folder in reversed(self._created):
-            try:
-                os.rmdir(folder)  # only when empty: never a file someone (another run) put there
-            except OSError:
-                break
+        remove_empty(self._created)
         self._created = []
 
     # ---- before the run ----------------------------------------------------------------------------
