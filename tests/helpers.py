@@ -311,3 +311,48 @@ def train_steps(
         if checkpoint_dir is not None and step + 1 == CHECKPOINT_AT:
             checkpoint.save(checkpoint_dir, model, optimizer, step=step + 1)
     return losses
+
+
+# ---- runs and the CLI ---------------------------------------------------------------------------
+FINISHED_ARGS = ["--steps", "2", "--batch-size", "2", "--eval-examples", "4", "--targets", "q_proj", "v_proj", "--quiet"]
+
+
+def finished_run(tiny: str, root) -> str:
+    """root/finished: a completed 2-step fine-tune of the tiny Llama (FINISHED_ARGS); reused when there."""
+    from fourbit.cli import main
+
+    run = os.path.join(os.fspath(root), "finished")
+    if not os.path.isfile(os.path.join(run, "summary.json")):
+        assert main(["finetune", "--model", tiny, "--output-dir", run, *FINISHED_ARGS]) == 0
+    return run
+
+
+def tree_hashes(root) -> dict[str, str]:
+    """{relative path: sha256} of every file below root (what "byte for byte unchanged" compares)."""
+    import hashlib
+
+    out = {}
+    for base, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    """(exit status, stderr) of `fourbit argv` in this process. A failure must be the CLI's one line
+    `fourbit <command>: error: <what> — <fix>` and no traceback."""
+    from fourbit.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as exit_info:  # argparse's errors exit from inside parsing
+        rc = exit_info.code
+    err = capsys.readouterr().err
+    if rc != 0:
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and lines[0].startswith(f"fourbit {argv[0]}: error: ") and " — " in lines[0], err
+        assert "Traceback" not in err, err
+    return rc, err

@@ -265,6 +265,8 @@ class Linear4bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, this layer expects {self.in_features}")
+        if not x.is_floating_point():  # nn.Linear refuses it too; casting would truncate the result to integers
+            raise TypeError(f"Linear4bit takes a floating-point input, got {x.dtype}")
         weight, state = self._resolve()
         compute = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(compute)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ... import dispatch
+from ...errors import InvalidInput
 from ...nf4 import dynamic_map
 from ...nf4.adamw import QBLOCK
 from . import saved_state
@@ -178,6 +179,11 @@ class _AdamWBase(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                if p.is_meta or p.grad.is_meta:
+                    raise InvalidInput(
+                        f"a parameter of shape {tuple(p.shape)} is on the meta device (no data) and cannot be updated",
+                        "load the real weights first (to_empty() + load_state_dict, or from_pretrained without meta init)",
+                    )
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} differs from parameter {tuple(p.shape)}")
                 candidates.append((group, p))
