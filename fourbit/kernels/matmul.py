@@ -98,13 +98,16 @@ def _sms(device: torch.device) -> int:
 
 
 def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
-    """(packed bytes, 16 codes, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
+    """(packed bytes, 16 codes, absmax, absmax2, code8, offset) pointers; unused ones alias absmax.
+    The kernels index every one as a flat contiguous array, so views with strides are copied."""
     data = check_packed(packed, state)  # (N*K/2,) uint8
     code = state.code.to(device=data.device, dtype=torch.float32).contiguous()
     absmax, absmax2, code8, offset = state.as_tensors()
+    absmax = absmax.contiguous()
     if absmax2 is None:
         return data, code, absmax, absmax, absmax, absmax
-    return data, code, absmax, absmax2, code8, offset.to(device=data.device, dtype=torch.float32).reshape(1)
+    return (data, code, absmax, absmax2.contiguous(), code8.to(torch.float32).contiguous(),
+            offset.to(device=data.device, dtype=torch.float32).reshape(1))
 
 
 def _route(route, m: int, state: QuantState, backward: bool, dtype: torch.dtype) -> tuple[str, str]:
@@ -153,7 +156,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         return y.copy_(bias.to(x.dtype).expand_as(y)) if bias is not None else y.zero_()
     op, path = _route(route, m, state, backward=False, dtype=x.dtype)
     nested, has_bias = state.nested is not None, bias is not None
-    bias_arg = bias.to(x.dtype) if has_bias else None  # rounded to x's dtype first, as the reference
+    # rounded to x's dtype first, as the reference; contiguous: the kernels index bias_ptr + n
+    bias_arg = bias.to(x.dtype).contiguous() if has_bias else None
     y2 = y.view(m, n)
     if path == "dequantize+cublas":
         w = dequantize_into(packed, state, _workspace(n * k, x.dtype, device)).view(n, k)  # (N, K) x.dtype
@@ -194,7 +198,7 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
     if grad_y.dtype not in _DOT_PRECISION:
         raise TypeError(f"grad_y must be float32/float16/bfloat16, got {grad_y.dtype}")
     device = check_launch_device(grad_y=grad_y, packed=packed, absmax=state.absmax)
-    dy = grad_y.reshape(-1, n)
+    dy = grad_y.reshape(grad_y.shape[:-1].numel(), n)  # (-1, n) is ambiguous when n == 0
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     m = dy.shape[0]
