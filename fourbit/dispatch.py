@@ -21,7 +21,7 @@ ValueError on what it cannot do, and this module decides what runs instead. The 
 K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take the reference
 (dequantize in chunks + torch.matmul), as bitsandbytes does for them. Among the Triton matmul's
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
-model `fourbit.kernels.costmodel` until a GPU measurement replaces them):
+model `fourbit.kernels.analysis.costmodel` until a GPU measurement replaces them):
 
     M <= GEMV_MAX_M (16)         ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
                                                                  % 64 == 0): 1.00 of the HBM roofline at M = 1,

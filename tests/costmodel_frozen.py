@@ -121,7 +121,7 @@ def main(out: str, ms: list[int]) -> None:
     """Rows of the library's routed plans at each M in `ms` (forward only at M <= 16, where decode
     runs; forward and backward above) and of the frozen GEMV at M = 1, on the five Llama-3 shapes,
     plus the kernel facts, as JSON in `out`. Builds are cached per process, so nothing compiles twice."""
-    from fourbit.kernels import costmodel
+    from fourbit.kernels.analysis import costmodel
 
     route, rows, facts = costmodel.default_route(), [], {}
     for group, ops in (([m for m in ms if m <= 16], ("gemv", "gemm")), ([m for m in ms if m > 16], ("gemm", "backward"))):

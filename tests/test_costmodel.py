@@ -1,4 +1,4 @@
-"""The static cost model (fourbit.kernels.costmodel) and its SASS reader (fourbit.kernels.sass).
+"""The static cost model (fourbit.kernels.analysis.costmodel) and its SASS reader (fourbit.kernels.analysis.sass).
 
 The SASS reader and the model's arithmetic are checked here on hand-written inputs. Compiling
 needs a Python without TRITON_INTERPRET, so one child process per session
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fourbit.kernels import costmodel, sass
+from fourbit.kernels.analysis import costmodel, sass
 from fourbit.kernels.compile import Launch, Plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def test_model_ranks_the_old_gemv_far_below_the_new(compiled):
                                            (["--shape", "4096x100"], "K a multiple of 64")])
 def test_cli_refuses_bad_sizes_in_one_line(args, message):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run([sys.executable, "-m", "fourbit.kernels.costmodel", *args], cwd=REPO, env=env,
+    child = subprocess.run([sys.executable, "-m", "fourbit.kernels.analysis.costmodel", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == 2 and message in child.stderr and "Traceback" not in child.stderr, child.stderr
 
@@ -271,7 +271,7 @@ ROW_FIELDS = {"op", "M", "N", "K", "config", "path", "limiter", "predicted_fract
 def test_cli_writes_rows_and_cubins(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out, bins = tmp_path / "rows.json", tmp_path / "bins"
-    cmd = [sys.executable, "-m", "fourbit.kernels.costmodel", "--arch", "sm_90a", "--op", "gemv", "--m", "1",
+    cmd = [sys.executable, "-m", "fourbit.kernels.analysis.costmodel", "--arch", "sm_90a", "--op", "gemv", "--m", "1",
            "--shape", "4096x4096", "--json", str(out), "--save-binaries", str(bins)]
     child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]

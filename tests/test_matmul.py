@@ -284,7 +284,7 @@ def test_tensor_core_gemv_keeps_one_element_per_thread(tmp_path):
 
     script = (
         "import importlib, re\n"
-        "from fourbit.kernels.report import _compile, ARCHS\n"
+        "from fourbit.kernels.analysis.report import _compile, ARCHS\n"
         "m = importlib.import_module('fourbit.kernels.matmul')\n"
         "for s in m.compile_specs():\n"
         "    if 'gemv_mma' in s.name and s.constexprs['TILES'] == 2:\n"
@@ -407,7 +407,7 @@ def test_compile_report_tensor_cores_no_spills(tmp_path):
 
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fourbit.kernels.report", "--module", "fourbit.kernels.matmul", "--arch", "sm_80",
+    cmd = [sys.executable, "-m", "fourbit.kernels.analysis.report", "--module", "fourbit.kernels.matmul", "--arch", "sm_80",
            "sm_90a", "--json", str(out)]
     for name in REPORT_SPECS:
         cmd += ["--only", name]

@@ -124,14 +124,14 @@ export site out dry flag
 stage install preflight && [ -n "$(ls -A "$site")" ] && export PYTHONPATH="$site:$PYTHONPATH"
 
 cm_pid=""
-if [ -f fourbit/kernels/costmodel.py ]; then  # CPU work: overlaps the GPU stages, done before 'predicted'
+if [ -f fourbit/kernels/analysis/costmodel.py ]; then  # CPU work: overlaps the GPU stages, done before 'predicted'
   if ((dry)); then  # the dry run's shapes, so that the join has rows to make (compiled, not interpreted)
     cm_args=(--op gemv --op dequantize --m 1 --shape 64x128 --shape 96x192)
   else  # the five Llama-3 shapes (its default) at the Ms the timings measure
     cm_args=(--m 1 --m 16 --m 2048)
   fi
   cm_left=$(( (dry ? dry_limit : limit) - SECONDS - ${budget[predicted]} - ${budget[summary]} ))
-  ( timeout -k 3 "$cm_left" env -u TRITON_INTERPRET python3 -m fourbit.kernels.costmodel --arch sm_90a "${cm_args[@]}" \
+  ( timeout -k 3 "$cm_left" env -u TRITON_INTERPRET python3 -m fourbit.kernels.analysis.costmodel --arch sm_90a "${cm_args[@]}" \
       --json "$out/costmodel.json" 2>&1 | sed 's/^/costmodel: /' ) &
   cm_pid=$!
 fi

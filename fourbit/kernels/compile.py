@@ -1,10 +1,10 @@
 """What a kernel file declares so the compile report can build it for real GPUs without one.
 
 Each kernel module defines `compile_specs() -> list[CompileSpec]`: one entry per (kernel, config)
-that its launcher may use. `fourbit.kernels.report` compiles each with `triton.compile` for
+that its launcher may use. `fourbit.kernels.analysis.report` compiles each with `triton.compile` for
 sm_80 / sm_89 / sm_90a and checks the expectations recorded here. `Launch` and `Plan` describe how
 a launcher would use those kernels on one problem size, for the static cost model
-(`fourbit.kernels.costmodel`, whose docstring states the contract).
+(`fourbit.kernels.analysis.costmodel`, whose docstring states the contract).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class CompileSpec:
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel launch as the launcher would issue it, for the static cost model
-    (`fourbit.kernels.costmodel`): which compiled kernel, how many programs, and what one trip of
+    (`fourbit.kernels.analysis.costmodel`): which compiled kernel, how many programs, and what one trip of
     its steady-state loop (the K loop of a GEMV/GEMM, the N loop of the backward; the whole program
     when the kernel has no loop) consumes."""
 

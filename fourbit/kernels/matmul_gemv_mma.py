@@ -28,7 +28,7 @@ is decoded whole, in three instructions, from a table of code pairs:
     are fewer than 3 programs per SM, to keep enough bytes in flight); the partials are summed once
     at the end.
 
-Hand count (sm_90a, Triton 3.9, cuobjdump -sass of `python -m fourbit.kernels.costmodel
+Hand count (sm_90a, Triton 3.9, cuobjdump -sass of `python -m fourbit.kernels.analysis.costmodel
 --save-binaries`): a loop trip (2 blocks, 32 packed bytes per thread) of the M <= 8, 4-warp kernel
 is 175 instructions, 5.5 per byte: 32 PRMT + 32 IMAD + 32 LDS for the lookups (3.0 per byte), 8
 HMMA, 15 global loads (4 x 64-bit weights, 8 x 64-bit x, a scale code, its nested code and scale),
@@ -66,7 +66,7 @@ from ._decode import block_scales
 __all__ = ["HAND_COUNT", "gemv_mma_kernel", "pair_table", "LOOKUP_ASM", "MMA_ASM", "MMA_FP16_ASM"]
 
 # Thread-instructions per packed weight byte in the loop (sm_90a SASS between the loop label and
-# its back-edge, `python -m fourbit.kernels.costmodel --save-binaries`; bf16 x, nested scales, bs 64).
+# its back-edge, `python -m fourbit.kernels.analysis.costmodel --save-binaries`; bf16 x, nested scales, bs 64).
 HAND_COUNT = {"m8_w4": 5.5, "m8_w8": 5.7, "m16_w4": 6.7, "m16_w8": 6.2}
 
 # $4: a 32-bit word of packed weights (bytes 0..3), $5: this lane's table address (table + 4 * lane).

@@ -3,7 +3,7 @@
 Plans. `plan(op, m, n, k, ...)` returns the `compile.Plan` a launcher runs: the kernel spec as
 compiled (constexprs, warps, stages), the grid, the loop trips and the weight bytes per trip;
 the launchers read their launch parameters from it, and the static cost model
-(`fourbit.kernels.costmodel`) compiles and scores the same objects (`launch_plans`), so the model
+(`fourbit.kernels.analysis.costmodel`) compiles and scores the same objects (`launch_plans`), so the model
 evaluates exactly what runs. Configurations come from a short per-architecture rule; a GPU run may
 override them from a tuning cache on disk (`tune_cache_path()`, written by `tune`), never tuning
 implicitly: a first call costs no benchmarking, and the interpreter never tunes (`matmul_tune`).

@@ -1,11 +1,11 @@
 """Static cost model: how fast fourbit's matmul kernels can be on an H200, read from their SASS.
 
-    python -m fourbit.kernels.costmodel --arch sm_90a [--json FILE] [--save-binaries DIR]
+    python -m fourbit.kernels.analysis.costmodel --arch sm_90a [--json FILE] [--save-binaries DIR]
         [--m 1 --m 2048 ...] [--op gemv --op gemm ...] [--shape 4096x4096 ...]
 
 No GPU: every kernel configuration the launchers may run is compiled for the target with the
-compile report's machinery (`fourbit.kernels.report.build`), its steady-state loop is found in the
-SASS (`fourbit.kernels.sass`) and its instructions per loop trip are counted by class. Each launch
+compile report's machinery (`fourbit.kernels.analysis.report.build`), its steady-state loop is found in the
+SASS (`fourbit.kernels.analysis.sass`) and its instructions per loop trip are counted by class. Each launch
 is then bounded by the slowest of
   * issue: 4 warp-instructions per clock per SM, and each class's own pipe rate (`PIPES`);
   * L1/shared memory: 128 B per clock per SM; a warp's access costs its bytes / 128 wavefronts,
@@ -85,7 +85,7 @@ import sys
 from typing import Any, Callable
 
 from . import sass as sasslib
-from .compile import Launch, Plan
+from ..compile import Launch, Plan
 from .report import build
 
 __all__ = ["SHAPES", "MS", "predict_launch", "predict_plan", "evaluate", "main"]
@@ -230,7 +230,7 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
 
 # ---- what the library would run -----------------------------------------------------------------------
 def _plans_function() -> Callable[..., list[Plan]]:
-    from .matmul import launch_plans
+    from ..matmul import launch_plans
 
     return launch_plans
 
@@ -248,7 +248,7 @@ def default_route() -> Callable[..., tuple[str, str]]:
     """The dispatcher's route function. The model is a tool above the library (tests/test_layers.py
     places it just above dispatch), so reading dispatch's choice here does not make the kernels depend
     on dispatch: nothing in the library imports the cost model."""
-    from ..dispatch import matmul_route
+    from ...dispatch import matmul_route
 
     return matmul_route
 
@@ -345,7 +345,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.costmodel", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.analysis.costmodel", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=["sm_90a"], default="sm_90a", help="target (the constants are the H200's)")
     parser.add_argument("--json", metavar="FILE", help="write rows, kernel facts, constants and notes as JSON")
     parser.add_argument("--save-binaries", metavar="DIR", help="write each compiled cubin (check with cuobjdump -sass)")
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the README's table of chosen rows instead")
     args = parser.parse_args(argv)
 
-    from ._triton_utils import interpreting
+    from .._triton_utils import interpreting
 
     if interpreting():
         parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(args.save_binaries, f"{safe}.{args.arch}.cubin"), "wb") as f:
                 f.write(build(spec, args.arch)["cubin"])
     if args.json:
-        from ..nf4.files import atomic_write
+        from ...nf4.files import atomic_write
 
         text = json.dumps({"arch": args.arch, "constants": constants(), "rows": rows, "kernels": facts}, indent=1) + "\n"
 

@@ -1,6 +1,6 @@
 """Read a `cuobjdump -sass` listing: instructions, the steady-state loop, and its instruction mix.
 
-The static cost model (`fourbit.kernels.costmodel`) needs, for one compiled kernel, the
+The static cost model (`fourbit.kernels.analysis.costmodel`) needs, for one compiled kernel, the
 instructions one trip of its hot loop executes per warp, sorted into the classes whose hardware
 throughput differs. cuobjdump prints one instruction per line:
 

@@ -1,6 +1,6 @@
 """Compile report: build every fourbit kernel for real GPUs without one, and read what ptxas made.
 
-    python -m fourbit.kernels.report [--arch sm_80 sm_89 sm_90a] [--only NAME]... [--module M]... [--json PATH]
+    python -m fourbit.kernels.analysis.report [--arch sm_80 sm_89 sm_90a] [--only NAME]... [--module M]... [--json PATH]
 
 For each `CompileSpec` of the kernel modules (`compile_specs()` in quantize, dequantize, matmul and
 adamw; a module that fails to import is reported as a failure) and each architecture:
@@ -17,7 +17,7 @@ A row fails its checks on spills or local memory, on a widest global load narrow
 `expect_vector_bits`, or on missing tensor-core instructions when the spec expects them.
 Exit status 1 when any row fails or a kernel module fails to import.
 With sm_90a among the targets and no --only/--module filter, a last section prints the static cost
-model's predictions for the dispatcher's choices (`fourbit.kernels.costmodel`), from the same builds.
+model's predictions for the dispatcher's choices (`fourbit.kernels.analysis.costmodel`), from the same builds.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 import tempfile
 from typing import Any
 
-from ..nf4.files import atomic_write
+from ...nf4.files import atomic_write
 
 __all__ = ["ARCHS", "MODULES", "collect_specs", "build", "analyse", "sass_counts", "ptxas_usage", "main"]
 
@@ -211,14 +211,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.analysis.report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", choices=list(ARCHS), default=list(ARCHS), help="targets (default: all)")
     parser.add_argument("--only", action="append", default=[], help="keep specs whose name contains this (repeatable)")
     parser.add_argument("--module", action="append", choices=MODULES, help="kernel modules to load (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows (and notes) as JSON")
     args = parser.parse_args(argv)
 
-    from ._triton_utils import interpreting
+    from .._triton_utils import interpreting
 
     if interpreting():
         parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import costmodel
 
         model_rows, _, _ = costmodel.evaluate("sm_90a", route=costmodel.default_route(), routed_only=True)
-        print("\nstatic cost model, sm_90a, the dispatcher's choices (python -m fourbit.kernels.costmodel --all: every candidate)")
+        print("\nstatic cost model, sm_90a, the dispatcher's choices "
+              "(python -m fourbit.kernels.analysis.costmodel --all: every candidate)")
         print(costmodel.format_table([r for r in model_rows if r["chosen"]]))
     if args.json:
         text = json.dumps({"rows": rows, "notes": notes, "costmodel": model_rows}, indent=1, default=str) + "\n"
