@@ -1,9 +1,10 @@
 """The static cost model (fourbit.kernels.analysis.costmodel) and its SASS reader (fourbit.kernels.analysis.sass).
 
 The SASS reader and the model's arithmetic are checked here on hand-written inputs. Compiling
-needs a Python without TRITON_INTERPRET, so one child process per session
-(tests/costmodel_frozen.py) compiles what the assertions need for sm_90a: the frozen pre-rebuild
-GEMV, and the library's routed plans at M = 1, 2048 and 8192 on the five Llama-3 shapes.
+needs a Python without TRITON_INTERPRET, so one child process per session and Triton version
+(tests/kernel_builds.py, the `compiled` fixtures of tests/conftest.py) compiles what the assertions
+need for sm_90a: the frozen pre-rebuild GEMV, and the library's routed plans at M = 1, 16, 2048 and
+8192 on the five Llama-3 shapes.
 """
 
 from __future__ import annotations
@@ -148,18 +149,6 @@ def test_dequantize_plus_cublas_costs_both():
     assert row["limiter"] == "cublas" and row["kernels"] == ["dq"]
     assert math.isclose(row["predicted_time_us"], round((dense + hbm / costmodel.HBM_BYTES_PER_S) * 1e6, 3))
     assert math.isclose(row["predicted_fraction"], round(dense / (row["predicted_time_us"] * 1e-6), 4), rel_tol=1e-3)
-
-
-@pytest.fixture(scope="session")
-def compiled(tmp_path_factory):
-    """The child's JSON: routed library rows at M = 1, 16, 2048 and 8192, and the frozen GEMV's rows."""
-    out = tmp_path_factory.mktemp("costmodel") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    child = subprocess.run([sys.executable, str(REPO / "tests" / "costmodel_frozen.py"), str(out), "1", "16", "2048", "8192"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
-    return json.loads(out.read_text())
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
         limits["shared"] = SHARED_PER_SM // (shared + SHARED_RESERVED_PER_CTA)
     return {"name": spec.name, "registers": regs, "shared_bytes": shared, "num_warps": warps, "num_stages": spec.num_stages,
             "resident_ctas": max(0, min(limits.values())), "occupancy_limit": min(limits, key=limits.get),
-            "loop": None if loop is None else [hex(loop.start), hex(loop.end)], **mix}
+            "loop": None if loop is None else [hex(loop.start), hex(loop.end)], "hazards": built["hazards"], **mix}
 
 
 def _gather_wavefronts(table_bytes: int) -> float:
@@ -205,7 +205,8 @@ def roofline_time(op: str, m: int, n: int, k: int) -> float:
 
 def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callable[[Any], dict]) -> dict[str, Any]:
     """One output row for `plan` (see the module docstring for the schema)."""
-    parts = [(predict_launch(launch, facts_of(launch.spec)), launch) for launch in plan.launches]
+    # each launch's spec as Triton specializes it for the launch's sizes (M = 1 is a constant, ...)
+    parts = [(predict_launch(launch, facts_of(launch.compiled_spec)), launch) for launch in plan.launches]
     time_s = sum(p["time_s"] for p, _ in parts)
     limiters = [(p["time_s"], p["limiter"]) for p, _ in parts]
     if plan.cublas_mnk is not None:
@@ -222,7 +223,7 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
         "limiter": max(limiters)[1], "predicted_fraction": round(fraction, 4), "predicted_time_us": round(time_s * 1e6, 3),
         "loop_instructions_per_weight_byte": None if main is None or main["instr_per_byte"] is None
         else round(main["instr_per_byte"], 2),
-        "arch": arch, "chosen": False, "kernels": [launch.spec.name for launch in plan.launches],
+        "arch": arch, "chosen": False, "kernels": [launch.compiled_spec.name for launch in plan.launches],
         "bounds_us": {} if main is None else {name: round(t * 1e6, 3) for name, t in main["bounds"].items()},
         "roofline_fraction": round(roofline_time("dequantize" if plan.op == "dequantize" else "gemv", m, n, k) / time_s, 4),
     }  # fmt: skip
