@@ -24,8 +24,8 @@ routes, `matmul_route` picks by the number of rows M of x (crossovers below, fro
 model `fourbit.kernels.analysis.costmodel` until a GPU measurement replaces them):
 
     M <= GEMV_MAX_M (16)         ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
-                                                                 % 64 == 0): 1.00 of the HBM roofline at M = 1,
-                                                                 0.84-0.86 at M = 16; fp32 x or blocksize 32:
+                                                                 % 64 == 0), capability >= 8.0 (predicted
+                                                                 fractions: docs/kernels.md); fp32 x, blocksize 32:
                                                                  the SIMT GEMV up to SIMT_GEMV_MAX_M (2)
     M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
     SWAP_MIN_M (1024) <= M       ("gemm" | "backward", "fused")  Hopper, bf16/fp16: the swapped tiles, W from

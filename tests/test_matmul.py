@@ -267,11 +267,19 @@ def test_tensor_core_gemv_pair_lookup_matches_table():
         assert mma.pair_table(code, dtype, torch.device("cpu")) is first  # built once per codebook tensor
         code[0] = 0.5  # an in-place change is seen (the tensor's version moves)
         assert mma.pair_table(code, dtype, torch.device("cpu"))[0] != first[0]
-        smem = {base + 16 * q + 4 * j: table[q // 8] for q in range(2048) for j in range(4)}  # st.shared.v4 of _fill_table
-        for lane in (0, 5, 31):
-            for word in (0x03020100, 0xFFFEFDFC, 0x7F80017E, 0x12345678):
-                outs = _replay_lookup(mma.LOOKUP_ASM.value, word, base + 4 * lane, smem)
-                assert outs == [table[(word >> (8 * i)) & 255] for i in range(4)]
+        for nt in (128, 256):  # the stores `_fill_table` issues with 4 and 8 warps: st.shared.v4 of entry b
+            smem = {}
+            for t in range(nt):
+                for b in range(t, 256, nt):
+                    for j in range(8):
+                        for w in range(4):
+                            smem.setdefault(base + b * 128 + ((j + b) % 8) * 16 + 4 * w, []).append(table[b])
+            assert len(smem) == 8192 and all(len(v) == 1 for v in smem.values())  # every word once
+            smem = {addr: v[0] for addr, v in smem.items()}
+            for lane in (0, 5, 31):
+                for word in (0x03020100, 0xFFFEFDFC, 0x7F80017E, 0x12345678):
+                    outs = _replay_lookup(mma.LOOKUP_ASM.value, word, base + 4 * lane, smem)
+                    assert outs == [table[(word >> (8 * i)) & 255] for i in range(4)]
 
 
 def test_tensor_core_gemv_keeps_one_element_per_thread(tmp_path):

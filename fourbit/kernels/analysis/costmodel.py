@@ -19,7 +19,11 @@ is then bounded by the slowest of
     in flight (one loop trip for register loads unless the plan says more, stages-1 for cp.async/TMA
     pipelines) must cover HBM latency x the SM's share of bandwidth (Little's law);
   * HBM: the launch's compulsory bytes at the measured copy bandwidth;
-  * wave quantization: the busiest SM runs ceil(programs / 132) programs.
+  * wave quantization: the busiest SM runs ceil(programs / 132) programs;
+plus, once per launch, the prologue of the first programs (`prologue_clocks`): what runs before the
+loop (a table fill waits for its table's loads, then its stores and the barrier issue) and the first
+weights' latency where it is not covered by the fill; every program's prologue also takes its issue
+slots and L1 wavefronts.
 A dequantize + cuBLAS path costs the dequantize launch plus cuBLAS, modelled as
 max(2MNK / CUBLAS_FLOPS, bytes / HBM): the measured 8192^3 rate, assumed at every shape (fraction
 1.0 of the measured peak). The dense bf16 reference the gemm/backward rows are compared with is the
@@ -28,9 +32,10 @@ same cuBLAS time, so the assumption cancels except through the dequantize share.
 This is a lower bound on the work per byte, not a simulator. Blind spots: it assumes perfect
 overlap of the bounded resources and perfect latency hiding within them; no instruction latency or
 dependency stalls, no scheduling, no bank conflicts beyond table gathers, no L2 misses on tiles
-re-read across programs, no prologue (the tensor-core GEMV writes a 32 KB table per program
-before its loop), no launch overhead, pipeline fill or drain (about 2-5 us per launch, which
-is comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
+re-read across programs; in the prologue, every global load is charged the DRAM latency (the
+GEMV's pair table is an L2 hit, so its wait is overcharged) and the first loop trip's loads of x
+and scales, issued at the loop's start, are not charged; no launch overhead or drain (about 2-5 us
+per launch, comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
 assumed, the clock read right after a matmul run), static counts of predicated code and both sides
 of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe,
 barriers and shuffles cost only their pipe slots (no convergence waits), no credit for a dequantized
@@ -58,6 +63,7 @@ registers, shared memory, resident CTAs, loop address range and instruction mix)
                   config: the autotuner's pick if the model ranks like the hardware)
     kernels       names of the compiled kernel specs the row launches
     bounds_us     every bound of the slowest launch, in microseconds (the limiter is the largest)
+    prologue_us   the exposed prologue added to the bound (`prologue_clocks`), summed over launches
     roofline_fraction  the HBM-roofline fraction for every op (the goal's unit for decode-sized M)
 
 Contract with the kernel modules (what the model asks, so that it evaluates what really runs):
@@ -135,6 +141,7 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
                       for g in sasslib.gathers(body)]  # [name, bytes per warp if coalesced]
     mix["async_copies"] = mix["by_class"].get("global_load", 0) and any(
         x.opcode in ("LDGSTS", "UTMALDG", "UBLKCP") for x in body)
+    mix["prologue"] = None if loop is None else _prologue([x for x in instructions if x.addr < loop.start])
     regs, shared, warps = built["usage"]["registers"], built["shared_bytes"], spec.num_warps
     per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
     limits = {"registers": (REGISTERS_PER_SM // per_warp) // warps, "threads": THREADS_PER_SM // (32 * warps),
@@ -144,6 +151,34 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
     return {"name": spec.name, "registers": regs, "shared_bytes": shared, "num_warps": warps, "num_stages": spec.num_stages,
             "resident_ctas": max(0, min(limits.values())), "occupancy_limit": min(limits, key=limits.get),
             "loop": None if loop is None else [hex(loop.start), hex(loop.end)], "hazards": built["hazards"], **mix}
+
+
+def _prologue(pre: list) -> dict[str, int]:
+    """What runs once per program before the loop: its instructions and L1 wavefronts per warp, the
+    shared-memory stores of a table fill, the global loads issued before the fill's first store
+    (the fill waits for the table's) and those issued after it (their latency starts after the fill)."""
+    stores = [i for i, x in enumerate(pre) if x.opcode in ("STS", "STSM")]
+    loads = [i for i, x in enumerate(pre) if x.opcode in ("LDG", "LD", "LDGSTS")]
+    first = stores[0] if stores else len(pre)
+    return {"instructions": len(pre), "l1_wavefronts": sasslib.mix(pre)["l1_wavefronts"], "fill_stores": len(stores),
+            "loads_before_fill": sum(i < first for i in loads), "loads_after_fill": sum(i > first for i in loads)}
+
+
+def prologue_clocks(pro: dict[str, int] | None, warps: int) -> tuple[float, float, float]:
+    """(issue clocks, L1 clocks, exposed clocks) of one program's prologue. Exposed: the time before
+    its loop can run, charged once per launch (all resident programs start together; a later
+    program's prologue overlaps other programs' loops, so only its issue and L1 slots count):
+    a table fill waits one memory latency for its table (loads before its first store), then issues
+    (the fill's stores, the barrier, the rest); weights requested after the fill add a latency of
+    their own, weights requested before it arrive during the fill."""
+    if not pro:
+        return 0.0, 0.0, 0.0
+    issue = warps * pro["instructions"] / ISSUE_PER_CLK
+    l1 = warps * pro["l1_wavefronts"] * 128 / L1_BYTES_PER_CLK
+    latency = HBM_LATENCY_S * CLOCK_HZ
+    ready = (latency if pro["fill_stores"] and pro["loads_before_fill"] else 0.0) + max(issue, l1)
+    first_data = ready + latency if pro["loads_after_fill"] else latency
+    return issue, l1, max(ready, first_data)
 
 
 def _gather_wavefronts(table_bytes: int) -> float:
@@ -178,6 +213,9 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     sm_clk = {name: per_sm * launch.iterations * c for name, c in clk.items()}
     if trip > max(clk.values()):
         sm_clk["mma_wait"] = per_sm * launch.iterations * trip
+    pro_issue, pro_l1, exposed = prologue_clocks(facts.get("prologue"), warps)
+    sm_clk["issue"] += per_sm * pro_issue  # every program's prologue takes issue slots and L1 wavefronts
+    sm_clk["l1"] += per_sm * pro_l1
     depth = launch.iterations_in_flight or (max(1, facts["num_stages"] - 1) if facts["async_copies"] else 1)
     in_flight = active * launch.weight_bytes_per_iteration * depth  # bytes one SM has requested at once
     sm_bytes = per_sm * launch.hbm_bytes / programs
@@ -187,8 +225,9 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     bounds["hbm"] = launch.hbm_bytes / HBM_BYTES_PER_S
     limiter = max(bounds, key=bounds.get)
     ipb = 32 * warps * n / launch.weight_bytes_per_iteration if launch.weight_bytes_per_iteration else None
-    return {"time_s": bounds[limiter], "limiter": limiter, "bounds": bounds, "instr_per_byte": ipb,
-            "programs": programs, "active_ctas_per_sm": active}
+    prologue = exposed / CLOCK_HZ
+    return {"time_s": bounds[limiter] + prologue, "limiter": limiter, "bounds": bounds, "instr_per_byte": ipb,
+            "programs": programs, "active_ctas_per_sm": active, "prologue_s": prologue}
 
 
 def cublas_time(m: int, n: int, k: int) -> float:
@@ -225,6 +264,7 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
         else round(main["instr_per_byte"], 2),
         "arch": arch, "chosen": False, "kernels": [launch.compiled_spec.name for launch in plan.launches],
         "bounds_us": {} if main is None else {name: round(t * 1e6, 3) for name, t in main["bounds"].items()},
+        "prologue_us": round(sum(p.get("prologue_s", 0.0) for p, _ in parts) * 1e6, 3),
         "roofline_fraction": round(roofline_time("dequantize" if plan.op == "dequantize" else "gemv", m, n, k) / time_s, 4),
     }  # fmt: skip
 
