@@ -53,9 +53,8 @@ def swapped_specs():
 
     from fourbit.kernels import matmul_plan as mp
 
-    configs = [("gemm", c) for c in mp._GEMM_CONFIGS["sm90"] if mp._swapped(c)]
-    configs += [("backward", c) for c in mp._BACKWARD_CONFIGS["sm90"] if mp._swapped(c)]
-    return [mp._gemm_spec(torch.bfloat16, True, 64, cfg, op == "backward") for op, cfg in configs]
+    forward, backward = mp.swapped_configs()
+    return [mp._gemm_spec(torch.bfloat16, True, 64, forward, False), mp._gemm_spec(torch.bfloat16, True, 64, backward, True)]
 
 
 def mutations() -> dict[str, list[str]]:

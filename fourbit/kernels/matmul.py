@@ -43,11 +43,12 @@ from .dequantize import dequantize_into
 from .matmul_gemv_mma import pair_table
 from .matmul_plan import (_DOT_PRECISION, GEMV_MAX_M, SIMT_GEMV_MAX_M, SMS,
                           _gemv_candidates, _m_bucket, compile_specs, default_route, device_arch, fused_shape_supported,
-                          gemv_max_m, launch_plans, mma_gemv_supported, plan, shortlist)
+                          gemv_max_m, launch_plans, mma_gemv_supported, plan, shortlist, swapped_configs)
 from .matmul_tune import _tune_store, tune_cache_path
 
 __all__ = ["matmul", "matmul_backward", "plan", "launch_plans", "default_route", "fused_shape_supported",
-           "compile_specs", "tune", "tune_cache_path", "gemv_max_m", "GEMV_MAX_M", "SIMT_GEMV_MAX_M", "SMS"]
+           "compile_specs", "tune", "tune_cache_path", "gemv_max_m", "shortlist", "swapped_configs", "GEMV_MAX_M",
+           "SIMT_GEMV_MAX_M", "SMS"]
 
 
 def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, bench=None) -> tuple:

@@ -26,8 +26,8 @@ from .matmul_gemv_mma import gemv_mma_kernel
 from .matmul_tune import _tuned
 
 __all__ = ["plan", "launch_plans", "default_route", "device_arch", "fused_shape_supported", "gemv_max_m",
-           "mma_gemv_supported", "shortlist", "swap_gemm_supported", "triton_version", "compile_specs", "GEMV_MAX_M",
-           "SIMT_GEMV_MAX_M", "SWAP_MIN_M", "SWAP_TRITON", "SMS"]
+           "mma_gemv_supported", "shortlist", "swap_gemm_supported", "swapped_configs", "triton_version",
+           "compile_specs", "GEMV_MAX_M", "SIMT_GEMV_MAX_M", "SWAP_MIN_M", "SWAP_TRITON", "SMS"]
 
 GEMV_MAX_M = 16  # the tensor-core GEMV (bf16/fp16 x, blocksize % 64 == 0): two 8-row mma tiles
 SIMT_GEMV_MAX_M = 4  # fp32 x or blocksize 32: the SIMT GEMV, FMA-bound above (4 FFMA per byte per row of x)
@@ -70,6 +70,12 @@ def shortlist(op: str, arch: str) -> list[tuple]:
 
 def _swapped(cfg: tuple) -> bool:
     return len(cfg) > 5 and bool(cfg[5])
+
+
+def swapped_configs() -> tuple[tuple, tuple]:
+    """The swapped tiles' (forward, backward) configurations, whether or not SWAP_TRITON lets the
+    dispatcher pick them (the hazard tests and the GPU session build them on any Triton)."""
+    return (next(c for c in _GEMM_CONFIGS["sm90"] if _swapped(c)), next(c for c in _BACKWARD_CONFIGS["sm90"] if _swapped(c)))
 
 
 def triton_version() -> tuple[int, int]:

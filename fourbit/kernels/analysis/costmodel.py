@@ -43,7 +43,8 @@ workspace that fits in the 60 MB L2 and is read back from there by cuBLAS (4096x
 so dequantize + cuBLAS is charged its full write to HBM. Treat its ranking as reliable and its
 fractions as optimistic.
 
-Rows (`--json` writes {"arch", "constants", "rows", "kernels"}: "kernels" holds each compiled spec's
+Rows (`--json` writes {"arch", "toolchain", "constants", "rows", "kernels"}: the Triton and ptxas that
+built them (run it with Triton 3.6 first on PYTHONPATH for the GPU machine's builds), and each compiled spec's
 registers, shared memory, resident CTAs, loop address range and instruction mix); the row schema is stable
 (helper scripts write predicted-vs-measured tables from it):
     op            "gemv" | "gemm" | "backward" | "dequantize"
@@ -414,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from ...nf4.files import atomic_write
 
-        text = json.dumps({"arch": args.arch, "constants": constants(), "rows": rows, "kernels": facts}, indent=1) + "\n"
+        from .report import toolchain
+
+        text = json.dumps({"arch": args.arch, "toolchain": toolchain(args.arch), "constants": constants(), "rows": rows,
+                           "kernels": facts}, indent=1) + "\n"
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:
