@@ -63,18 +63,18 @@ def mutations() -> dict[str, list[str]]:
 
     gemm, backward = swapped_specs()
     gemv = next(s for s in routed_specs() if s.name.startswith("matmul_gemv_mma"))
-    cases = {
+    cases = {  # name: (spec, pattern, replacement, how many to replace (0: all))
         # the loop's wgmma.wait_group 1 -> 3: the next decode rewrites A registers still being read
-        "swapped gemm, wait_group raised": (gemm, r"(wgmma\.wait_group\.sync\.aligned) 1;", r"\1 3;"),
+        "swapped gemm, wait_group raised": (gemm, r"(wgmma\.wait_group\.sync\.aligned) 1;", r"\1 3;", 0),
         # no fence.proxy.async between the cp.async-written x tile and the wgmma reading it
-        "swapped backward, proxy fence removed": (backward, r"\n\s*fence\.proxy\.async[^\n]*", ""),
-        # the pair table's barrier: the loop reads the table other threads are still writing
-        "tensor-core GEMV, table barrier removed": (gemv, r"\n\s*bar\.sync[^\n]*", ""),
+        "swapped backward, proxy fence removed": (backward, r"\n\s*fence\.proxy\.async[^\n]*", "", 0),
+        # the first barrier, the pair table's: the loop reads the table other threads are still writing
+        "tensor-core GEMV, table barrier removed": (gemv, r"\n\s*bar\.sync[^\n]*", "", 1),
     }
     out = {}
-    for name, (spec, pattern, repl) in cases.items():
+    for name, (spec, pattern, repl, how_many) in cases.items():
         built = report.build(spec, "sm_90a")
-        ptx, count = re.subn(pattern, repl, built["ptx"], count=0 if "wait" in name or "fence" in name else 1)
+        ptx, count = re.subn(pattern, repl, built["ptx"], count=how_many)
         assert count, (name, pattern)
         fmad = spec.options.get("enable_fp_fusion", True)
         out[name] = [str(f) for f in hazards.check(report.assemble(ptx, "sm_90a", fmad=fmad))]

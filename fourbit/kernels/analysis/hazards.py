@@ -78,7 +78,7 @@ def _dest_width(ins: sasslib.Instruction) -> int:
         return 4
     if "64" in mods or "WIDE" in mods or (ins.opcode == "CS2R" and "32" not in mods):
         return 2
-    if ins.opcode.startswith("D") and ins.opcode in ("DADD", "DMUL", "DFMA", "DMNMX"):
+    if ins.opcode in ("DADD", "DMUL", "DFMA", "DMNMX"):  # float64
         return 2
     if ins.opcode in ("F2F", "I2F", "F2I", "I2I") and mods and mods[0] in ("F64", "S64", "U64"):
         return 2
