@@ -423,7 +423,8 @@ def test_compile_report_tensor_cores_no_spills(tmp_path):
                            timeout=600)
     assert child.returncode == 0, child.stdout + child.stderr
     rows = {(r["kernel"], r["arch"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(name, arch) for name in REPORT_SPECS for arch in ("sm_80", "sm_90a")}
+    # --only matches substrings: the GEMV's M = 1 specialization ({M=1}) comes along, and must pass too
+    assert set(rows) >= {(name, arch) for name in REPORT_SPECS for arch in ("sm_80", "sm_90a")}
     for (name, arch), r in rows.items():
         assert r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         if "gemv_mma" in name:  # mma.sync: HMMA on both; 64-bit weight loads (8 bytes of a row per lane)
