@@ -142,7 +142,7 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
                       for g in sasslib.gathers(body)]  # [name, bytes per warp if coalesced]
     mix["async_copies"] = mix["by_class"].get("global_load", 0) and any(
         x.opcode in ("LDGSTS", "UTMALDG", "UBLKCP") for x in body)
-    mix["prologue"] = None if loop is None else _prologue([x for x in instructions if x.addr < loop.start])
+    mix["prologue"] = None if loop is None else sasslib.prologue([x for x in instructions if x.addr < loop.start])
     regs, shared, warps = built["usage"]["registers"], built["shared_bytes"], spec.num_warps
     per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
     limits = {"registers": (REGISTERS_PER_SM // per_warp) // warps, "threads": THREADS_PER_SM // (32 * warps),
@@ -152,17 +152,6 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
     return {"name": spec.name, "registers": regs, "shared_bytes": shared, "num_warps": warps, "num_stages": spec.num_stages,
             "resident_ctas": max(0, min(limits.values())), "occupancy_limit": min(limits, key=limits.get),
             "loop": None if loop is None else [hex(loop.start), hex(loop.end)], "hazards": built["hazards"], **mix}
-
-
-def _prologue(pre: list) -> dict[str, int]:
-    """What runs once per program before the loop: its instructions and L1 wavefronts per warp, the
-    shared-memory stores of a table fill, the global loads issued before the fill's first store
-    (the fill waits for the table's) and those issued after it (their latency starts after the fill)."""
-    stores = [i for i, x in enumerate(pre) if x.opcode in ("STS", "STSM")]
-    loads = [i for i, x in enumerate(pre) if x.opcode in ("LDG", "LD", "LDGSTS")]
-    first = stores[0] if stores else len(pre)
-    return {"instructions": len(pre), "l1_wavefronts": sasslib.mix(pre)["l1_wavefronts"], "fill_stores": len(stores),
-            "loads_before_fill": sum(i < first for i in loads), "loads_after_fill": sum(i > first for i in loads)}
 
 
 def prologue_clocks(pro: dict[str, int] | None, warps: int) -> tuple[float, float, float]:
