@@ -175,7 +175,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .kernels.report import main as report_main
+    from .kernels.analysis.report import main as report_main
 
     return report_main(args.rest) or 0
 
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_quantize)
 
     r = sub.add_parser("report", help="compile every Triton kernel for sm_80/89/90a and report registers, spills, SASS")
-    r.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for fourbit.kernels.report (e.g. --json FILE)")
+    r.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for fourbit.kernels.analysis.report (e.g. --json FILE)")
     r.set_defaults(func=_report)
     for command in (demo, ft, gen, q):
         command.add_argument("--debug", dest="debug_here", action="store_true", help="show the traceback of an error too")

@@ -36,6 +36,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
+def assert_within_rounding(y, want, terms, dtype, tol: float) -> None:
+    """Per element: W rounded to the activations' dtype (bf16 2^-9, fp16 2^-12 relative, 2x slack)
+    bounds the sum's error by that fraction of `terms` = sum |a * w| (a dot product that cancels may
+    lose more than its own size), plus the output's rounding (the interpreter truncates bf16: 2^-7).
+    Over 32 or more outputs the relative norm error must also be under `tol` (F.linear's tolerance)."""
+    bound = (2.0**-8 if dtype == torch.bfloat16 else 2.0**-11) * terms
+    bound += (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) * want.abs() + 1e-6
+    assert bool(((y.double() - want).abs() <= bound).all()), ((y.double() - want).abs() / bound).max()
+    if want.numel() >= 32:
+        assert rel_err(y, want) < tol
+
+
 def max_rel_err(a, b) -> float:
     """max_i |a_i − b_i| / |b_i| over two sequences (loss curves), in float64."""
     a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
