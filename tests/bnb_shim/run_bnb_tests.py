@@ -1,15 +1,20 @@
 """Run bitsandbytes' own test files against fourbit, the way a reviewer checks a compatibility claim.
 
     python tests/bnb_shim/run_bnb_tests.py --repo PATH_TO_BITSANDBYTES_GIT [--ref 0.50.1]
-        [--against fourbit|bitsandbytes] [--file tests/test_linear4bit.py] [--with-compile] [-k EXPR]
-        [NODE_ID ...]
+        [--against fourbit|installed|bitsandbytes] [--optim] [--avx512bf16]
+        [--file tests/test_linear4bit.py] [--with-compile] [-k EXPR] [NODE_ID ...]
 
 `--repo` is a local clone (or bare mirror) of github.com/bitsandbytes-foundation/bitsandbytes; this
 script fetches nothing. The test directory at `--ref` is exported with `git archive` into a
 temporary directory and run with pytest, unchanged. With `--against fourbit` (the default) the
 package in tests/bnb_shim/bitsandbytes/ comes first on sys.path, so `import bitsandbytes` gives
-fourbit's compatible names; with `--against bitsandbytes` the installed bitsandbytes runs the same
-selection, for the baseline.
+fourbit's compatible names; with `--against installed` the real bitsandbytes is imported and
+`fourbit.integrations.bitsandbytes.install()` routes its 4-bit and blockwise ops to fourbit (the
+plugin in tests/bnb_shim/plugin/; `--optim` also puts fourbit's Adam/AdamW classes and
+GlobalOptimManager in bitsandbytes.optim, `--avx512bf16` makes bitsandbytes believe the CPU has
+AVX512-BF16 so that it repacks 4-bit weights for that kernel); every test's calls into fourbit are
+counted, and a passing test that made none is reported (it did not test fourbit). With `--against
+bitsandbytes` the installed bitsandbytes runs the same selection alone, for the baseline.
 
 By default `test_linear4bit_torch_compile` (128 cases, each an inductor compile of a 4-layer net,
 over an hour on a 2-core CPU) is deselected; `--with-compile` keeps it.
@@ -44,10 +49,19 @@ def export_tests(repo: str, ref: str, dest: pathlib.Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
 
 
+def fourbit_calls(case) -> int | None:
+    """The plugin's per-test count of calls into fourbit (None: not run under the plugin)."""
+    for prop in case.iter("property"):
+        if prop.get("name") == "fourbit_calls":
+            return int(prop.get("value"))
+    return None
+
+
 def summarize(junit: pathlib.Path) -> int:
     cases = ET.parse(junit).getroot().iter("testcase")
     counts: collections.Counter = collections.Counter()
     failures: dict[str, list[str]] = collections.defaultdict(list)
+    idle: collections.Counter = collections.Counter()  # passed without calling fourbit, per function
     for case in cases:
         bad = case.find("failure")
         if bad is None:
@@ -61,8 +75,18 @@ def summarize(junit: pathlib.Path) -> int:
             counts["skipped"] += 1
         else:
             counts["passed"] += 1
-    total = sum(counts.values())
+            calls = fourbit_calls(case)
+            if calls is not None:
+                counts["counted"] += 1
+                if calls == 0:
+                    idle[case.get("name", "").split("[")[0]] += 1
+    total = counts["passed"] + counts["failed"] + counts["skipped"]
     print(f"\n{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, of {total}")
+    if counts["counted"]:
+        print(f"calls into fourbit counted in {counts['counted']} passed tests; "
+              f"{sum(idle.values())} of them made none")
+        for func, n in sorted(idle.items()):
+            print(f"  {func}: {n} passed without calling fourbit")
     for func, messages in sorted(failures.items()):
         print(f"  {func}: {len(messages)} failed")
         for message, n in collections.Counter(messages).most_common(3):
@@ -74,7 +98,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", required=True, help="local bitsandbytes clone or bare mirror")
     parser.add_argument("--ref", default="0.50.1", help="tag or commit (default 0.50.1, same sources as 0.50.2)")
-    parser.add_argument("--against", choices=("fourbit", "bitsandbytes"), default="fourbit")
+    parser.add_argument("--against", choices=("fourbit", "installed", "bitsandbytes"), default="fourbit")
+    parser.add_argument("--optim", action="store_true", help="installed: fourbit's Adam/AdamW in bitsandbytes.optim")
+    parser.add_argument("--avx512bf16", action="store_true", help="installed: simulate has_avx512bf16() == True")
     parser.add_argument("--file", default="tests/test_linear4bit.py")
     parser.add_argument("--with-compile", action="store_true", help="keep test_linear4bit_torch_compile")
     parser.add_argument("-k", default=None, help="extra pytest -k expression")
@@ -85,13 +111,18 @@ def main(argv=None) -> int:
         work = pathlib.Path(tmp)
         export_tests(args.repo, args.ref, work)
         env = dict(os.environ)
-        paths = [str(ROOT)] + ([str(SHIM)] if args.against == "fourbit" else [])
+        paths = [str(ROOT)] + {"fourbit": [str(SHIM)], "installed": [str(SHIM / "plugin")]}.get(args.against, [])
         env["PYTHONPATH"] = os.pathsep.join(paths[::-1] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["FOURBIT_BNB_OPTIM"] = "1" if args.optim else "0"
+        env["FOURBIT_BNB_AVX512BF16"] = "1" if args.avx512bf16 else "0"
+        if args.against != "installed" and (args.optim or args.avx512bf16):
+            raise SystemExit("--optim and --avx512bf16 need --against installed")
         env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
         selection = [] if args.with_compile else ["not test_linear4bit_torch_compile or activation_checkpointing"]
         if args.k:
             selection.append(args.k)
-        cmd = [sys.executable, "-m", "pytest", *(args.tests or [args.file]), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+        plugin = ["-p", "fourbit_installed"] if args.against == "installed" else []
+        cmd = [sys.executable, "-m", "pytest", *(args.tests or [args.file]), "-q", "-p", "no:cacheprovider", *plugin, "-o", "addopts=",
                "-o", "log_cli=false", f"--junitxml={work / 'junit.xml'}", "--rootdir", str(work)]
         if selection:
             cmd += ["-k", " and ".join(f"({s})" for s in selection)]
