@@ -229,3 +229,19 @@ def test_quantize_model_on_a_meta_model_then_load_equals_quantizing_the_loaded_m
     if how == "assign":  # (to_empty leaves non-persistent buffers such as RoPE's inv_freq unset)
         ids = torch.randint(0, 96, (2, 5))
         assert torch.equal(empty(ids).logits, twin(ids).logits)
+
+
+def test_docs_meta_model_block_runs_and_quantizes_what_the_dense_model_would():
+    """docs/ecosystem.md's meta-model block, exactly as printed there."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md").read_text()
+    block = page.split("<!-- test: tests/test_params4bit.py -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/ecosystem.md", "exec"), namespace)
+    model, checkpoint = namespace["model"], namespace["checkpoint"]
+    twin = type(model)(model.config)
+    twin.load_state_dict(checkpoint)
+    want, got = quantize_model(twin).state_dict(), model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert sum(isinstance(m, Linear4bit) and m.weight.bnb_quantized for m in model.modules()) == 14

@@ -32,6 +32,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 
 SHIM = pathlib.Path(__file__).resolve().parent
@@ -57,7 +58,7 @@ def fourbit_calls(case) -> int | None:
     return None
 
 
-def summarize(junit: pathlib.Path) -> int:
+def summarize(junit: pathlib.Path, record: dict | None = None) -> int:
     cases = ET.parse(junit).getroot().iter("testcase")
     counts: collections.Counter = collections.Counter()
     failures: dict[str, list[str]] = collections.defaultdict(list)
@@ -87,6 +88,10 @@ def summarize(junit: pathlib.Path) -> int:
               f"{sum(idle.values())} of them made none")
         for func, n in sorted(idle.items()):
             print(f"  {func}: {n} passed without calling fourbit")
+    if record is not None:
+        record.update(passed=counts["passed"], failed=counts["failed"], skipped=counts["skipped"],
+                      counted=counts["counted"], passed_without_fourbit=sum(idle.values()),
+                      failures={func: len(m) for func, m in sorted(failures.items())})
     for func, messages in sorted(failures.items()):
         print(f"  {func}: {len(messages)} failed")
         for message, n in collections.Counter(messages).most_common(3):
@@ -104,8 +109,16 @@ def main(argv=None) -> int:
     parser.add_argument("--file", default="tests/test_linear4bit.py")
     parser.add_argument("--with-compile", action="store_true", help="keep test_linear4bit_torch_compile")
     parser.add_argument("-k", default=None, help="extra pytest -k expression")
+    parser.add_argument("--from-junit", default=None, help="summarize (and --record) this junit report instead of running")
+    parser.add_argument("--record", default=None, help="add this run's counts to a JSON list (benchmarks/results/cpu/bnb_tests.json)")
     parser.add_argument("tests", nargs="*", help="node ids to run instead of --file, e.g. 'tests/test_linear4bit.py::test_x[...]'")
     args = parser.parse_args(argv)
+    if args.from_junit:
+        record = None if args.record is None else describe(args)
+        rc = summarize(pathlib.Path(args.from_junit), record)
+        if record is not None:
+            save_record(pathlib.Path(args.record), record)
+        return rc
 
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
@@ -127,8 +140,41 @@ def main(argv=None) -> int:
         if selection:
             cmd += ["-k", " and ".join(f"({s})" for s in selection)]
         print(" ".join(cmd), flush=True)
+        t0 = time.perf_counter()
         subprocess.run(cmd, cwd=work, env=env, check=False)
-        return summarize(work / "junit.xml")
+        record = None if args.record is None else describe(args)
+        rc = summarize(work / "junit.xml", record)
+        if record is not None:
+            record["wall_s"] = round(time.perf_counter() - t0, 1)
+            save_record(pathlib.Path(args.record), record)
+        return rc
+
+
+def describe(args) -> dict:
+    """What ran, against what, with which versions (the key of a record)."""
+    import platform
+
+    import bitsandbytes
+    import torch
+
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"file": args.file if not args.tests else " ".join(args.tests), "k": args.k, "ref": args.ref,
+            "against": args.against, "optim": args.optim, "avx512bf16": args.avx512bf16,
+            "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "git_sha": sha, "date": time.strftime("%Y-%m-%d")}
+
+
+def save_record(path: pathlib.Path, record: dict) -> None:
+    """Replace the record with the same selection and mode, keep the others (written atomically)."""
+    import json
+
+    key = ("file", "k", "against", "optim", "avx512bf16")
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if any(r.get(k) != record[k] for k in key)] + [record]
+    rows.sort(key=lambda r: (r["file"], r["against"], r["optim"], r["avx512bf16"]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _has_cuda() -> bool:
