@@ -64,9 +64,13 @@ def avx512bf16(monkeypatch, request):
 
 
 # -- test_ops: the 4-bit ops through torch.ops.bitsandbytes ---------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
-@pytest.mark.parametrize("quant_type", ["fp4", "nf4"])
+# every dtype, storage and quant type, each pair of them at least once (opcheck costs ~1 s a case)
+GRID = [(torch.float16, torch.uint8, "fp4"), (torch.float16, torch.bfloat16, "nf4"), (torch.bfloat16, torch.uint8, "nf4"),
+        (torch.bfloat16, torch.bfloat16, "fp4"), (torch.float32, torch.uint8, "fp4"), (torch.float32, torch.bfloat16, "nf4"),
+        (torch.float32, torch.uint8, "nf4"), (torch.bfloat16, torch.uint8, "fp4")]
+
+
+@pytest.mark.parametrize("dtype, storage, quant_type", GRID)
 def test_ops_4bit(calls, dtype, storage, quant_type):
     """test_quantize_4bit, test_dequantize_4bit(_out), test_gemv_4bit, test_gemm_4bit: dtypes, shapes
     and opcheck (at 256 x 256, not their 1024 x 1024: opcheck costs 3 s there on this CPU)."""
@@ -122,9 +126,7 @@ def _gemv_on_bf16_scales(x, packed, shape, absmax, code, blocksize):
 
 
 @pytest.mark.parametrize("avx512bf16", [True], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
-@pytest.mark.parametrize("quant_type", ["fp4", "nf4"])
+@pytest.mark.parametrize("dtype, storage, quant_type", GRID)
 @pytest.mark.parametrize("blocksize", [32, 256])
 def test_ops_gemv_4bit_on_the_repacked_layout(calls, avx512bf16, dtype, storage, quant_type, blocksize):
     """test_ops::test_gemv_4bit with has_avx512bf16(): the weight goes through bitsandbytes'
@@ -141,7 +143,8 @@ def test_ops_gemv_4bit_on_the_repacked_layout(calls, avx512bf16, dtype, storage,
     out = torch.ops.bitsandbytes.gemv_4bit.default(x, repacked, w.shape, state.absmax, code, blocksize)
     assert out.shape == (1, 1, 1024) and out.dtype == dtype
     assert torch.equal(out, _gemv_on_bf16_scales(x, packed, w.shape, absmax, code, blocksize))
-    opcheck(torch.ops.bitsandbytes.gemv_4bit.default, (x, repacked, w.shape, state.absmax, code, blocksize))
+    if blocksize == 32:
+        opcheck(torch.ops.bitsandbytes.gemv_4bit.default, (x, repacked, w.shape, state.absmax, code, blocksize))
     assert calls["matmul"] >= 2
 
 
@@ -215,7 +218,7 @@ def test_optimizer32bit(calls, monkeypatch, name, dim2, gtype):
     assert calls["adamw_update_32bit"] == 20
 
 
-@pytest.mark.parametrize("name, gtype", [("Adam8bit", torch.float32), ("Adam8bit", torch.bfloat16), ("AdamW8bit", torch.float16)])
+@pytest.mark.parametrize("name, gtype", [("Adam8bit", torch.float32), ("AdamW8bit", torch.bfloat16)])
 def test_optimizer8bit(calls, monkeypatch, name, gtype):
     """test_optimizer8bit. Its bound on the mean relative error of the weights (6e-4) is crossed by
     bitsandbytes' own Adam8bit on some draws (one weight near 0 dominates the mean: 0.19 at step 26

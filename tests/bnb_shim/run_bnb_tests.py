@@ -152,15 +152,15 @@ def main(argv=None) -> int:
 
 def describe(args) -> dict:
     """What ran, against what, with which versions (the key of a record)."""
+    import importlib.metadata
     import platform
 
-    import bitsandbytes
     import torch
 
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"file": args.file if not args.tests else " ".join(args.tests), "k": args.k, "ref": args.ref,
             "against": args.against, "optim": args.optim, "avx512bf16": args.avx512bf16,
-            "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "bitsandbytes": importlib.metadata.version("bitsandbytes"),  # (this script's folder holds the shim package) "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "git_sha": sha, "date": time.strftime("%Y-%m-%d")}
 
 
