@@ -21,6 +21,7 @@ import os
 import pytest
 
 _CALLS: collections.Counter = collections.Counter()
+_PATCH = pytest.MonkeyPatch()  # every change this plugin makes, undone at unconfigure
 
 # bitsandbytes.optim name -> fourbit.optim name
 OPTIMIZERS = ("Adam", "Adam8bit", "Adam32bit", "AdamW", "AdamW8bit", "AdamW32bit", "PagedAdam", "PagedAdam8bit",
@@ -34,7 +35,7 @@ def _count(module, name: str) -> None:
         _CALLS[name] += 1
         return real(*args, **kwargs)
 
-    setattr(module, name, counted)
+    _PATCH.setattr(module, name, counted)
 
 
 def pytest_configure(config):
@@ -55,10 +56,17 @@ def pytest_configure(config):
         import fourbit.optim
 
         for name in OPTIMIZERS:
-            setattr(bitsandbytes.optim, name, getattr(fourbit.optim, name))
+            _PATCH.setattr(bitsandbytes.optim, name, getattr(fourbit.optim, name))
     if os.environ.get("FOURBIT_BNB_AVX512BF16") == "1":
         for module in (bitsandbytes.functional, bitsandbytes.nn.modules):
-            module.has_avx512bf16 = lambda: True
+            _PATCH.setattr(module, "has_avx512bf16", lambda: True)
+
+
+def pytest_unconfigure(config):
+    from fourbit.integrations import bitsandbytes as fourbit_bnb
+
+    fourbit_bnb.uninstall()
+    _PATCH.undo()
 
 
 @pytest.hookimpl(hookwrapper=True)
