@@ -16,6 +16,12 @@ AVX512-BF16 so that it repacks 4-bit weights for that kernel); every test's call
 counted, and a passing test that made none is reported (it did not test fourbit). With `--against
 bitsandbytes` the installed bitsandbytes runs the same selection alone, for the baseline.
 
+`--record FILE` adds the counts of the run to a JSON list (one entry per file, selection and mode;
+benchmarks/results/cpu/bnb_tests.json feeds the table in docs/ecosystem.md). bitsandbytes'
+test_optim.py imports `lion_pytorch` at module level (`pip install lion-pytorch` for that file).
+Its `test_benchmark_blockwise` cases are timing loops (500 steps of a 4096 x 4096 parameter, no
+assertion), so deselect them (`-k "... and not benchmark"`).
+
 By default `test_linear4bit_torch_compile` (128 cases, each an inductor compile of a 4-layer net,
 over an hour on a 2-core CPU) is deselected; `--with-compile` keeps it.
 
