@@ -49,6 +49,7 @@ import torch
 from .. import dispatch
 from ..nf4 import blockwise as _blockwise
 from ..nf4.codes import FP4_CODE, NF4_CODE
+from ..nf4.quant import pack
 from ..nf4.state import QuantState
 
 __all__ = ["OPS", "install", "installed", "is_installed", "uninstall"]
@@ -121,8 +122,7 @@ def _from_cpu_layout(B: torch.Tensor, absmax: torch.Tensor, shapeB, blocksize: i
     tiles = B.contiguous().view(torch.uint8).reshape(n // _TILE_ROWS, k // 2, _TILE_ROWS)  # (N/32, K/2, 32)
     halves = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # (N/32, K/2, 64): rows 0-15 then 16-31, 2 columns each
     codes = halves.reshape(n // _TILE_ROWS, k // 2, _TILE_ROWS, 2).permute(0, 2, 1, 3).reshape(-1)  # (N*K,) row-major
-    packed = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)  # fourbit's / bitsandbytes' usual byte order
-    return packed, absmax.float().t().reshape(-1)
+    return pack(codes), absmax.float().t().reshape(-1)  # the usual byte order, scales row-major
 
 
 def _gemv_4bit(A, B, shapeB, absmax, code, blocksize):
