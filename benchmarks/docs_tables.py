@@ -152,9 +152,33 @@ def qlora_vs_lora() -> str:
                 "embedding + norms", "adapter", "its gradients", "AdamW states", "activations saved for backward"], out)
 
 
+def bnb_own_tests() -> str:
+    """bitsandbytes' own test files under install() (tests/bnb_shim/run_bnb_tests.py --record; docs/ecosystem.md)."""
+    rows = _load("cpu/bnb_tests.json")
+    modes = [("installed", False), ("installed", True), ("bitsandbytes", False)]
+    selections = sorted({(r["file"], r["k"] or "", r["optim"]) for r in rows})
+    out = []
+    for file, k, optim in selections:
+        cells = []
+        for against, avx in modes:
+            hit = [r for r in rows if (r["file"], r["k"] or "", r["optim"], r["against"], r["avx512bf16"]) == (file, k, optim, against, avx)]
+            if not hit:
+                cells.append("not run")
+                continue
+            r = hit[0]
+            cell = f"{r['passed']}/{r['passed'] + r['failed']} passed, {r['skipped']} skipped"
+            if against == "installed":
+                cell += f"; {r['passed_without_fourbit']} without a call into fourbit"
+            cells.append(cell)
+        what = file.removeprefix("tests/") + (f" `-k {k}`" if k else "") + (" (fourbit's optimizers)" if optim else "")
+        out.append([what, *cells])
+    return _md(["bitsandbytes 0.50.1 test file, selection", "fourbit installed, this CPU",
+                "fourbit installed, AVX512-BF16 simulated", "bitsandbytes alone"], out)
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in
           (cpu_headline, costmodel_sm90a, costmodel_sm90a_triton36, gemv_prologue, fidelity_smollm2, fidelity_minilm,
-           inspect_pooled, qlora_vs_lora)}
+           inspect_pooled, qlora_vs_lora, bnb_own_tests)}
 
 
 def regenerate(text: str) -> str:
