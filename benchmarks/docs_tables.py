@@ -68,12 +68,35 @@ def cpu_headline() -> str:
     return _md(["op (CPU)", "fourbit ms", "bitsandbytes ms", "fourbit speed"], rows)
 
 
-def costmodel_sm90a() -> str:
-    """The cost model's chosen rows on the five Llama-3 shapes (docs/kernels.md)."""
-    from fourbit.kernels.costmodel import format_markdown
+def _costmodel(rel: str) -> str:
+    from fourbit.kernels.analysis.costmodel import format_markdown
 
-    data = _load("sm_90a/costmodel.json")
-    return format_markdown(data["rows"])
+    data = _load(rel)
+    tools = data["toolchain"]
+    return (f"Built by Triton {tools['triton']} with its ptxas {tools['ptxas']}, routed as the dispatcher does "
+            f"under that Triton (`{rel}`):\n\n" + format_markdown(data["rows"]))
+
+
+def costmodel_sm90a() -> str:
+    """The cost model's chosen rows on the five Llama-3 shapes, CI's Triton (docs/kernels.md)."""
+    return _costmodel("sm_90a/costmodel.json")
+
+
+def costmodel_sm90a_triton36() -> str:
+    """The same under Triton 3.6, the GPU machine's (docs/kernels.md)."""
+    return _costmodel("sm_90a/costmodel-triton3.6.json")
+
+
+def gemv_prologue() -> str:
+    """The tensor-core GEMV's prologue as the cost model charges it, per Triton (docs/kernels.md)."""
+    out = []
+    for rel in ("sm_90a/costmodel.json", "sm_90a/costmodel-triton3.6.json"):
+        data = _load(rel)
+        for r in data["rows"]:
+            if r["chosen"] and r["op"] == "gemv" and r["M"] in (1, 16):
+                out.append([data["toolchain"]["triton"], f"{r['M']}", f"{r['N']}×{r['K']}", f"{r['prologue_us']:.2f}",
+                            f"{r['predicted_time_us']:.2f}", f"{r['predicted_fraction']:.3f}", r["limiter"]])
+    return _md(["Triton", "M", "N×K", "prologue µs", "predicted µs", "of the roofline", "limiter"], out)
 
 
 def _quality_rows(name: str) -> list[dict]:
@@ -129,6 +152,30 @@ def qlora_vs_lora() -> str:
                 "embedding + norms", "adapter", "its gradients", "AdamW states", "activations saved for backward"], out)
 
 
+def bnb_own_tests() -> str:
+    """bitsandbytes' own test files under install() (tests/bnb_shim/run_bnb_tests.py --record; docs/ecosystem.md)."""
+    rows = _load("cpu/bnb_tests.json")
+    modes = [("installed", False), ("installed", True), ("bitsandbytes", False)]
+    selections = sorted({(r["file"], r["k"] or "", r["optim"]) for r in rows})
+    out = []
+    for file, k, optim in selections:
+        cells = []
+        for against, avx in modes:
+            hit = [r for r in rows if (r["file"], r["k"] or "", r["optim"], r["against"], r["avx512bf16"]) == (file, k, optim, against, avx)]
+            if not hit:
+                cells.append("not run")
+                continue
+            r = hit[0]
+            cell = f"{r['passed']}/{r['passed'] + r['failed']} passed, {r['skipped']} skipped"
+            if against == "installed":
+                cell += f"; {r['passed_without_fourbit']} without a call into fourbit"
+            cells.append(cell)
+        what = file.removeprefix("tests/") + (f" `-k {k}`" if k else "") + (" (fourbit's optimizers)" if optim else "")
+        out.append([what, *cells])
+    return _md(["bitsandbytes 0.50.1 test file, selection", "fourbit installed, this CPU",
+                "fourbit installed, AVX512-BF16 simulated", "bitsandbytes alone"], out)
+
+
 def cpu_kernels() -> str:
     """fourbit's C kernels against bitsandbytes' CPU backend, from benchmarks/bench_cpu.py (docs/kernels.md)."""
     from benchmarks.cpu_table import goals_table
@@ -137,7 +184,8 @@ def cpu_kernels() -> str:
 
 
 TABLES = {f.__name__.replace("_", "-"): f for f in
-          (cpu_headline, costmodel_sm90a, fidelity_smollm2, fidelity_minilm, inspect_pooled, qlora_vs_lora, cpu_kernels)}
+          (cpu_headline, costmodel_sm90a, costmodel_sm90a_triton36, gemv_prologue, fidelity_smollm2, fidelity_minilm,
+           inspect_pooled, qlora_vs_lora, bnb_own_tests, cpu_kernels)}
 
 
 def regenerate(text: str) -> str:
