@@ -30,30 +30,17 @@ K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
 model `fourbit.kernels.analysis.costmodel` until a GPU measurement replaces them):
 
-    M <= GEMV_MAX_M (16)         ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
-                                                                 % 64 == 0), capability >= 8.0 (predicted
-                                                                 fractions: docs/kernels.md); fp32 x, blocksize 32:
-                                                                 the SIMT GEMV up to SIMT_GEMV_MAX_M (2)
-    M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
-    SWAP_MIN_M (1024) <= M       ("gemm" | "backward", "fused")  Hopper, bf16/fp16: the swapped tiles, W from
-      < SWAP_MAX_M (8192)                                        registers into async wgmma: 0.97 of dense
-                                                                 bf16 cuBLAS at M = 1024-4096
-    otherwise                    (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.82 of dense
-                                                                 bf16 at M = 1024, 0.90 at 2048, 0.97 at 8192
-Predicted on the five Llama-3 shapes (sm_90a): the tensor-core GEMV decodes a packed byte with three
-instructions and leaves the multiply-adds to mma.sync, so its cost barely grows with M (5.5 loop
-instructions per byte at M <= 8, 6.2-6.7 at M = 16, where x's second 8-row tile makes it L1-bound);
-the fused GEMM it replaced up to M = 16 was predicted at 0.30-0.51 of the roofline there. The SIMT
-GEMV (8.6 instructions per byte at M = 1, 0.90) is L1-bound from M = 4 on (221 us summed over the
-five shapes against 159 us for the fused GEMM). The fused kernels beat dequantize + cuBLAS up to
-M = 128 (4096x4096, M = 16: 6.8 vs 17.7 us; 28672x8192: 56 vs 247 us) and tie at 256; that
-crossover sits at 64, one step on the safe side, because the model is optimistic for the fused
-decode. The swapped tiles are tensor-bound where they fill the SMs (256 x 128 tiles: from M = 1024
-on every shape) and beat dequantize + cuBLAS there, whose decode pass costs 2.5 bytes of HBM traffic
-per weight, M-independent: 0.82 of dense at M = 1024, 0.90 at 2048. At M = 8192 the two tie by the
-model (0.970 against 0.973; the fused tiles lose 3 % to wave quantization), so the measured cuBLAS
-path keeps the largest M. On sm_80/89 (no register-operand wgmma) and for fp32 x every M above 64
-takes dequantize + cuBLAS.
+    M <= GEMV_MAX_M              ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
+                                                                 % 64 == 0, capability >= 8.0); fp32 x or
+                                                                 blocksize 32: the SIMT GEMV up to SIMT_GEMV_MAX_M
+    M <= FUSED_MAX_M             ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
+    SWAP_MIN_M <= M < SWAP_MAX_M ("gemm" | "backward", "fused")  Hopper, bf16/fp16: the swapped tiles, W from
+                                                                 registers into async wgmma
+    otherwise                    (..., "dequantize+cublas")      one decode pass + cuBLAS
+Why each crossover sits where it does (the cost model's predicted fractions of the roofline and of
+dense cuBLAS per shape, and the margins left on the safe side) is in docs/kernels.md, generated from
+benchmarks/results/sm_90a/costmodel.json; a GPU measurement replaces them. On sm_80/89 (no
+register-operand wgmma) and for fp32 x every M above FUSED_MAX_M takes dequantize + cuBLAS.
 
 Gates (`matmul_gates` reports them for a device): below capability 8.0 (T4, V100) there is no
 mma.sync.m16n8k16 and no bf16 tensor core, so the tensor-core GEMV and the fused tiles do not build;
