@@ -65,7 +65,7 @@ from .parallel import full_lora_weights, wrap_model
 from .plot import plot_metrics
 from .task import date_task, exact_match
 
-__all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
+__all__ = ["Trainer", "train", "lr_at", "build_optimizer", "prepare_model", "split_records", "uses_autocast", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
 
 # Divergence: a healthy QLoRA run's gradient norm (before clipping) stays below ~10 (SmolLM2 on the
 # date task: 0.3-4); 1e4 is far outside that, and three steps in a row rule out a single spike.
@@ -99,7 +99,38 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _build_optimizer(config: TrainConfig, params):
+def split_records(config: TrainConfig) -> tuple[list, list]:
+    """(train, eval) records of the run: the embedded date task, or the JSONL file shuffled with the
+    seed, its first min(eval_examples, 10 %) records held out."""
+    if config.data == "dates":
+        return date_task(n_eval=config.eval_examples)
+    records = read_jsonl(config.data, on_bad_line=config.on_bad_line)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    records = [records[i] for i in order]
+    n_eval = min(config.eval_examples, len(records) // 10)
+    return records[n_eval:], records[:n_eval]
+
+
+def uses_autocast(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or "auto" on CUDA."""
+    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+
+
+def prepare_model(model, config: TrainConfig) -> tuple[str, bool]:
+    """What every run does to its loaded base before wrapping it: LoRA adapters (seeded), then
+    gradient checkpointing when asked for or when the model is big. `fourbit.plan` calls it on a
+    model without memory. Returns (the parameter summary line, whether checkpointing is on)."""
+    torch.manual_seed(config.seed)  # the LoRA init must not depend on what loading consumed
+    add_lora(model, r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets)
+    count = trainable_parameters(model)
+    on = config.grad_checkpointing == "on" or (config.grad_checkpointing == "auto" and count.total > config.checkpointing_above)
+    if on:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return str(count), on
+
+
+def build_optimizer(config: TrainConfig, params):
     if config.optimizer == "torch_adamw":  # PyTorch's own, e.g. for parameters another engine shards
         return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     cls = {
@@ -143,6 +174,20 @@ class Trainer:
         self._check_run_dir(resume, overwrite)
         self.metrics: list[dict] = []
         self._setup()
+
+    @classmethod
+    def around(cls, config: TrainConfig, model, tokenizer, runtime, *, eval_records=(), total_steps: int = 1) -> "Trainer":
+        """A Trainer holding a model prepared elsewhere (`prepare_model`, `wrap_model`), with no run
+        directory and no data: what `fourbit.plan` runs `step_on` and `evaluate` of without memory."""
+        self = cls.__new__(cls)
+        self.config, self.runtime, self.is_main, self.progress, self.on_step = config, runtime, runtime.is_main, False, None
+        self.run_dir, self.resume, self.overwrite, self._replacing, self._big_norms = config.output_dir, False, False, False, 0
+        self.metrics, self.step, self.total_steps = [], 0, total_steps
+        self.device, self.autocast = runtime.device, uses_autocast(config, runtime.device)
+        self.model, self.tokenizer, self.eval_records = model, tokenizer, list(eval_records)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, self.params)
+        return self
 
     # ---- setup -------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
@@ -189,18 +234,11 @@ class Trainer:
     def _setup(self) -> None:
         c = self.config
         self.device = self.runtime.device
-        self.autocast = (c.precision == "bf16") or (c.precision == "auto" and self.device.type == "cuda")
+        self.autocast = uses_autocast(c, self.device)
         compute = torch.bfloat16 if self.autocast else torch.float32
 
         # the data first: a bad file fails in a second, not after the model has loaded
-        if c.data == "dates":
-            train_records, self.eval_records = date_task(n_eval=c.eval_examples)
-        else:
-            records = read_jsonl(c.data, on_bad_line=c.on_bad_line)
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed)).tolist()
-            records = [records[i] for i in order]
-            n_eval = min(c.eval_examples, len(records) // 10)
-            self.eval_records, train_records = records[:n_eval], records[n_eval:]
+        train_records, self.eval_records = split_records(c)
         per_epoch = len(train_records) // c.batch_size
         if per_epoch == 0:
             raise InvalidInput(
@@ -212,20 +250,13 @@ class Trainer:
         random.seed(c.seed)
         model, tokenizer, self.source = load_base(c.model, c.base_weights, compute_dtype=compute)
         self.tokenizer = tokenizer
-        torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
-        add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
-        self.param_summary = str(trainable_parameters(model))
-        n_params = trainable_parameters(model).total
-        self.checkpointing = c.grad_checkpointing == "on" or (c.grad_checkpointing == "auto" and n_params > c.checkpointing_above)
-        if self.checkpointing:
-            model.config.use_cache = False
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.param_summary, self.checkpointing = prepare_model(model, c)
         self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
 
         self.data = encode_all(tokenizer, train_records, c.max_length)
 
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = _build_optimizer(c, self.params)
+        self.optimizer = build_optimizer(c, self.params)
         self.step = 0
         if self.resume:
             state = checkpoint.load(self.checkpoint_dir, model, self.optimizer)
@@ -291,6 +322,12 @@ class Trainer:
         c, t0 = self.config, time.perf_counter()
         pad = self.tokenizer.pad_token_id
         batches = [batch_at(self.data, self.step * c.grad_accum + i, c.batch_size, c.seed, pad) for i in range(c.grad_accum)]
+        return self.step_on(batches, t0)
+
+    def step_on(self, batches: list[dict], t0: float | None = None) -> dict:
+        """One optimizer step on these global micro-batches (train_step's; `fourbit.plan` traces it
+        with its own, without memory)."""
+        c, t0 = self.config, time.perf_counter() if t0 is None else t0
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # of the global batches
         batches = [self.runtime.shard(b) for b in batches]  # this rank's rows
         n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)

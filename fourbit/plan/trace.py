@@ -1,0 +1,410 @@
+"""Run a QLoRA run's evaluation and optimizer step on fake tensors and count their live bytes.
+
+The model is the one `fourbit finetune` would train, built the same way on tensors that have sizes
+and no memory (`FakeTensorMode`): the architecture from the config alone, `quantize_model` on its
+dense weights (the real code: every 4-bit byte, absmax and nested state has its true size),
+`prepare_model` (LoRA, gradient checkpointing), `wrap_model` (the device, DDP or FSDP2 over a fake
+process group), the optimizer of `build_optimizer`. Then, under the `LiveBytes` tracker:
+
+    1. the optimizer states are made by one optimizer step on zero gradients, so the step traced
+       next is a steady-state one (the first real step creates them at its end);
+    2. `Trainer.evaluate` on the evaluation chunk with the most tokens (batch 16, no gradients);
+    3. `Trainer.step_on` on the longest micro-batch the run draws (twice with gradient accumulation:
+       the second sees the first one's gradients): forward, loss, backward, clipping, optimizer step.
+
+What differs from the real run is only what cannot be traced: fourbit's matmul ops allocate their
+decode buffers inside (`ops.py` accounts for them), and a GPU run planned on a machine without CUDA
+is traced on the CPU (autocast and attention then use the CPU's kernels, whose saved tensors have
+the same sizes; the allocator's 512-byte rounding is applied; the Triton AdamW updates in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+from ..lora import Linear4bit, LoRALinear
+from ..lora.surgery import name_matches
+from ..train.config import TrainConfig
+from ..train.data import IGNORE, collate
+from ..train.distributed import Runtime
+from ..train.loop import Trainer, prepare_model, uses_autocast
+from ..train.parallel import wrap_model
+from .ops import FourbitOps, prewarm
+from .source import ModelSource
+from .states import state_bytes
+from .tracker import LiveBytes, Peak
+
+__all__ = ["Traced", "trace_run", "build_base", "static_bytes"]
+
+_DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Traced:
+    """What the trace found: the peak of each phase (bytes by category, `.total`, `.where`)."""
+
+    phases: dict[str, Peak]
+    static: dict[str, int]  # bytes at rest: 4-bit parts, dense weights, LoRA, optimizer states
+    checkpointing: bool
+    params: str  # the trainable-parameter line finetune prints
+    batch: tuple[int, int]  # (rows per rank, tokens) of the traced micro-batch
+    eval_batch: tuple[int, int] | None
+    traced_on: str  # the device the fake tensors claimed
+    host_peak: int  # bytes on the host (paged-out optimizer states) while planning a GPU
+
+
+def _linear4bit(dense: nn.Linear, settings: dict, compute_dtype) -> Linear4bit:
+    """A Linear4bit holding the codes and QuantState that quantizing `dense` gives (the reference
+    quantize, run on fake tensors: the bytes of every backend are the same). The packed codes sit in
+    a plain Parameter, as after FSDP2's swap (`Linear4bit.quant_state`), because a Params4bit cannot
+    wrap a fake tensor."""
+    from ..nf4 import quantize
+
+    packed, state = quantize(dense.weight.detach(), blocksize=settings["blocksize"], quant_type=settings["quant_type"],
+                             double_quant=settings["double_quant"], quant_storage=settings["quant_storage"])
+    with unset_fake_temporarily():  # the layer's waiting dense weight: a real meta tensor, no memory
+        layer = Linear4bit(dense.in_features, dense.out_features, bias=False, device="meta", compute_dtype=compute_dtype,
+                           **settings)
+    layer.weight = nn.Parameter(packed, requires_grad=False)
+    layer.quant_state = state
+    layer.bias = dense.bias
+    return layer
+
+
+def build_base(source: ModelSource, config: TrainConfig, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """`fourbit.train.models.load_base`'s model, on fake tensors on `device` (call inside a
+    FakeTensorMode): dense float32 (or the --base-weights dtype), then every nn.Linear but the skipped
+    ones in NF4 with the settings a 4-bit directory stores (else the QLoRA recipe: NF4, double
+    quantization, blocksize 64, lm_head kept dense), as `quantize_model` chooses them."""
+    from transformers import AutoModelForCausalLM
+
+    with device:
+        model = AutoModelForCausalLM.from_config(source.hf_config, dtype=_DENSE.get(config.base_weights, torch.float32))
+    if config.base_weights == "nf4":
+        stored = source.stored or {}
+        storage = stored.get("bnb_4bit_quant_storage", "uint8")
+        settings = dict(quant_type=stored.get("bnb_4bit_quant_type", "nf4"),
+                        double_quant=bool(stored.get("bnb_4bit_use_double_quant", True)),
+                        blocksize=int(stored.get("bnb_4bit_blocksize", 64)),
+                        quant_storage=getattr(torch, storage) if isinstance(storage, str) else storage)
+        skip = tuple(stored.get("llm_int8_skip_modules") or ("lm_head",))
+        done: dict[int, Linear4bit] = {}
+        for name, module in list(model.named_modules(remove_duplicate=False)):
+            if type(module) is nn.Linear and name and not name_matches(name, skip):
+                if id(module) not in done:
+                    done[id(module)] = _linear4bit(module, settings, compute_dtype)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, done[id(module)])
+        if done:
+            model.is_loaded_in_4bit = True
+    return model.eval()  # as from_pretrained returns it
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _model_tensors(model: nn.Module):
+    """(category, tensor) for every tensor the model holds: 4-bit parts first, then LoRA, then the rest."""
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            yield "base_4bit", _local(m.weight)
+            absmax, nested_absmax, nested_code, offset = m.quant_state.as_tensors()
+            for t in (absmax, nested_absmax, nested_code, offset, m.quant_state.code):
+                if t is not None:
+                    yield "base_4bit", t
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            for p in m.lora_A.parameters():
+                yield "lora", _local(p)
+            for p in m.lora_B.parameters():
+                yield "lora", _local(p)
+    for t in [*model.parameters(), *model.buffers()]:
+        yield "dense_weights", _local(t)
+
+
+def static_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes at rest, each storage once: the 4-bit weights split into codes / absmax / nested state."""
+    seen: set = set()
+    out = {"codes": 0, "absmax": 0, "nested": 0, "dense_weights": 0, "lora": 0}
+
+    def count(key, t):
+        st = t.untyped_storage()
+        if id(st) not in seen:  # the storages stay alive while the model does
+            seen.add(id(st))
+            out[key] += st.nbytes()
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            count("codes", _local(m.weight))
+            absmax, nested_absmax, nested_code, offset = m.quant_state.as_tensors()
+            count("absmax", absmax)
+            for t in (nested_absmax, nested_code, offset, m.quant_state.code):
+                if t is not None:
+                    count("nested", t)
+    for category, t in _model_tensors(model):
+        if category != "base_4bit":
+            count(category, t)
+    return out
+
+
+class _Locator:
+    """Hooks that tell the tracker where the step is: the module running (forward; in backward, the
+    module whose output the gradient has reached), the phase (forward, loss, backward, clip,
+    optimizer), which tensors autograd saves, and which become a parameter's `.grad`."""
+
+    def __init__(self, model: nn.Module, optimizer, tracker: LiveBytes):
+        self.tracker = tracker
+        self.stack: list[str] = []
+        self.handles = []
+        self.root = model
+        self.queued = False
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Dropout, nn.Identity)) or name.endswith(("lora_A", "lora_B")):
+                continue
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave(name)))
+        self.handles.append(optimizer.register_step_pre_hook(lambda *a: self._set("optimizer", "")))
+        self.handles.append(optimizer.register_step_post_hook(lambda *a: self._set("after", "")))
+        for p in model.parameters():
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tracker.move(_local(p.grad), "gradients")))
+
+    def _set(self, phase: str | None, module: str) -> None:
+        t = self.tracker
+        t.module = module
+        if phase is not None and phase != t.phase:
+            t.phase = phase
+        logits = module == "" or module.split(".")[-1] == "lm_head"
+        t.current_category = "logits_loss" if logits and t.phase in ("loss", "backward", "forward", "eval") else "transient"
+
+    def _enter(self, name: str):
+        def hook(module, args):
+            phase = "forward" if module is self.root and self.tracker.phase != "eval" else None
+            self.stack.append(name)
+            self._set(phase, name or "model")
+
+        return hook
+
+    def _leave(self, name: str):
+        def hook(module, args, output):
+            if self.stack:
+                self.stack.pop()
+            phase = "loss" if module is self.root and self.tracker.phase == "forward" else None
+            self._set(phase, self.stack[-1] if self.stack else "")
+            out = output[0] if isinstance(output, tuple) else getattr(output, "logits", output)
+            if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+                out.register_hook(self._backward_at(name))
+
+        return hook
+
+    def _backward_at(self, name: str):
+        def hook(grad):
+            if not self.queued:  # the end of this backward pass: clipping and the optimizer follow
+                self.queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+            self._set("backward", name)
+
+        return hook
+
+    def mark(self, phase: str) -> None:
+        """Enter `phase` from code that runs no module (a step that allocates nothing)."""
+        self._set(phase, "")
+
+    def _backward_done(self) -> None:
+        self.queued = False
+        self._set("clip", "")
+
+    def pack(self, t: torch.Tensor):
+        if self.tracker.category_of(t) == "transient":
+            self.tracker.move(t, "activations")
+        return t
+
+    @contextlib.contextmanager
+    def attached(self):
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                yield
+        finally:
+            for h in self.handles:
+                h.remove()
+
+
+def _wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """`wrap_model` for a model built on its device already: its first step, `model.to(device)`, is
+    then a no-op, and one that fake parameters refuse (they carry weak references, which
+    `Module.to` cannot swap), so it is skipped."""
+    if runtime.mode == "none":
+        return model
+    model.to = lambda *args, **kwargs: model  # this instance only; see the docstring
+    try:
+        return wrap_model(model, runtime)
+    finally:
+        del model.to
+
+
+def _budget(config: TrainConfig) -> int | None:
+    """The device budget of a paged optimizer, as `build_optimizer` passes it (None: all resident)."""
+    if config.optimizer.startswith("paged") and config.paging_budget_mb is not None:
+        return int(config.paging_budget_mb * 2**20)
+    return None
+
+
+def _optimizer_states(trainer: Trainer, config: TrainConfig, target: str, tracker: LiveBytes):
+    """Make the optimizer states exist before the traced step, as they do from the second step on.
+    On the CPU: real optimizer steps on zero gradients (a paged one with a budget sweeps three
+    times: its host copies appear as pages are first evicted). For CUDA: one buffer of the size
+    `states.state_bytes` gives (the Triton step only reads and writes them); returned to be kept."""
+    if target == "cuda":
+        params = [_local(p) for p in trainer.params]
+        on_device, host = state_bytes(params, config.optimizer, budget_bytes=_budget(config), round_to=tracker.round_to)
+        with tracker.category("optimizer"):
+            held = torch.empty(on_device, dtype=torch.uint8, device=tracker.device)
+        tracker.other += host
+        tracker.other_peak = max(tracker.other_peak, tracker.other)
+        return held
+    sweeps = 3 if _budget(config) is not None else 1
+    for _ in range(sweeps):
+        with tracker.category("gradients"):
+            for p in trainer.params:
+                p.grad = torch.zeros_like(p)
+        with tracker.category("optimizer"):
+            trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return None
+
+
+@dataclasses.dataclass
+class _Once:
+    phases: dict[str, Peak]
+    static: dict[str, int]
+    host_peak: int
+
+
+def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper: bool, device: torch.device,
+                batch: list[list[int]], eval_records: list, world_size: int) -> _Once:
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    autocast = uses_autocast(config, torch.device(target))
+    with fake, LiveBytes(device):  # answers the data-dependent checks of quantize while building
+        model = build_base(source, config, torch.bfloat16 if autocast else torch.float32, device)
+        prepare_model(model, config)
+        runtime = Runtime(config.distributed, 0, world_size, 0, device, None if world_size == 1 else "fake")
+        model = _wrap(model, runtime)
+        trainer = Trainer.around(config, model, source.tokenizer, runtime)
+    trainer.autocast = autocast  # the target's rule, wherever it is traced
+    static = static_bytes(trainer.model)
+
+    tracker = LiveBytes(device, round_to=512 if target == "cuda" else 1, on_op=FourbitOps(target, hopper=hopper))
+    for category, t in _model_tensors(trainer.model):
+        tracker.add(t, category)
+    with fake, tracker:
+        held = _optimizer_states(trainer, config, target, tracker)  # 1. the states of a steady-state step
+        static["optimizer"], static["optimizer_host"] = tracker.sums["optimizer"], tracker.other
+        tracker.reset_peaks()
+        locator = _Locator(trainer.model, trainer.optimizer, tracker)
+        if target == "cuda":  # the Triton update writes the states in place and allocates nothing
+            trainer.optimizer.step = lambda closure=None: locator.mark("optimizer")
+        with locator.attached():
+            if eval_records:  # 2. the evaluation pass
+                tracker.phase = "eval"
+                trainer.eval_records = list(eval_records)
+                trainer.evaluate()
+            tracker.phase = "train"  # 3. the training step
+            pad = getattr(source.tokenizer, "pad_token_id", None) or 0
+            with tracker.category("data"):
+                batches = [collate(batch, [[IGNORE] + ids[1:] for ids in batch], pad) for _ in range(min(config.grad_accum, 2))]
+            trainer.step_on(batches)
+        del held
+    phases = {k: v for k, v in tracker.phase_peaks.items() if k not in ("setup", "train")}
+    return _Once(phases, static, tracker.other_peak)
+
+
+_LAYER = re.compile(r"layers\.(\d+)")
+
+
+def _extrapolate(a: _Once, b: _Once, la: int, lb: int, layers: int) -> _Once:
+    """Every byte count of a stack of `layers` identical decoder layers from traces with `la` and `lb`
+    of them: each is affine in the number of layers (weights, saved activations, gradients and
+    states all come per layer; the page rounding of paged states moves it by less than a page)."""
+    def line(x: int, y: int) -> int:
+        return x + (y - x) * (layers - la) // (lb - la)
+
+    phases = {}
+    for name, pb in b.phases.items():
+        pa = a.phases.get(name, Peak())
+        peak = Peak({c: line(pa.get(c, 0), pb.get(c, 0)) for c in set(pa) | set(pb)})
+        peak.total = line(pa.total, pb.total)
+        ia, ib = _LAYER.search(pa.where), _LAYER.search(pb.where)
+        index = None
+        if ib is not None:  # the peak's layer: fixed (counted from the first) or counted from the last
+            index = int(ib[1]) if ia is not None and ia[1] == ib[1] else layers - (lb - int(ib[1]))
+        peak.where = pb.where if index is None else _LAYER.sub(f"layers.{index}", pb.where)
+        phases[name] = peak
+    static = {k: line(a.static.get(k, 0), v) for k, v in b.static.items()}
+    return _Once(phases, static, line(a.host_peak, b.host_peak))
+
+
+def _homogeneous(hf_config) -> bool:
+    """Whether every decoder layer is alike (one attention kind), so that traces of a few stand for all."""
+    kinds = getattr(hf_config, "layer_types", None)
+    return not kinds or len(set(kinds)) == 1
+
+
+def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: bool = True, batch: list[list[int]],
+              eval_records: list = (), world_size: int = 1, exact: bool = False) -> Traced:
+    """Trace `config`'s run (see the module docstring). `target`: "cpu" or "cuda"; `hopper`: the GPU
+    is Hopper (it decides fourbit's matmul routes). `batch`: the token ids of the worst micro-batch's
+    rows (the global batch). `eval_records`: the evaluation chunk to trace (none for a preset).
+    A model of more than 4 identical decoder layers is traced with 2 and with 3 of them and the
+    counts carried to all of them (`_extrapolate`), unless `exact`."""
+    device = torch.device("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu")
+    prewarm("cpu")
+    # the parameter count (and with it "auto" gradient checkpointing) of the whole model, on meta
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        whole = AutoModelForCausalLM.from_config(source.hf_config)
+    params, checkpointing = prepare_model(whole, config)
+    layers = int(source.hf_config.num_hidden_layers)
+    config = dataclasses.replace(config, grad_checkpointing="on" if checkpointing else "off")
+    kw = dict(target=target, hopper=hopper, device=device, batch=batch, eval_records=eval_records, world_size=world_size)
+    if exact or layers <= 4 or not _homogeneous(source.hf_config):
+        once = _trace_once(config, source, **kw)
+    else:
+        short = [dataclasses.replace(source, hf_config=_with_layers(source.hf_config, n)) for n in (2, 3)]
+        once = _extrapolate(_trace_once(config, short[0], **kw), _trace_once(config, short[1], **kw), 2, 3, layers)
+        # the states' page rounding is not affine: the whole model's, by the layouts
+        shards = [_shard(p, world_size if config.distributed == "fsdp" else 1) for p in whole.parameters() if p.requires_grad]
+        exact_states, _ = state_bytes(shards, config.optimizer, budget_bytes=_budget(config),
+                                      round_to=512 if target == "cuda" else 1)
+        delta = exact_states - once.static["optimizer"]
+        once.static["optimizer"] = exact_states
+        for peak in once.phases.values():
+            peak["optimizer"] = peak.get("optimizer", 0) + delta
+            peak.total += delta
+    del whole
+    rows = len(batch) // world_size
+    eval_batch = (len(eval_records), 0) if eval_records else None
+    return Traced(once.phases, once.static, checkpointing, params, (rows, max(len(x) for x in batch)), eval_batch,
+                  device.type, once.host_peak)
+
+
+def _shard(p: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rank 0's piece of `p` under FSDP2 (dim 0 in world_size chunks of ceil(rows / world_size)), as a meta tensor."""
+    rows = -(-p.shape[0] // world_size) if p.dim() else 1
+    return torch.empty((min(rows, p.shape[0]) if p.dim() else 1, *p.shape[1:]), dtype=p.dtype, device="meta")
+
+
+def _with_layers(hf_config, n: int):
+    out = copy.deepcopy(hf_config)
+    out.num_hidden_layers = n
+    if getattr(out, "layer_types", None):
+        out.layer_types = out.layer_types[:n]
+    return out
