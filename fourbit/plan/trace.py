@@ -29,13 +29,14 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from ..lora import Linear4bit, LoRALinear
+from ..lora import Linear4bit, LoRALinear, trainable_parameters
 from ..lora.surgery import name_matches
 from ..train.config import TrainConfig
 from ..train.data import IGNORE, collate
 from ..train.distributed import Runtime
 from ..train.loop import Trainer, prepare_model, uses_autocast
 from ..train.parallel import wrap_model
+from ..nf4.state import NESTED_BLOCKSIZE, QuantState
 from .ops import FourbitOps, prewarm
 from .source import ModelSource
 from .states import state_bytes
@@ -60,15 +61,36 @@ class Traced:
     host_peak: int  # bytes on the host (paged-out optimizer states) while planning a GPU
 
 
-def _linear4bit(dense: nn.Linear, settings: dict, compute_dtype) -> Linear4bit:
-    """A Linear4bit holding the codes and QuantState that quantizing `dense` gives (the reference
-    quantize, run on fake tensors: the bytes of every backend are the same). The packed codes sit in
-    a plain Parameter, as after FSDP2's swap (`Linear4bit.quant_state`), because a Params4bit cannot
-    wrap a fake tensor."""
-    from ..nf4 import quantize
+def empty_4bit(shape: tuple[int, int], *, blocksize: int, quant_type: str, double_quant: bool,
+               quant_storage: torch.dtype, dtype: torch.dtype, device, tables: dict) -> tuple[torch.Tensor, QuantState]:
+    """(packed, QuantState) with storages of the sizes `fourbit.nf4.quantize` leaves for a weight of
+    `shape`, empty (fake under a FakeTensorMode): (n+1)//2 bytes of codes as a (.., 1) `quant_storage`
+    column; absmax (nb,) float32, or with double quantization uint8 codes in a storage padded to
+    whole blocks of 256 (quantize_blockwise's), the nested absmax (ceil(nb/256),) and a 0-dim offset.
+    The 16-entry code and the 256-entry map come from `tables`, one of each per plan, as Linear4bit
+    shares them. tests/test_plan.py holds every size to quantize's own."""
+    n = shape[0] * shape[1]
+    nbytes, blocks = (n + 1) // 2, -(-n // blocksize)
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    packed = torch.empty((nbytes // itemsize, 1), dtype=quant_storage, device=device)
+    if "code" not in tables:
+        tables["code"] = torch.empty(16, dtype=torch.float32, device=device)
+        tables["map"] = torch.empty(256, dtype=torch.float32, device=device)
+    kw = dict(shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type, code=tables["code"])
+    if not double_quant:
+        return packed, QuantState.from_tensors(torch.empty(blocks, dtype=torch.float32, device=device), None, None, None, **kw)
+    groups = -(-blocks // NESTED_BLOCKSIZE)
+    absmax = torch.empty(groups * NESTED_BLOCKSIZE, dtype=torch.uint8, device=device)[:blocks]
+    nested = torch.empty(groups, dtype=torch.float32, device=device)
+    offset = torch.empty((), dtype=torch.float32, device=device)
+    return packed, QuantState.from_tensors(absmax, nested, tables["map"], offset, **kw)
 
-    packed, state = quantize(dense.weight.detach(), blocksize=settings["blocksize"], quant_type=settings["quant_type"],
-                             double_quant=settings["double_quant"], quant_storage=settings["quant_storage"])
+
+def _linear4bit(dense: nn.Linear, settings: dict, compute_dtype, tables: dict) -> Linear4bit:
+    """A Linear4bit holding `empty_4bit` tensors for `dense`'s weight. The codes sit in a plain
+    Parameter, as after FSDP2's swap (`Linear4bit.quant_state`): a Params4bit cannot wrap a fake tensor."""
+    weight = dense.weight
+    packed, state = empty_4bit(tuple(weight.shape), dtype=weight.dtype, device=weight.device, tables=tables, **settings)
     with unset_fake_temporarily():  # the layer's waiting dense weight: a real meta tensor, no memory
         layer = Linear4bit(dense.in_features, dense.out_features, bias=False, device="meta", compute_dtype=compute_dtype,
                            **settings)
@@ -96,10 +118,11 @@ def build_base(source: ModelSource, config: TrainConfig, compute_dtype: torch.dt
                         quant_storage=getattr(torch, storage) if isinstance(storage, str) else storage)
         skip = tuple(stored.get("llm_int8_skip_modules") or ("lm_head",))
         done: dict[int, Linear4bit] = {}
+        tables: dict = {}
         for name, module in list(model.named_modules(remove_duplicate=False)):
             if type(module) is nn.Linear and name and not name_matches(name, skip):
                 if id(module) not in done:
-                    done[id(module)] = _linear4bit(module, settings, compute_dtype)
+                    done[id(module)] = _linear4bit(module, settings, compute_dtype, tables)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, done[id(module)])
         if done:
@@ -250,6 +273,21 @@ def _wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
         del model.to
 
 
+def _prepare(model: nn.Module, config: TrainConfig, full: bool) -> tuple[str, bool]:
+    """`prepare_model` (LoRA), or for full fine-tuning (a plan-only baseline, not a fourbit run) every
+    weight trainable, with the same rule for gradient checkpointing."""
+    if not full:
+        return prepare_model(model, config)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    count = trainable_parameters(model)
+    on = config.grad_checkpointing == "on" or (config.grad_checkpointing == "auto" and count.total > config.checkpointing_above)
+    if on:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return str(count), on
+
+
 def _budget(config: TrainConfig) -> int | None:
     """The device budget of a paged optimizer, as `build_optimizer` passes it (None: all resident)."""
     if config.optimizer.startswith("paged") and config.paging_budget_mb is not None:
@@ -289,12 +327,12 @@ class _Once:
 
 
 def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper: bool, device: torch.device,
-                batch: list[list[int]], eval_records: list, world_size: int) -> _Once:
+                batch: list[list[int]], eval_records: list, world_size: int, full: bool) -> _Once:
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     autocast = uses_autocast(config, torch.device(target))
     with fake, LiveBytes(device):  # answers the data-dependent checks of quantize while building
         model = build_base(source, config, torch.bfloat16 if autocast else torch.float32, device)
-        prepare_model(model, config)
+        _prepare(model, config, full)
         runtime = Runtime(config.distributed, 0, world_size, 0, device, None if world_size == 1 else "fake")
         model = _wrap(model, runtime)
         trainer = Trainer.around(config, model, source.tokenizer, runtime)
@@ -358,7 +396,7 @@ def _homogeneous(hf_config) -> bool:
 
 
 def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: bool = True, batch: list[list[int]],
-              eval_records: list = (), world_size: int = 1, exact: bool = False) -> Traced:
+              eval_records: list = (), world_size: int = 1, full: bool = False, exact: bool = False) -> Traced:
     """Trace `config`'s run (see the module docstring). `target`: "cpu" or "cuda"; `hopper`: the GPU
     is Hopper (it decides fourbit's matmul routes). `batch`: the token ids of the worst micro-batch's
     rows (the global batch). `eval_records`: the evaluation chunk to trace (none for a preset).
@@ -371,10 +409,11 @@ def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: 
 
     with torch.device("meta"):
         whole = AutoModelForCausalLM.from_config(source.hf_config)
-    params, checkpointing = prepare_model(whole, config)
+    params, checkpointing = _prepare(whole, config, full)
     layers = int(source.hf_config.num_hidden_layers)
     config = dataclasses.replace(config, grad_checkpointing="on" if checkpointing else "off")
-    kw = dict(target=target, hopper=hopper, device=device, batch=batch, eval_records=eval_records, world_size=world_size)
+    kw = dict(target=target, hopper=hopper, device=device, batch=batch, eval_records=eval_records, world_size=world_size,
+              full=full)
     if exact or layers <= 4 or not _homogeneous(source.hf_config):
         once = _trace_once(config, source, **kw)
     else:

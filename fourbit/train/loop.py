@@ -150,10 +150,13 @@ class Trainer:
 
     `resume`: continue from `<output_dir>/checkpoint`. `overwrite`: replace an existing run (set
     aside by train(), deleted once this run has a checkpoint, restored if it fails before that).
-    Without either, an output directory that already holds a run is refused.
+    Without either, an output directory that already holds a run is refused. `before_load(trainer)`
+    runs after these checks, before the data and the model load (`fourbit finetune` plans the run
+    there and refuses one that will not fit on its GPU).
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 before_load=None):
         if resume and overwrite:
             raise InvalidInput("--resume and --overwrite exclude each other", "pass one of them")
         config.check_environment()
@@ -173,6 +176,9 @@ class Trainer:
         self._big_norms = 0  # consecutive steps with a gradient norm above GRAD_NORM_LIMIT
         self._check_run_dir(resume, overwrite)
         self.metrics: list[dict] = []
+        self.planned: dict | None = None  # what before_load (fourbit.plan.gate) predicted; in summary.json
+        if before_load is not None:  # after every check, before anything loads: e.g. refuse a run that will not fit
+            before_load(self)
         self._setup()
 
     @classmethod
@@ -182,7 +188,7 @@ class Trainer:
         self = cls.__new__(cls)
         self.config, self.runtime, self.is_main, self.progress, self.on_step = config, runtime, runtime.is_main, False, None
         self.run_dir, self.resume, self.overwrite, self._replacing, self._big_norms = config.output_dir, False, False, False, 0
-        self.metrics, self.step, self.total_steps = [], 0, total_steps
+        self.metrics, self.step, self.total_steps, self.planned = [], 0, total_steps, None
         self.device, self.autocast = runtime.device, uses_autocast(config, runtime.device)
         self.model, self.tokenizer, self.eval_records = model, tokenizer, list(eval_records)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -448,6 +454,12 @@ class Trainer:
             "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
             "params": self.param_summary, "grad_checkpointing": self.checkpointing, "config": c.to_dict(),
         }
+        if self.planned is not None:
+            measured = {"measured_peak_bytes": torch.cuda.max_memory_allocated(self.device), "measured_by": "torch.cuda.max_memory_allocated"} \
+                if self.device.type == "cuda" else \
+                {"measured_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                 "measured_by": "peak RSS of the process (a cross-check: it also holds Python, libraries and the dense load)"}
+            summary["memory"] = {**self.planned, **measured}
         return summary
 
 
