@@ -21,7 +21,7 @@ import time
 
 from ..errors import InvalidInput
 from ..train.config import TrainConfig
-from ..train.data import batch_at, encode_all, prompt_ids, answer_ids
+from ..train.data import Encoded, answer_ids, batch_at, encode, encode_all, prompt_ids
 from ..train.loop import split_records
 from .gpus import Target, format_bytes, local_target
 from .source import ModelSource, resolve
@@ -84,6 +84,23 @@ class Plan:
 
 
 # ---- the run's batches ---------------------------------------------------------------------------
+class _Lazy:
+    """The run's encoded examples, each encoded the first time `batch_at` asks for it: a short run
+    draws a few dozen of thousands, and encoding all of them would cost the plan seconds."""
+
+    def __init__(self, tokenizer, records, max_length: int, part: int):
+        self.tokenizer, self.records, self.max_length, self.part = tokenizer, records, max_length, part
+        self.cache: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        if i not in self.cache:
+            self.cache[i] = encode(self.tokenizer, self.records[i], self.max_length)
+        return self.cache[i][self.part]
+
+
 def _run_batches(config: TrainConfig, source: ModelSource) -> tuple[list[list[int]], list, list[str]]:
     """(the worst training micro-batch's token ids, the evaluation chunk with the most tokens, notes)."""
     if source.tokenizer is None:
@@ -91,22 +108,28 @@ def _run_batches(config: TrainConfig, source: ModelSource) -> tuple[list[list[in
                  "and the evaluation pass is not planned"]
         return [[1] * config.max_length] * config.batch_size, [], notes
     train_records, eval_records = split_records(config)
-    data = encode_all(source.tokenizer, train_records, config.max_length)
-    micro = (config.steps or math.ceil(config.epochs * (len(train_records) // config.batch_size) / config.grad_accum)) * config.grad_accum
-    pad = source.tokenizer.pad_token_id
-    if micro * config.batch_size < len(data.input_ids) and micro <= 4096:  # a short run: its own batches
-        worst = max((batch_at(data, i, config.batch_size, config.seed, pad)["input_ids"].shape[1], i) for i in range(micro))
-        tokens = worst[0]
-        notes = [f"the longest of the run's {micro} micro-batches: {tokens} tokens"]
-    else:  # every example is drawn (up to an epoch's remainder): the longest one
-        tokens = max(len(x) for x in data.input_ids)
-        notes = [f"the longest example: {tokens} tokens"]
-    longest = next(x for x in data.input_ids if len(x) == max(len(y) for y in data.input_ids))
-    batch = [(longest * (1 + tokens // max(len(longest), 1)))[:tokens]] * config.batch_size
+    per_epoch = len(train_records) // config.batch_size
+    if per_epoch == 0:
+        raise InvalidInput(f"batch_size={config.batch_size} exceeds the {len(train_records)} training examples",
+                           "lower --batch-size or add data")
+    micro = (config.steps or math.ceil(config.epochs * per_epoch / config.grad_accum)) * config.grad_accum
+    tokenizer, pad = source.tokenizer, source.tokenizer.pad_token_id
+    if micro * config.batch_size < len(train_records) and micro <= 4096:  # a short run: its own batches
+        ids = _Lazy(tokenizer, train_records, config.max_length, 0)
+        data = Encoded(ids, _Lazy(tokenizer, train_records, config.max_length, 1), 0)
+        batch = max((batch_at(data, i, config.batch_size, config.seed, pad) for i in range(micro)),
+                    key=lambda b: b["input_ids"].shape[1])
+        rows = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        notes = [f"the longest of the run's {micro} micro-batches: {batch['input_ids'].shape[1]} tokens"]
+    else:  # every example is drawn (up to an epoch's remainder): the longest one, in every row
+        data = encode_all(tokenizer, train_records, config.max_length)
+        longest = max(data.input_ids, key=len)
+        rows = [longest] * config.batch_size
+        notes = [f"the longest example: {len(longest)} tokens"]
     chunks = [eval_records[i : i + _EVAL_CHUNK] for i in range(0, len(eval_records), _EVAL_CHUNK)]
-    size = lambda chunk: len(chunk) * max(len(prompt_ids(source.tokenizer, r.prompt) + answer_ids(source.tokenizer, r.response)) for r in chunk)  # noqa: E731
+    size = lambda chunk: len(chunk) * max(len(prompt_ids(tokenizer, r.prompt) + answer_ids(tokenizer, r.response)) for r in chunk)  # noqa: E731
     worst_eval = max(chunks, key=size) if chunks else []
-    return batch, worst_eval, notes
+    return rows, worst_eval, notes
 
 
 # ---- one plan ------------------------------------------------------------------------------------
@@ -115,6 +138,10 @@ def _check(config: TrainConfig, world_size: int) -> None:
         raise InvalidInput(f"--world-size must be >= 1, got {world_size}", "give the number of processes (GPUs)")
     if world_size > 1 and config.distributed == "none":
         raise InvalidInput(f"--world-size {world_size} needs --distributed ddp or fsdp", "pass --distributed fsdp (or ddp)")
+    if config.distributed == "fsdp" and config.optimizer != "torch_adamw":
+        raise InvalidInput(f"--distributed fsdp trains with --optimizer torch_adamw only, got {config.optimizer!r} "
+                           "(fourbit's optimizers do not take FSDP's sharded parameters yet: docs/distributed.md)",
+                           "pass --optimizer torch_adamw")
     if config.batch_size % world_size:
         raise InvalidInput(f"--batch-size {config.batch_size} does not split evenly over {world_size} ranks",
                            f"use a multiple of {world_size}")
@@ -201,7 +228,7 @@ def _suggestions(p: Plan, config: TrainConfig, target: Target, world_size: int, 
                  dataclasses.replace(config, batch_size=b, grad_accum=config.grad_accum * config.batch_size // b),
                  world_size, (rows[:b], eval_chunk, notes))
                 for b in _halvings(config.batch_size, world_size) if b % world_size == 0])
-    tokens = len(rows[0]) if rows else 0
+    tokens = max((len(r) for r in rows), default=0)
     if tokens >= 64:
         ladder([(f"--max-length {n}", dataclasses.replace(config, max_length=n), world_size,
                  ([row[:n] for row in rows], eval_chunk, notes)) for n in _halvings(tokens, 16)])

@@ -11,7 +11,8 @@ bytes the optimizers really allocate):
                                   state space of their width; the space is cut into pages of
                                   page_bytes (E elements per page), and at most budget // page_bytes
                                   of the pages sit on the device; the rest live on the host
-    torch_adamw                   exp_avg, exp_avg_sq in the parameter's dtype
+    torch_adamw                   exp_avg, exp_avg_sq in the parameter's dtype, and a float32 step
+                                  count per parameter, which torch keeps on the CPU
 
 A GPU plan uses this instead of tracing the step: on CUDA the Triton update writes the states in
 place and allocates nothing, so the states are all the optimizer holds. A CPU plan runs the real
@@ -37,12 +38,15 @@ def _rounded(n: int, round_to: int) -> int:
 
 
 def state_bytes(params: list[torch.Tensor], optimizer: str, *, budget_bytes: int | None = None,
-                page_bytes: int = DEFAULT_PAGE_BYTES, round_to: int = 1) -> tuple[int, int]:
-    """(bytes on the device, bytes paged out to the host) of `optimizer`'s states for `params`.
-    `round_to`: the device allocator's granularity (512 on CUDA)."""
+                page_bytes: int = DEFAULT_PAGE_BYTES, device: str = "cpu") -> tuple[int, int]:
+    """(bytes on the device, bytes on the host: paged out, or torch's step counts) of `optimizer`'s
+    states for `params` on a "cpu" or "cuda" device (whose allocator hands out 512-byte blocks)."""
     eight = optimizer in ("adamw8bit", "paged_adamw8bit")
+    round_to = 512 if device == "cuda" else 1
     if optimizer == "torch_adamw":
-        return sum(2 * _rounded(p.numel() * p.element_size(), round_to) for p in params), 0
+        states = sum(2 * _rounded(p.numel() * p.element_size(), round_to) for p in params)
+        steps = 4 * len(params)
+        return (states + steps, 0) if device == "cpu" else (states, steps)
     bits = [8 if eight and p.numel() >= _MIN_8BIT else 32 for p in params]
     maps = 2 * _rounded(256 * 4, round_to) if eight else 0
     if not optimizer.startswith("paged"):

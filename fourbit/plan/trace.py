@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from ..train.config import TrainConfig
 from ..train.data import IGNORE, collate
 from ..train.distributed import Runtime
 from ..train.loop import Trainer, prepare_model, uses_autocast
-from ..train.parallel import wrap_model
+from ..train.parallel import parallelize
 from ..nf4.state import NESTED_BLOCKSIZE, QuantState
 from .ops import FourbitOps, prewarm
 from .source import ModelSource
@@ -156,7 +157,7 @@ def _model_tensors(model: nn.Module):
 def static_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes at rest, each storage once: the 4-bit weights split into codes / absmax / nested state."""
     seen: set = set()
-    out = {"codes": 0, "absmax": 0, "nested": 0, "dense_weights": 0, "lora": 0}
+    out = {"codes": 0, "absmax": 0, "nested": 0, "dense_weights": 0, "lora": 0, "n_4bit_weights": 0}
 
     def count(key, t):
         st = t.untyped_storage()
@@ -166,6 +167,7 @@ def static_bytes(model: nn.Module) -> dict[str, int]:
 
     for m in model.modules():
         if isinstance(m, Linear4bit):
+            out["n_4bit_weights"] += m.out_features * m.in_features
             count("codes", _local(m.weight))
             absmax, nested_absmax, nested_code, offset = m.quant_state.as_tensors()
             count("absmax", absmax)
@@ -261,16 +263,17 @@ class _Locator:
 
 
 def _wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """`wrap_model` for a model built on its device already: its first step, `model.to(device)`, is
-    then a no-op, and one that fake parameters refuse (they carry weak references, which
-    `Module.to` cannot swap), so it is skipped."""
+    """`wrap_model` for a model built on its device already, replicas equal by construction: only its
+    DDP / FSDP2 part (`parallelize`), over the fake process group."""
     if runtime.mode == "none":
         return model
-    model.to = lambda *args, **kwargs: model  # this instance only; see the docstring
-    try:
-        return wrap_model(model, runtime)
-    finally:
-        del model.to
+    mesh = None
+    if runtime.mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        with unset_fake_temporarily():  # the mesh is real: its coordinates come from its values
+            mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    return parallelize(model, runtime, mesh=mesh)
 
 
 def _prepare(model: nn.Module, config: TrainConfig, full: bool) -> tuple[str, bool]:
@@ -302,7 +305,7 @@ def _optimizer_states(trainer: Trainer, config: TrainConfig, target: str, tracke
     `states.state_bytes` gives (the Triton step only reads and writes them); returned to be kept."""
     if target == "cuda":
         params = [_local(p) for p in trainer.params]
-        on_device, host = state_bytes(params, config.optimizer, budget_bytes=_budget(config), round_to=tracker.round_to)
+        on_device, host = state_bytes(params, config.optimizer, budget_bytes=_budget(config), device=target)
         with tracker.category("optimizer"):
             held = torch.empty(on_device, dtype=torch.uint8, device=tracker.device)
         tracker.other += host
@@ -342,7 +345,9 @@ def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper
     tracker = LiveBytes(device, round_to=512 if target == "cuda" else 1, on_op=FourbitOps(target, hopper=hopper))
     for category, t in _model_tensors(trainer.model):
         tracker.add(t, category)
-    with fake, tracker:
+    with fake, tracker, tracker.resizes(), warnings.catch_warnings():
+        # the reference AdamW compares data pointers (0 on fake tensors: the same answer for a float32 parameter)
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         held = _optimizer_states(trainer, config, target, tracker)  # 1. the states of a steady-state step
         static["optimizer"], static["optimizer_host"] = tracker.sums["optimizer"], tracker.other
         tracker.reset_peaks()
@@ -421,8 +426,8 @@ def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: 
         once = _extrapolate(_trace_once(config, short[0], **kw), _trace_once(config, short[1], **kw), 2, 3, layers)
         # the states' page rounding is not affine: the whole model's, by the layouts
         shards = [_shard(p, world_size if config.distributed == "fsdp" else 1) for p in whole.parameters() if p.requires_grad]
-        exact_states, _ = state_bytes(shards, config.optimizer, budget_bytes=_budget(config),
-                                      round_to=512 if target == "cuda" else 1)
+        on_device, host = state_bytes(shards, config.optimizer, budget_bytes=_budget(config), device=target)
+        exact_states = on_device + (host if target == "cpu" else 0)  # a CPU's host copies share its memory
         delta = exact_states - once.static["optimizer"]
         once.static["optimizer"] = exact_states
         for peak in once.phases.values():

@@ -176,6 +176,43 @@ class LiveBytes(TorchDispatchMode):
             self.sums[category] += record[0]
         record[1] = category
 
+    def resized(self, storage, nbytes: int) -> None:
+        """A counted storage changed size in place (FSDP2 frees and refills its unsharded parameters
+        with `untyped_storage().resize_`, keeping the tensors that autograd saved)."""
+        record = self._records.get(storage)
+        if record is None:
+            return
+        device = self.device if record[2] else torch.device("cpu")
+        new = -(-nbytes // self.round_to) * self.round_to if nbytes and self.round_to > 1 and device.type != "cpu" else nbytes
+        delta, record[0] = new - record[0], new
+        if record[2]:
+            self.sums[record[1]] += delta
+            self.total += delta
+            if self.total > self.peak.total:
+                self.peak = self._peak_now()
+            if self.total > self.phase_peaks[self._phase].total:
+                self.phase_peaks[self._phase] = self._peak_now()
+        else:
+            self.other += delta
+            self.other_peak = max(self.other_peak, self.other)
+
+    @contextlib.contextmanager
+    def resizes(self):
+        """Inside, `UntypedStorage.resize_` reports to this tracker (see `resized`); restored after."""
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            tracker.resized(storage, int(size))
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        try:
+            yield
+        finally:
+            torch.UntypedStorage.resize_ = original
+
     def category_of(self, tensor: torch.Tensor) -> str | None:
         record = self._records.get(tensor.untyped_storage())
         return None if record is None else record[1]

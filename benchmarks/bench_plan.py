@@ -1,0 +1,249 @@
+"""`fourbit plan` against measured peaks, and the QLoRA paper's memory claim planned.
+
+    python -m benchmarks.bench_plan accuracy [--smoke] [--case NAME]   results/cpu/plan_accuracy.{json,md}
+    python -m benchmarks.bench_plan paper [--seq-len 512]               results/plan_paper.{json,md,png}
+
+Accuracy. Each case is a real `fourbit finetune` run (the Trainer: its evaluation, its steps, its
+final evaluation) on this CPU, measured by an instrument the planner does not use: torch.profiler
+with profile_memory=True, whose allocation events carry the CPU allocator's own sizes. The live
+bytes at any moment are the sum of the events since the profiler started (it starts before the
+model loads, so every tensor of the run is in it); the measured peak is their maximum from the
+first evaluation to the end of the last one. Beside it: the plan's peak, the error, and the peak RSS
+of the process (a cross-check only: it also holds Python, the libraries and the dense model that
+loading reads before quantizing). An FSDP2 case runs under torchrun (2 ranks, gloo) and reports
+rank 0's peak.
+
+Paper. The QLoRA paper (Dettmers et al. 2023) says a 65B model needs more than 780 GB of GPU memory
+to fine-tune in 16 bits and less than 48 GB with QLoRA. Planned here for LLaMA 7B/13B/33B/65B with
+its setup: NF4 with double quantization, LoRA r = 64 on every linear layer, paged AdamW, gradient
+checkpointing, batch 1, `--seq-len` tokens (512 by default), bf16 compute on an 80 GB card; with the
+exact bytes of each 4-bit base beside the 4.127-bit formula (4 + 8/64 + 32/(64*256) bits per weight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from fourbit.plan import compare, gpu_target, local_target, plan
+from fourbit.plan.report import write_png
+from fourbit.train.config import TrainConfig
+from fourbit.train.loop import Trainer
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+MIB = 2**20
+
+
+# ---- the measurement ----------------------------------------------------------------------------
+def _live_peak(prof, start_ns: int, end_ns: int) -> int:
+    """Max over [start, end] of the bytes the CPU allocator holds for what was allocated since the
+    profiler started (its allocation events, in time order, summed)."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for t, n in events:
+        live += n
+        if start_ns <= t <= end_ns:
+            peak = max(peak, live)
+    return peak
+
+
+def measure_run(config: TrainConfig, *, output_dir: str | None = None) -> dict:
+    """Run `config` for real (evaluate, config.steps steps, evaluate) under the profiler; the peak."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = dataclasses.replace(config, output_dir=output_dir or os.path.join(tmp, "run"))
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer = Trainer(config, overwrite=True, progress=False)
+            with record_function("fourbit-measured-run"):
+                trainer.evaluate()
+                for _ in range(trainer.total_steps):
+                    trainer.train_step()
+                trainer.evaluate()
+        marks = [e for e in prof.profiler.kineto_results.events() if e.name() == "fourbit-measured-run"]
+        peak = _live_peak(prof, marks[0].start_ns(), marks[0].end_ns())
+    return {"measured_peak_bytes": peak, "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+# ---- the cases ----------------------------------------------------------------------------------
+def cases(smoke: bool, model_4bit: str | None) -> dict[str, TrainConfig]:
+    """The issue's list, on SmolLM2-135M (the main job's model); --smoke: 2 steps, batch 2."""
+    base = TrainConfig(steps=2, batch_size=2, eval_examples=16) if smoke else TrainConfig()
+    short = dict(steps=2 if smoke else 4)
+    out = {
+        "main job defaults": base,
+        "batch 1": dataclasses.replace(base, batch_size=1, **short),
+        "batch 8": dataclasses.replace(base, batch_size=8, **short),
+        "gradient checkpointing on": dataclasses.replace(base, grad_checkpointing="on", **short),
+        "gradient checkpointing off": dataclasses.replace(base, grad_checkpointing="off", **short),
+        "r = 16": dataclasses.replace(base, r=16, **short),
+        "r = 64": dataclasses.replace(base, r=64, **short),
+        "paged AdamW 32-bit, 8 MiB budget": dataclasses.replace(base, optimizer="paged_adamw", paging_budget_mb=8.0, **short),
+        "paged AdamW 8-bit, 2 MiB budget": dataclasses.replace(base, optimizer="paged_adamw8bit", paging_budget_mb=2.0, **short),
+        "FSDP2, 2 ranks (gloo), rank 0": dataclasses.replace(base, distributed="fsdp", optimizer="torch_adamw", **short),
+    }
+    if model_4bit:
+        out["transformers model through FourbitConfig"] = dataclasses.replace(base, model=model_4bit, **short)
+    if smoke:
+        out = {k: v for k, v in out.items() if k in ("main job defaults", "gradient checkpointing on")}
+    return out
+
+
+def _measure_fsdp(config: TrainConfig, world_size: int = 2) -> dict:
+    """rank 0's measured peak of `config` under torchrun (this module's `worker` command)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, result = os.path.join(tmp, "config.json"), os.path.join(tmp, "rank0.json")
+        with open(spec, "w") as f:
+            json.dump(dataclasses.replace(config, output_dir=os.path.join(tmp, "run")).to_dict(), f)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+               "-m", "benchmarks.bench_plan", "worker", spec, result]
+        child = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if child.returncode:
+            raise RuntimeError(f"torchrun failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+        with open(result) as f:
+            return json.load(f)
+
+
+def _worker(spec: str, result: str) -> int:
+    with open(spec) as f:
+        config = TrainConfig.from_dict(json.load(f))
+    measured = measure_run(config, output_dir=config.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(result, "w") as f:
+            json.dump(measured, f)
+    from fourbit.train.distributed import teardown
+
+    teardown()
+    return 0
+
+
+def accuracy(smoke: bool, only: str | None, out_dir: str) -> list[dict]:
+    from fourbit.train.models import export_4bit
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_4bit = None if smoke else export_4bit("smollm2", os.path.join(tmp, "smollm2-nf4"))
+        for name, config in cases(smoke, model_4bit).items():
+            if only and only != name:
+                continue
+            ws = 2 if config.distributed == "fsdp" else 1
+            t0 = time.perf_counter()
+            p = plan(config, target=local_target("cpu"), world_size=ws, suggest=False)
+            plan_s = time.perf_counter() - t0
+            measured = _measure_fsdp(config, ws) if ws > 1 else measure_run(config)
+            m = measured["measured_peak_bytes"]
+            row = {"case": name, "config": config.to_dict(), "world_size": ws, "predicted_bytes": p.peak,
+                   "measured_bytes": m, "error": (p.peak - m) / m, "where": p.where, "rss_peak_bytes": measured["rss_peak_bytes"],
+                   "plan_s": round(plan_s, 1), "breakdown": p.breakdown}
+            print(f"{name:45s} predicted {p.peak / MIB:9.2f} MiB  measured {m / MIB:9.2f} MiB  error {100 * row['error']:+6.2f} %"
+                  f"  (plan {plan_s:.0f} s, {p.where})", flush=True)
+            rows.append(row)
+    if not smoke and not only:
+        _write(rows, os.path.join(out_dir, "cpu", "plan_accuracy"), _accuracy_md(rows))
+    return rows
+
+
+def _accuracy_md(rows: list[dict]) -> str:
+    lines = ["| case | predicted MiB | measured MiB | error | peak at | RSS MiB (cross-check) | plan s |",
+             "|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['predicted_bytes'] / MIB:.2f} | {r['measured_bytes'] / MIB:.2f} | "
+                     f"{100 * r['error']:+.2f} % | {r['where']} | {r['rss_peak_bytes'] / MIB:.0f} | {r['plan_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the paper ----------------------------------------------------------------------------------
+PAPER_MODELS = ("llama-7b", "llama-13b", "llama-33b", "llama-65b")
+
+
+def _formula_bytes(n_weights: int) -> float:
+    return n_weights * (4 + 8 / 64 + 32 / (64 * 256)) / 8
+
+
+def paper(seq_len: int, out_dir: str) -> list[dict]:
+    rows, pictures = [], []
+    target = gpu_target("A100-80GB")
+    for name in PAPER_MODELS:
+        config = TrainConfig(model=name, r=64, alpha=16.0, batch_size=1, max_length=seq_len, grad_checkpointing="on",
+                             optimizer="paged_adamw", precision="bf16")
+        t0 = time.perf_counter()
+        plans = compare(config, target=target)
+        seconds = time.perf_counter() - t0
+        qlora = plans[0]
+        weights = sum(int(v) for k, v in qlora.static.items() if k in ("codes", "absmax", "nested"))
+        n4 = qlora.static["n_4bit_weights"]
+        row = {"model": name, "seq_len": seq_len, "plans": {q.mode: {"peak_bytes": q.peak, "where": q.where,
+                                                                      "breakdown": q.breakdown} for q in plans},
+               "base_4bit_bytes": weights, "n_4bit_weights": n4, "formula_bytes": _formula_bytes(n4),
+               "plan_s": round(seconds, 1)}
+        rows.append(row)
+        pictures.append(plans)
+        print(f"{name}: QLoRA {qlora.peak / 1e9:.1f} GB, LoRA 16-bit {plans[1].peak / 1e9:.1f} GB, "
+              f"full 16-bit {plans[2].peak / 1e9:.1f} GB; 4-bit base {weights / 1e9:.3f} GB vs formula "
+              f"{_formula_bytes(n4) / 1e9:.3f} GB ({seconds:.0f} s)", flush=True)
+    write_png(pictures[-1], os.path.join(out_dir, "plan_paper.png"),
+              title=f"LLaMA-65B, batch 1 x {seq_len} tokens, r = 64, gradient checkpointing")
+    _write(rows, os.path.join(out_dir, "plan_paper"), _paper_md(rows))
+    return rows
+
+
+def _paper_md(rows: list[dict]) -> str:
+    lines = [f"Planned for an 80 GB card, batch 1 x {rows[0]['seq_len']} tokens, LoRA r = 64 on every linear layer, "
+             "paged AdamW, gradient checkpointing, bf16 compute; GB = 10^9 bytes.", "",
+             "| model | QLoRA GB | LoRA on a bf16 base GB | full bf16 GB | 4-bit base GB (exact) | 4.127-bit formula GB | difference |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p = r["plans"]
+        lines.append(f"| {r['model']} | {p['qlora']['peak_bytes'] / 1e9:.1f} | {p['lora16']['peak_bytes'] / 1e9:.1f} | "
+                     f"{p['full16']['peak_bytes'] / 1e9:.1f} | {r['base_4bit_bytes'] / 1e9:.3f} | {r['formula_bytes'] / 1e9:.3f} | "
+                     f"{100 * (r['base_4bit_bytes'] / r['formula_bytes'] - 1):+.3f} % |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- files --------------------------------------------------------------------------------------
+def _write(rows: list[dict], stem: str, markdown: str) -> None:
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    print(f"wrote {stem}.json, {stem}.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_plan")
+    sub = parser.add_subparsers(dest="what", required=True)
+    acc = sub.add_parser("accuracy")
+    acc.add_argument("--smoke", action="store_true", help="two small cases, nothing written")
+    acc.add_argument("--case", default=None)
+    pap = sub.add_parser("paper")
+    pap.add_argument("--seq-len", type=int, default=512)
+    wk = sub.add_parser("worker")
+    wk.add_argument("spec")
+    wk.add_argument("result")
+    for p in (acc, pap):
+        p.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.what == "worker":
+        return _worker(args.spec, args.result)
+    if args.what == "accuracy":
+        accuracy(args.smoke, args.case, args.out)
+    else:
+        paper(args.seq_len, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
