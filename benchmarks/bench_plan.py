@@ -75,6 +75,45 @@ def measure_run(config: TrainConfig, *, output_dir: str | None = None) -> dict:
     return {"measured_peak_bytes": peak, "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def measure_step(config: TrainConfig, source, rows: list[list[int]], *, steps: int, device: str) -> tuple[int, str]:
+    """(peak bytes, instrument) of `steps` optimizer steps (Trainer.step_on) of the model `source`
+    describes, with random weights quantized to NF4 on `device`, on the batch `rows`: on CUDA the
+    caching allocator's peak after the model is in place, on the CPU the profiler's allocator events
+    from before the model is built."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers import AutoModelForCausalLM
+
+    from fourbit.lora import quantize_model
+    from fourbit.train.data import IGNORE, collate
+    from fourbit.train.distributed import Runtime
+    from fourbit.train.loop import prepare_model, uses_autocast
+
+    def run():
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(source.hf_config, dtype=torch.float32)
+        compute = torch.bfloat16 if uses_autocast(config, torch.device(device)) else torch.float32
+        quantize_model(model, compute_dtype=compute)
+        model.eval()  # as from_pretrained returns it
+        prepare_model(model, config)
+        trainer = Trainer.around(config, model, None, Runtime("none", 0, 1, 0, torch.device(device), None))
+        batch = collate(rows, [[IGNORE] + r[1:] for r in rows], 0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with record_function("fourbit-measured-steps"):
+            for _ in range(steps):
+                trainer.step_on([batch])
+
+    if device == "cuda":
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    mark = next(e for e in prof.profiler.kineto_results.events() if e.name() == "fourbit-measured-steps")
+    return _live_peak(prof, mark.start_ns(), mark.end_ns()), "torch.profiler allocator events"
+
+
 # ---- the cases ----------------------------------------------------------------------------------
 def cases(smoke: bool, model_4bit: str | None) -> dict[str, TrainConfig]:
     """The issue's list, on SmolLM2-135M (the main job's model); --smoke: 2 steps, batch 2."""

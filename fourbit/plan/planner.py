@@ -156,7 +156,7 @@ def _mode_config(config: TrainConfig, mode: str) -> TrainConfig:
 
 
 def plan(config: TrainConfig, *, target: Target | None = None, world_size: int = 1, mode: str = "qlora",
-         suggest: bool = True, source: ModelSource | None = None, _batches=None) -> Plan:
+         suggest: bool = True, source: ModelSource | None = None, _batches=None, _trace_on: str | None = None) -> Plan:
     """Plan `config`'s run on `target` (default: this machine); see the module docstring."""
     t0 = time.perf_counter()
     _check(config, world_size)
@@ -165,7 +165,7 @@ def plan(config: TrainConfig, *, target: Target | None = None, world_size: int =
     batch, eval_chunk, notes = _batches or _run_batches(config, source)
     run = _mode_config(config, mode)
     traced = trace_run(run, source, target=target.device, hopper=target.hopper, batch=batch, eval_records=eval_chunk,
-                       world_size=world_size, full=mode == "full16")
+                       world_size=world_size, full=mode == "full16", trace_on=_trace_on)
     phase, top = max(traced.phases.items(), key=lambda kv: kv[1].total)
     if traced.traced_on != target.device:
         notes.append("traced on the CPU with CUDA's allocation rules (512-byte blocks, fourbit's Triton kernels): "

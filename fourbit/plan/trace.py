@@ -262,6 +262,27 @@ class _Locator:
                 h.remove()
 
 
+def _same_lengths(source: ModelSource, records) -> bool:
+    """Whether the evaluation chunk's examples all have one length (then nothing in it is padded)."""
+    if not records or source.tokenizer is None:
+        return True
+    from ..train.data import answer_ids, prompt_ids
+
+    return len({len(prompt_ids(source.tokenizer, r.prompt) + answer_ids(source.tokenizer, r.response)) for r in records}) == 1
+
+
+def _unmasked(model: nn.Module, tracker: LiveBytes, unpadded: dict[str, bool]):
+    """A hook giving the model no attention mask where its batch has no padding. transformers drops an
+    all-ones mask itself (SDPA then runs causal, without a mask and without repeating grouped keys),
+    but it never reads a fake tensor's values to find out, so the plan says what it would find."""
+    def hook(module, args, kwargs):
+        if unpadded["eval" if tracker.phase == "eval" else "train"] and kwargs.get("attention_mask") is not None:
+            kwargs = {**kwargs, "attention_mask": None}
+        return args, kwargs
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def _wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
     """`wrap_model` for a model built on its device already, replicas equal by construction: only its
     DDP / FSDP2 part (`parallelize`), over the fake process group."""
@@ -352,6 +373,9 @@ def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper
         static["optimizer"], static["optimizer_host"] = tracker.sums["optimizer"], tracker.other
         tracker.reset_peaks()
         locator = _Locator(trainer.model, trainer.optimizer, tracker)
+        unpadded = {"eval": _same_lengths(source, eval_records),
+                    "train": len({len(row) for row in batch}) == 1}
+        locator.handles.append(_unmasked(trainer.model, tracker, unpadded))
         if target == "cuda":  # the Triton update writes the states in place and allocates nothing
             trainer.optimizer.step = lambda closure=None: locator.mark("optimizer")
         with locator.attached():
@@ -401,13 +425,15 @@ def _homogeneous(hf_config) -> bool:
 
 
 def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: bool = True, batch: list[list[int]],
-              eval_records: list = (), world_size: int = 1, full: bool = False, exact: bool = False) -> Traced:
+              eval_records: list = (), world_size: int = 1, full: bool = False, exact: bool = False,
+              trace_on: str | None = None) -> Traced:
     """Trace `config`'s run (see the module docstring). `target`: "cpu" or "cuda"; `hopper`: the GPU
     is Hopper (it decides fourbit's matmul routes). `batch`: the token ids of the worst micro-batch's
     rows (the global batch). `eval_records`: the evaluation chunk to trace (none for a preset).
     A model of more than 4 identical decoder layers is traced with 2 and with 3 of them and the
-    counts carried to all of them (`_extrapolate`), unless `exact`."""
-    device = torch.device("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu")
+    counts carried to all of them (`_extrapolate`), unless `exact`. `trace_on`: the fake tensors'
+    device (default: the target's when this machine has it, else the CPU)."""
+    device = torch.device(trace_on or ("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"))
     prewarm("cpu")
     # the parameter count (and with it "auto" gradient checkpointing) of the whole model, on meta
     from transformers import AutoModelForCausalLM
