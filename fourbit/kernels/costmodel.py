@@ -306,7 +306,7 @@ CASES = [("dequantize", "dequantize", 0, False)] + [(f"forward M={m}", None, m, 
 
 
 def format_markdown(rows: list[dict], shapes=SHAPES) -> str:
-    """The README table: per goal case and shape, the chosen row's predicted fraction (and loop
+    """The docs/kernels.md table: per goal case and shape, the chosen row's predicted fraction (and loop
     thread-instructions per weight byte), with a "measured" line for a GPU run to fill."""
     lines = ["| case | | " + " | ".join(f"{n}×{k}" for n, k in shapes) + " | path (limiter) |",
              "|" + "---|" * (len(shapes) + 3)]
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", action="append", choices=["gemv", "gemm", "backward", "dequantize"], help="ops (default: all)")
     parser.add_argument("--shape", type=_shape, action="append", help="NxK (default: the five Llama-3 shapes)")
     parser.add_argument("--all", action="store_true", help="evaluate and print every candidate, not only the routed ones")
-    parser.add_argument("--markdown", action="store_true", help="print the README's table of chosen rows instead")
+    parser.add_argument("--markdown", action="store_true", help="print docs/kernels.md's table of chosen rows instead")
     args = parser.parse_args(argv)
 
     from ._triton_utils import interpreting

@@ -16,7 +16,7 @@ Determinism: the seed fixes the LoRA init (torch's global RNG right before `add_
 at each step (`data.batch_at`), and dropout (the RNG state, saved in checkpoints). `resume=True`
 reloads a checkpoint and continues with the same numbers an uninterrupted run would produce.
 
-Failures (README "Failure behaviour"):
+Failures (docs/training.md, "Failure behaviour"):
   * SIGINT (Ctrl-C) and SIGTERM (docker stop, SLURM preemption, Kubernetes) take one path: the
     first sets a flag, the loop finishes the current step, writes a checkpoint and returns
     {"interrupted": True, "signal": n} (the CLI exits 128 + n: 130 / 143); a second one abandons

@@ -1,5 +1,5 @@
-"""The README's "Use fourbit from transformers / PEFT / TRL / bitsandbytes code" blocks, run as
-written on a tiny Llama (`path` and `dataset` are the only names the test provides)."""
+"""docs/ecosystem.md's transformers, PEFT and TRL blocks, run as written on a tiny Llama (`path` and
+`dataset` are the only names the test provides)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-SECTION = "## Use fourbit from transformers / PEFT / TRL / bitsandbytes code"
+PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "ecosystem.md")
 
 
-def readme_blocks() -> dict[str, list[str]]:
-    """Subsection title -> its ```python blocks, for the section above."""
-    text = open(README).read()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
+def page_blocks() -> dict[str, list[str]]:
+    """Section title -> its ```python blocks, on the page above."""
+    text = open(PAGE).read()
     blocks: dict[str, list[str]] = {}
-    for part in re.split(r"\n### ", text[start:end])[1:]:
+    for part in re.split(r"\n## ", text)[1:]:
         title, _, body = part.partition("\n")
         blocks[title.strip()] = re.findall(r"```python\n(.*?)```", body, flags=re.S)
     return blocks
@@ -36,7 +33,7 @@ def path(tmp_path_factory):
 
 
 def test_the_section_has_the_blocks_this_test_runs():
-    blocks = readme_blocks()
+    blocks = page_blocks()
     assert [len(blocks.get(k, [])) for k in ("transformers", "PEFT", "TRL")] == [2, 1, 1]
 
 
@@ -44,7 +41,7 @@ def test_transformers_and_peft_blocks(path, tmp_path, monkeypatch):
     from fourbit.lora import Linear4bit
 
     monkeypatch.chdir(tmp_path)
-    blocks = readme_blocks()
+    blocks = page_blocks()
     ns = {"path": path}
     exec(blocks["transformers"][0], ns)
     assert ns["model"].is_loaded_in_4bit and (tmp_path / "model-4bit" / "model.safetensors").exists()
@@ -61,7 +58,7 @@ def test_use_for_bitsandbytes_config_block(path, tmp_path, monkeypatch):
     from fourbit.lora import Linear4bit
 
     monkeypatch.setitem(hf_auto.AUTO_QUANTIZER_MAPPING, "bitsandbytes_4bit", hf_auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"])
-    exec(readme_blocks()["transformers"][1], {})
+    exec(page_blocks()["transformers"][1], {})
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     assert isinstance(model.model.layers[0].mlp.up_proj, Linear4bit)
 
@@ -72,10 +69,10 @@ def test_trl_block(path, tmp_path, monkeypatch):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     monkeypatch.chdir(tmp_path)
-    # this machine's part, not the README's: the CPU (TrainingArguments refuses bf16 on a CPU
+    # this machine's part, not the page's: the CPU (TrainingArguments refuses bf16 on a CPU
     # without use_cpu) and a one-step run
     monkeypatch.setattr(trl, "SFTConfig", functools.partial(trl.SFTConfig, use_cpu=True, max_steps=1, report_to=[]))
-    blocks = readme_blocks()
+    blocks = page_blocks()
     ns = {"path": path, "dataset": datasets.Dataset.from_dict({"text": ["one two three", "four five six"]})}
     exec(blocks["transformers"][0], ns)
     exec("from peft import LoraConfig\n" + blocks["TRL"][0], ns)

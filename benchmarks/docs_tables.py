@@ -1,0 +1,164 @@
+"""The tables of README.md and docs/*.md, generated from the committed results under
+benchmarks/results/ (never typed by hand).
+
+    python -m benchmarks.docs_tables            # rewrite every generated region in place
+    python -m benchmarks.docs_tables --check    # exit 1 and name the stale regions (tests/test_docs.py)
+
+A generated region in a page is
+
+    <!-- table: NAME -->
+    ...whatever TABLES[NAME]() returns...
+    <!-- end table -->
+
+so a new measurement changes the JSON, and this script carries it into every page that shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+REGION = re.compile(r"^(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)$", re.S | re.M)
+
+
+def _load(rel: str) -> list | dict:
+    return json.loads((RESULTS / rel).read_text())
+
+
+def _md(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    return "\n".join(["| " + " | ".join(header) + " |", align] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _median(rows, **match) -> float | None:
+    hit = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return hit[0]["median_ms"] if hit else None
+
+
+def cpu_headline() -> str:
+    """fourbit against bitsandbytes' CPU backend, one line per op family (README)."""
+    quant, matmul, optim, train = (_load(f"cpu/{n}.json") for n in ("quant", "matmul", "optim", "train"))
+    lines = []
+    for op in ("quantize", "dequantize"):
+        for dtype in ("float32", "bfloat16"):
+            ours, peer = (_median(quant, op=op, shape="4096x4096", dtype=dtype, provider=p)
+                          for p in ("fourbit", "bitsandbytes"))
+            lines.append((f"{op} NF4+DQ 4096×4096, {dtype}", ours, peer))
+    for m in (1, 16, 512):
+        shape = f"{m}x4096x4096"
+        ours = _median(matmul, op="matmul", shape=shape, dtype="bfloat16", provider="fourbit-reference")
+        peer = _median(matmul, op="matmul", shape=shape, dtype="bfloat16", provider="bitsandbytes")
+        if ours is not None:
+            lines.append((f"`matmul_4bit` M = {m}, 4096×4096, bf16", ours, peer))
+    for op, label in (("adamw32 step", "AdamW 32-bit step"), ("adamw8 step", "AdamW 8-bit step")):
+        ours = _median(optim, op=op, provider="fourbit")
+        peer = _median(optim, op=op, provider="bitsandbytes")
+        lines.append((f"{label}, {optim[0]['shape'].split('(')[-1].rstrip(')')} LoRA params", ours, peer))
+    step = {r["provider"]: r for r in train}
+    lines.append((f"QLoRA training step, SmolLM2-135M, batch {step['fourbit']['config']['batch_size']}",
+                  step["fourbit"]["median_ms"], step["bnb+peft"]["median_ms"]))
+    rows = [[what, f"{ours:.1f}", f"{peer:.1f}", f"{peer / ours:.2f}×"] for what, ours, peer in lines]
+    return _md(["op (CPU)", "fourbit ms", "bitsandbytes ms", "fourbit speed"], rows)
+
+
+def costmodel_sm90a() -> str:
+    """The cost model's chosen rows on the five Llama-3 shapes (docs/kernels.md)."""
+    from fourbit.kernels.costmodel import format_markdown
+
+    data = _load("sm_90a/costmodel.json")
+    return format_markdown(data["rows"])
+
+
+def _quality_rows(name: str) -> list[dict]:
+    order = ["fp32", "bf16", "nf4+dq", "nf4", "fp4", "int4-absmax"]
+    rows = _load(f"cpu/{name}.json")
+    return sorted(rows, key=lambda r: order.index(r["provider"]) if r["provider"] in order else len(order))
+
+
+_LABEL = {"nf4+dq": "NF4 + double quant", "nf4": "NF4", "fp4": "FP4", "int4-absmax": "Int4 absmax",
+          "fp32": "fp32", "bf16": "bf16"}
+
+
+def fidelity_smollm2() -> str:
+    """Perplexity of SmolLM2-135M with every linear weight round-tripped (docs/inspect.md)."""
+    rows = _quality_rows("quality")
+    base = next(r["perplexity"] for r in rows if r["provider"] == "fp32")
+    out = [[_LABEL[r["provider"]], f"{r['perplexity']:.2f}",
+            "—" if r["provider"] == "fp32" else f"{100 * (r['perplexity'] / base - 1):+.1f} %",
+            f"{r['weight_rel_error']:.4f}"] for r in rows]
+    return _md(["weights", "perplexity", "vs fp32", "weight relative error"], out)
+
+
+def fidelity_minilm() -> str:
+    """all-MiniLM-L6-v2 embeddings with every linear weight round-tripped (docs/inspect.md)."""
+    rows = [r for r in _quality_rows("quality_minilm") if r["provider"] != "fp32"]
+    digits = lambda r: 5 if r["provider"] == "bf16" else 4  # noqa: E731  (bf16's cosines differ in the 6th place)
+    out = [[_LABEL[r["provider"]], f"{r['weight_rel_error']:.4f}", f"{r['cos_mean']:.{digits(r)}f}",
+            f"{r['cos_min']:.{digits(r)}f}", f"{100 * r['nn_agreement']:.1f} %"] for r in rows]
+    return _md(["weights", "weight relative error", "cosine to fp32: mean", "min", "same nearest neighbour as fp32"], out)
+
+
+def inspect_pooled() -> str:
+    """Relative error of each format at blocksize 64, all linear weights pooled (docs/inspect.md)."""
+    out = []
+    for model, what in (("minilm", "all-MiniLM-L6-v2, fp32"), ("smollm2", "SmolLM2-135M, GGUF Q4_1 values")):
+        d = _load(f"cpu/inspect_{model}/inspect.json")
+        err = {f: d["totals"][f]["64"]["rel_error"] for f in ("nf4", "nf4+dq", "fp4", "int4")}
+        out.append([f"{what} ({d['n_layers']} weights)", *(f"{err[f]:.4f}" for f in ("nf4", "nf4+dq", "fp4", "int4")),
+                    f"{100 * d['outliers']['top_1pct_share']:.1f} %"])
+    return _md(["weights", "NF4", "NF4 + DQ", "FP4", "Int4 absmax", "worst 1 % of NF4 blocks hold (of the squared error)"], out)
+
+
+def qlora_vs_lora() -> str:
+    """The main job's recipe on a 4-bit, fp32 and bf16 base (docs/training.md)."""
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    out = []
+    for r in _load("cpu/qlora_vs_lora.json"):
+        m = r["memory"]
+        out.append([r["provider"], f"{r['exact_match_before']:.3f} → {r['exact_match_after']:.3f}",
+                    f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f}", mib(m["base_linear"]), mib(m["base_other"]),
+                    mib(m["adapter"]), mib(m["gradients"]), mib(m["optimizer"]), f"{m['activations'] / 2**20:.0f} MiB"])
+    return _md(["base weights", "exact match before → after", "loss first → last step", "base linear weights",
+                "embedding + norms", "adapter", "its gradients", "AdamW states", "activations saved for backward"], out)
+
+
+TABLES = {f.__name__.replace("_", "-"): f for f in
+          (cpu_headline, costmodel_sm90a, fidelity_smollm2, fidelity_minilm, inspect_pooled, qlora_vs_lora)}
+
+
+def regenerate(text: str) -> str:
+    """text with every generated region rewritten (KeyError names an unknown table)."""
+    return REGION.sub(lambda m: m.group(1) + TABLES[m.group(2)]().rstrip("\n") + "\n" + m.group(4), text)
+
+
+def stale_pages() -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in PAGES if regenerate(p.read_text()) != p.read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.docs_tables", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only report pages whose tables are stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_pages()
+        for page in stale:
+            print(f"stale generated table in {page}: run python -m benchmarks.docs_tables", file=sys.stderr)
+        return 1 if stale else 0
+    for page in PAGES:
+        text = page.read_text()
+        new = regenerate(text)
+        if new != text:
+            page.write_text(new)
+            print(f"rewrote {page.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
