@@ -1,7 +1,9 @@
 """`fourbit plan` against measured peaks, and the QLoRA paper's memory claim planned.
 
-    python -m benchmarks.bench_plan accuracy [--smoke] [--case NAME]   results/cpu/plan_accuracy.{json,md}
-    python -m benchmarks.bench_plan paper [--seq-len 512]               results/plan_paper.{json,md,png}
+    python -m benchmarks.bench_plan accuracy [--smoke] [--case NAME]   results/cpu/plan_accuracy.json
+    python -m benchmarks.bench_plan paper [--seq-len 512]               results/plan/paper.{json,png}
+
+The tables in docs/plan.md are generated from these files by `python -m benchmarks.docs_tables`.
 
 Accuracy. Each case is a real `fourbit finetune` run (the Trainer: its evaluation, its steps, its
 final evaluation) on this CPU, measured by an instrument the planner does not use: torch.profiler
@@ -188,17 +190,8 @@ def accuracy(smoke: bool, only: str | None, out_dir: str) -> list[dict]:
                   f"  (plan {plan_s:.0f} s, {p.where})", flush=True)
             rows.append(row)
     if not smoke and not only:
-        _write(rows, os.path.join(out_dir, "cpu", "plan_accuracy"), _accuracy_md(rows))
+        _write(rows, os.path.join(out_dir, "cpu", "plan_accuracy"))
     return rows
-
-
-def _accuracy_md(rows: list[dict]) -> str:
-    lines = ["| case | predicted MiB | measured MiB | error | peak at | RSS MiB (cross-check) | plan s |",
-             "|---|---:|---:|---:|---|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['predicted_bytes'] / MIB:.2f} | {r['measured_bytes'] / MIB:.2f} | "
-                     f"{100 * r['error']:+.2f} % | {r['where']} | {r['rss_peak_bytes'] / MIB:.0f} | {r['plan_s']} |")
-    return "\n".join(lines) + "\n"
 
 
 # ---- the paper ----------------------------------------------------------------------------------
@@ -209,56 +202,46 @@ def _formula_bytes(n_weights: int) -> float:
     return n_weights * (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
+PAGED_MIB = 512  # the paper's paged AdamW on a smaller card: what does not fit this budget waits on the host
+
+
 def paper(seq_len: int, out_dir: str) -> list[dict]:
     rows, pictures = [], []
     target = gpu_target("A100-80GB")
     for name in PAPER_MODELS:
-        config = TrainConfig(model=name, r=64, alpha=16.0, batch_size=1, max_length=seq_len, grad_checkpointing="on",
+        config = TrainConfig(model=name, r=64, batch_size=1, max_length=seq_len, grad_checkpointing="on",
                              optimizer="paged_adamw", precision="bf16")
         t0 = time.perf_counter()
-        plans = compare(config, target=target)
+        qlora, lora16, full16 = compare(config, target=target)
+        paged = plan(dataclasses.replace(config, paging_budget_mb=float(PAGED_MIB)), target=target, suggest=False)
         seconds = time.perf_counter() - t0
-        qlora = plans[0]
-        weights = sum(int(v) for k, v in qlora.static.items() if k in ("codes", "absmax", "nested"))
+        weights = sum(qlora.static[k] for k in ("codes", "absmax", "nested"))
         n4 = qlora.static["n_4bit_weights"]
-        row = {"model": name, "seq_len": seq_len, "plans": {q.mode: {"peak_bytes": q.peak, "where": q.where,
-                                                                      "breakdown": q.breakdown} for q in plans},
+        plans = {"qlora": qlora, "qlora_paged": paged, "lora16": lora16, "full16": full16}
+        row = {"model": name, "seq_len": seq_len, "paged_budget_mib": PAGED_MIB,
+               "plans": {k: {"peak_bytes": q.peak, "where": q.where, "breakdown": q.breakdown} for k, q in plans.items()},
                "base_4bit_bytes": weights, "n_4bit_weights": n4, "formula_bytes": _formula_bytes(n4),
-               "plan_s": round(seconds, 1)}
+               "plan_s": round(seconds, 1), "qlora_plan": qlora.to_dict()}
         rows.append(row)
-        pictures.append(plans)
-        print(f"{name}: QLoRA {qlora.peak / 1e9:.1f} GB, LoRA 16-bit {plans[1].peak / 1e9:.1f} GB, "
-              f"full 16-bit {plans[2].peak / 1e9:.1f} GB; 4-bit base {weights / 1e9:.3f} GB vs formula "
-              f"{_formula_bytes(n4) / 1e9:.3f} GB ({seconds:.0f} s)", flush=True)
-    write_png(pictures[-1], os.path.join(out_dir, "plan_paper.png"),
-              title=f"LLaMA-65B, batch 1 x {seq_len} tokens, r = 64, gradient checkpointing")
-    _write(rows, os.path.join(out_dir, "plan_paper"), _paper_md(rows))
+        pictures = [qlora, paged, lora16, full16]
+        print(f"{name}: QLoRA {qlora.peak / 1e9:.1f} GB ({paged.peak / 1e9:.1f} GB paged), LoRA 16-bit "
+              f"{lora16.peak / 1e9:.1f} GB, full 16-bit {full16.peak / 1e9:.1f} GB; 4-bit base {weights / 1e9:.3f} GB "
+              f"vs formula {_formula_bytes(n4) / 1e9:.3f} GB ({seconds:.0f} s)", flush=True)
+    write_png(pictures, os.path.join(out_dir, "plan", "paper.png"),
+              title=f"LLaMA-65B, batch 1 x {seq_len} tokens, r = 64, gradient checkpointing",
+              labels=["QLoRA", f"QLoRA, paged\n({PAGED_MIB} MiB of states)", "LoRA, bf16 base", "full bf16"])
+    _write(rows, os.path.join(out_dir, "plan", "paper"))
     return rows
 
 
-def _paper_md(rows: list[dict]) -> str:
-    lines = [f"Planned for an 80 GB card, batch 1 x {rows[0]['seq_len']} tokens, LoRA r = 64 on every linear layer, "
-             "paged AdamW, gradient checkpointing, bf16 compute; GB = 10^9 bytes.", "",
-             "| model | QLoRA GB | LoRA on a bf16 base GB | full bf16 GB | 4-bit base GB (exact) | 4.127-bit formula GB | difference |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        p = r["plans"]
-        lines.append(f"| {r['model']} | {p['qlora']['peak_bytes'] / 1e9:.1f} | {p['lora16']['peak_bytes'] / 1e9:.1f} | "
-                     f"{p['full16']['peak_bytes'] / 1e9:.1f} | {r['base_4bit_bytes'] / 1e9:.3f} | {r['formula_bytes'] / 1e9:.3f} | "
-                     f"{100 * (r['base_4bit_bytes'] / r['formula_bytes'] - 1):+.3f} % |")
-    return "\n".join(lines) + "\n"
-
-
 # ---- files --------------------------------------------------------------------------------------
-def _write(rows: list[dict], stem: str, markdown: str) -> None:
+def _write(rows: list[dict], stem: str) -> None:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown)
-    print(f"wrote {stem}.json, {stem}.md")
+    print(f"wrote {stem}.json (python -m benchmarks.docs_tables carries it into docs/plan.md)")
 
 
 def main(argv: list[str] | None = None) -> int:

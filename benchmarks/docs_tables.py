@@ -129,8 +129,42 @@ def qlora_vs_lora() -> str:
                 "embedding + norms", "adapter", "its gradients", "AdamW states", "activations saved for backward"], out)
 
 
+def plan_accuracy() -> str:
+    """`fourbit plan` against the profiler's record of real runs on the CPU (docs/plan.md)."""
+    mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    out = [[r["case"], mib(r["predicted_bytes"]), mib(r["measured_bytes"]), f"{100 * r['error']:+.2f} %", r["where"],
+            f"{r['plan_s']:.0f}"] for r in _load("cpu/plan_accuracy.json")["rows"]]
+    return _md(["case (SmolLM2-135M, CPU)", "planned MiB", "measured MiB", "error", "peak at", "plan s"], out)
+
+
+def plan_paper() -> str:
+    """The QLoRA paper's memory claim, planned (docs/plan.md)."""
+    rows = _load("plan/paper.json")["rows"]
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+    out = []
+    for r in rows:
+        p = r["plans"]
+        out.append([r["model"], gb(p["qlora"]["peak_bytes"]), gb(p["qlora_paged"]["peak_bytes"]), gb(p["lora16"]["peak_bytes"]),
+                    gb(p["full16"]["peak_bytes"]), f"{r['base_4bit_bytes'] / 1e9:.3f}", f"{r['formula_bytes'] / 1e9:.3f}",
+                    f"{100 * (r['base_4bit_bytes'] / r['formula_bytes'] - 1):+.3f} %"])
+    head = ["model", "QLoRA GB", f"QLoRA, {rows[0]['paged_budget_mib']} MiB of states on the GPU, GB", "LoRA on a bf16 base GB",
+            "full bf16 GB", "4-bit base GB (exact)", "4.127-bit formula GB", "exact vs formula"]
+    return _md(head, out)
+
+
+def plan_example() -> str:
+    """The LLaMA-65B QLoRA plan of the paper table, as `fourbit plan` prints it (docs/plan.md)."""
+    from fourbit.plan.planner import Plan
+    from fourbit.plan.report import table
+
+    row = next(r for r in _load("plan/paper.json")["rows"] if r["model"] == "llama-65b")
+    text = table(Plan.from_dict(row["qlora_plan"]))
+    return "```text\n" + "\n".join(line for line in text.splitlines() if not line.startswith("  planned in")) + "\n```"
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in
-          (cpu_headline, costmodel_sm90a, fidelity_smollm2, fidelity_minilm, inspect_pooled, qlora_vs_lora)}
+          (cpu_headline, costmodel_sm90a, fidelity_smollm2, fidelity_minilm, inspect_pooled, qlora_vs_lora,
+           plan_accuracy, plan_paper, plan_example)}
 
 
 def regenerate(text: str) -> str:

@@ -82,6 +82,15 @@ class Plan:
         d.update(label=self.label, fits=self.fits, usable=self.target.usable, verdict=self.verdict())
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """The inverse of `to_dict` (what --json wrote)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        d.update(target=Target(**d["target"]), suggestions=[Suggestion(**s) for s in d.get("suggestions", [])],
+                 batch=tuple(d["batch"]))
+        return cls(**d)
+
 
 # ---- the run's batches ---------------------------------------------------------------------------
 class _Lazy:

@@ -89,8 +89,9 @@ def write_json(plans: list[Plan], path: str) -> str:
     return path
 
 
-def write_png(plans: list[Plan], path: str, title: str | None = None) -> str:
-    """Stacked bars (GiB by category at each setup's peak) and the target's capacity and usable line."""
+def write_png(plans: list[Plan], path: str, title: str | None = None, labels: list[str] | None = None) -> str:
+    """Stacked bars (GiB by category at each setup's peak, named by `labels` or the setups' own)
+    against the target's capacity (solid) and what is usable of it (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +111,7 @@ def write_png(plans: list[Plan], path: str, title: str | None = None) -> str:
     ax.text(len(plans) - 0.5, target.capacity / _GIB, f" {target.name}", va="bottom", ha="right", fontsize=8)
     for x, q in enumerate(plans):
         ax.text(x, q.peak / _GIB, f"{q.peak / _GIB:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(plans)), [q.label for q in plans], fontsize=8)
+    ax.set_xticks(range(len(plans)), labels or [q.label for q in plans], fontsize=8)
     ax.set_ylabel("GiB at the peak")
     ax.set_title(title or f"{plans[0].model}: planned peak memory", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
