@@ -6,11 +6,10 @@
 The tables in docs/plan.md are generated from these files by `python -m benchmarks.docs_tables`.
 
 Accuracy. Each case is a real `fourbit finetune` run (the Trainer: its evaluation, its steps, its
-final evaluation) on this CPU, measured by an instrument the planner does not use: torch.profiler
-with profile_memory=True, whose allocation events carry the CPU allocator's own sizes. The live
-bytes at any moment are the sum of the events since the profiler started (it starts before the
-model loads, so every tensor of the run is in it); the measured peak is their maximum from the
-first evaluation to the end of the last one. Beside it: the plan's peak, the error, and the peak RSS
+final evaluation) on this CPU, measured by instruments the planner does not use: the bytes of the
+tensor storages the real Trainer holds when the run starts (walked on the objects), plus the highest
+rise of live bytes during the run according to torch.profiler with profile_memory=True, whose
+allocation events carry the CPU allocator's own sizes, summed in time order. Beside it: the plan's peak, the error, and the peak RSS
 of the process (a cross-check only: it also holds Python, the libraries and the dense model that
 loading reads before quantizing). An FSDP2 case runs under torchrun (2 ranks, gloo) and reports
 rank 0's peak.
@@ -34,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import torch
 
@@ -59,22 +59,57 @@ def _live_peak(prof, start_ns: int, end_ns: int) -> int:
     return peak
 
 
+# not followed: values, and what leads out of the run into the whole process (functions' globals, modules)
+_LEAVES = (str, bytes, int, float, type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, types.CodeType, types.FrameType)
+
+
+def _held_bytes(root) -> int:
+    """Bytes of every tensor storage reachable from `root` (the Trainer: its model, quant states,
+    optimizer), each storage once, found by walking the real objects' references."""
+    import gc
+
+    seen_objects, storages, todo = set(), {}, [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen_objects or isinstance(obj, _LEAVES):
+            continue
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            local = obj.to_local() if hasattr(obj, "to_local") else obj
+            st = local.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+            if obj.grad is not None:
+                todo.append(obj.grad)
+        todo.extend(gc.get_referents(obj))
+    return sum(storages.values())
+
+
 def measure_run(config: TrainConfig, *, output_dir: str | None = None) -> dict:
-    """Run `config` for real (evaluate, config.steps steps, evaluate) under the profiler; the peak."""
+    """Run `config` for real (evaluate, its steps, evaluate) and measure its peak: what the Trainer
+    holds when the run starts (`_held_bytes`, on the real objects) plus the highest rise of the
+    allocator's live bytes during the run (torch.profiler's allocation events, in time order). The
+    profiler starts after loading: transformers frees some loading buffers on its own threads, whose
+    events the profiler does not see."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with tempfile.TemporaryDirectory() as tmp:
         config = dataclasses.replace(config, output_dir=output_dir or os.path.join(tmp, "run"))
+        trainer = Trainer(config, overwrite=True, progress=False)
+        gc.collect()
+        held = _held_bytes(trainer)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            trainer = Trainer(config, overwrite=True, progress=False)
             with record_function("fourbit-measured-run"):
                 trainer.evaluate()
                 for _ in range(trainer.total_steps):
                     trainer.train_step()
                 trainer.evaluate()
         marks = [e for e in prof.profiler.kineto_results.events() if e.name() == "fourbit-measured-run"]
-        peak = _live_peak(prof, marks[0].start_ns(), marks[0].end_ns())
-    return {"measured_peak_bytes": peak, "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        rise = _live_peak(prof, marks[0].start_ns(), marks[0].end_ns())
+    return {"measured_peak_bytes": held + rise, "held_at_start_bytes": held,
+            "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def measure_step(config: TrainConfig, source, rows: list[list[int]], *, steps: int, device: str) -> tuple[int, str]:

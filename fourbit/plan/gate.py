@@ -27,7 +27,7 @@ def check_fits(trainer) -> None:
     target = local_target("cuda" if runtime.device.type == "cuda" else "cpu")
     p = plan(config, target=target, suggest=False)
     if target.device == "cuda" and not p.fits:
-        p = plan(config, target=target, suggest=True)
+        p = plan(config, target=target, suggest="first")
         fix = next((s for s in p.suggestions if s.fits), None)
         raise Unavailable(
             f"the run needs {format_bytes(p.peak)} at its peak ({p.where}) but {target.name} leaves "

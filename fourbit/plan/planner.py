@@ -15,11 +15,12 @@ fine-tuning (every weight trained in bf16 with float32 AdamW states, the paper's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Unavailable
 from ..train.config import TrainConfig
 from ..train.data import Encoded, answer_ids, batch_at, encode, encode_all, prompt_ids
 from ..train.loop import split_records
@@ -156,6 +157,26 @@ def _check(config: TrainConfig, world_size: int) -> None:
                            f"use a multiple of {world_size}")
 
 
+@contextlib.contextmanager
+def _fake_group(world_size: int):
+    """A process group of `world_size` ranks in which this process is rank 0 and every collective
+    returns at once (torch's fake backend): DDP and FSDP2 set themselves up as on N GPUs."""
+    if world_size == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise Unavailable("cannot plan a multi-rank run inside a process group (under torchrun)",
+                          "run `fourbit plan --world-size N` outside torchrun, before launching")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _mode_config(config: TrainConfig, mode: str) -> TrainConfig:
     if mode == "qlora":
         return config
@@ -165,16 +186,18 @@ def _mode_config(config: TrainConfig, mode: str) -> TrainConfig:
 
 
 def plan(config: TrainConfig, *, target: Target | None = None, world_size: int = 1, mode: str = "qlora",
-         suggest: bool = True, source: ModelSource | None = None, _batches=None, _trace_on: str | None = None) -> Plan:
-    """Plan `config`'s run on `target` (default: this machine); see the module docstring."""
+         suggest: bool | str = True, source: ModelSource | None = None, _batches=None, _trace_on: str | None = None) -> Plan:
+    """Plan `config`'s run on `target` (default: this machine); see the module docstring. `suggest`:
+    plan the changes that make a run that does not fit fit (True), only up to the first ("first")."""
     t0 = time.perf_counter()
     _check(config, world_size)
     target = target or local_target(config.device)
     source = source or resolve(config.model)
     batch, eval_chunk, notes = _batches or _run_batches(config, source)
     run = _mode_config(config, mode)
-    traced = trace_run(run, source, target=target.device, hopper=target.hopper, batch=batch, eval_records=eval_chunk,
-                       world_size=world_size, full=mode == "full16", trace_on=_trace_on)
+    with _fake_group(world_size):
+        traced = trace_run(run, source, target=target.device, hopper=target.hopper, batch=batch, eval_records=eval_chunk,
+                           world_size=world_size, full=mode == "full16", trace_on=_trace_on)
     phase, top = max(traced.phases.items(), key=lambda kv: kv[1].total)
     if traced.traced_on != target.device:
         notes.append("traced on the CPU with CUDA's allocation rules (512-byte blocks, fourbit's Triton kernels): "
@@ -185,7 +208,8 @@ def plan(config: TrainConfig, *, target: Target | None = None, world_size: int =
                   {k: v.total for k, v in traced.phases.items()}, traced.static, traced.checkpointing, traced.params,
                   traced.batch, world_size, 0.0, notes, [], run.to_dict())
     if suggest and not result.fits:
-        result.suggestions = _suggestions(result, config, target, world_size, mode, source, (batch, eval_chunk, notes))
+        result.suggestions = _suggestions(result, config, target, world_size, mode, source, (batch, eval_chunk, notes),
+                                          first=suggest == "first")
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -208,25 +232,42 @@ def _halvings(value: int, floor: int) -> list[int]:
     return out
 
 
+class _Found(Exception):
+    pass
+
+
 def _suggestions(p: Plan, config: TrainConfig, target: Target, world_size: int, mode: str, source: ModelSource,
-                 batches) -> list[Suggestion]:
+                 batches, first: bool = False) -> list[Suggestion]:
     """Single changes, the least disruptive kind first, each planned: for each kind the mildest value
-    that fits, or the strongest one tried when none does."""
+    that fits, or the strongest one tried when none does; with `first`, only up to the first that
+    fits. Gradient checkpointing and paging are not tried when what they can remove at the peak
+    (the saved activations, the states on the device) is less than the excess."""
     out: list[Suggestion] = []
+    excess = p.peak - target.usable
 
     def ladder(options):  # options: [(flags, config, world size, batches)], mildest first
         for i, (change, new, ws, new_batches) in enumerate(options):
             q = plan(new, target=target, world_size=ws, mode=mode, suggest=False, source=source, _batches=new_batches)
             if q.fits or i == len(options) - 1:
                 out.append(Suggestion(change, q.peak, q.fits))
+                if q.fits and first:
+                    raise _Found
                 return
 
+    try:
+        _try_changes(p, config, world_size, mode, batches, excess, ladder)
+    except _Found:
+        pass
+    return out
+
+
+def _try_changes(p: Plan, config: TrainConfig, world_size: int, mode: str, batches, excess: int, ladder) -> None:
     same = lambda new, flags: (flags, new, world_size, batches)  # noqa: E731
-    if not p.checkpointing:
+    if not p.checkpointing and p.breakdown.get("activations", 0) >= excess:
         ladder([same(dataclasses.replace(config, grad_checkpointing="on"), "--grad-checkpointing on")])
     states = p.breakdown.get("optimizer", 0)
-    if states and mode != "full16":  # what fits beside the rest of the peak may stay on the device
-        budget_mb = max(1, int((target.usable - (p.peak - states)) // 2**20))
+    if states >= excess and mode != "full16":  # what fits beside the rest of the peak may stay on the device
+        budget_mb = max(1, int((states - excess) // 2**20))
         paged = {"adamw": "paged_adamw", "adamw8bit": "paged_adamw8bit"}.get(config.optimizer, config.optimizer)
         if paged.startswith("paged"):
             new = dataclasses.replace(config, optimizer=paged, paging_budget_mb=float(budget_mb))
@@ -245,6 +286,6 @@ def _suggestions(p: Plan, config: TrainConfig, target: Target, world_size: int, 
         ladder([same(dataclasses.replace(config, r=r), f"--r {r}") for r in _halvings(config.r, 4)])
     sizes = [n for n in (2, 4, 8) if n > world_size and config.batch_size % n == 0]
     if sizes:
-        ladder([(f"--distributed fsdp --world-size {n}", dataclasses.replace(config, distributed="fsdp"), n, batches)
-                for n in sizes])
-    return out
+        extra = "" if config.optimizer == "torch_adamw" else " --optimizer torch_adamw"
+        ladder([(f"--distributed fsdp --world-size {n}{extra}",
+                 dataclasses.replace(config, distributed="fsdp", optimizer="torch_adamw"), n, batches) for n in sizes])

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
-from ..errors import output_error
+from ..errors import UserError, output_error
 from ..nf4.files import write_bytes
 from .gpus import format_bytes
 from .planner import Plan
@@ -82,11 +83,19 @@ def compare_table(plans: list[Plan]) -> str:
 
 def write_json(plans: list[Plan], path: str) -> str:
     data = [q.to_dict() for q in plans]
+    _write(path, (json.dumps(data if len(data) > 1 else data[0], indent=1, default=str) + "\n").encode())
+    return path
+
+
+def _write(path: str, data: bytes) -> None:
+    """Atomically (never half a file), creating the folder; OutputError names what went wrong."""
     try:
-        write_bytes(path, (json.dumps(data if len(data) > 1 else data[0], indent=1, default=str) + "\n").encode())
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_bytes(path, data)
+    except UserError:
+        raise
     except OSError as err:
         raise output_error(path, err) from err
-    return path
 
 
 def write_png(plans: list[Plan], path: str, title: str | None = None, labels: list[str] | None = None) -> str:
@@ -119,8 +128,5 @@ def write_png(plans: list[Plan], path: str, title: str | None = None, labels: li
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    try:
-        write_bytes(path, buffer.getvalue())  # atomically: never half a picture
-    except OSError as err:
-        raise output_error(path, err) from err
+    _write(path, buffer.getvalue())
     return path

@@ -285,8 +285,10 @@ def _unmasked(model: nn.Module, tracker: LiveBytes, unpadded: dict[str, bool]):
 
 def _wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
     """`wrap_model` for a model built on its device already, replicas equal by construction: only its
-    DDP / FSDP2 part (`parallelize`), over the fake process group."""
-    if runtime.mode == "none":
+    FSDP2 part (`parallelize`), over the fake process group. DDP's constructor reads parameter values
+    (its shape check), which fake tensors do not have: a DDP rank is traced as the plain model on its
+    share of the batch, and `_ddp_buckets` adds what DDP holds besides."""
+    if runtime.mode in ("none", "ddp"):
         return model
     mesh = None
     if runtime.mode == "fsdp":
@@ -343,6 +345,14 @@ def _optimizer_states(trainer: Trainer, config: TrainConfig, target: str, tracke
     return None
 
 
+def _ddp_buckets(trainer: Trainer, tracker: LiveBytes):
+    """DDP's reducer keeps one flat buffer per bucket of the gradients it all-reduces (the trainable
+    parameters', gradient_as_bucket_view off): as many bytes again as those gradients."""
+    with tracker.category("gradients"):
+        return [torch.empty(sum(p.numel() for p in trainer.params if p.dtype == dtype), dtype=dtype, device=tracker.device)
+                for dtype in {p.dtype for p in trainer.params}]
+
+
 @dataclasses.dataclass
 class _Once:
     phases: dict[str, Peak]
@@ -370,6 +380,7 @@ def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper
         # the reference AdamW compares data pointers (0 on fake tensors: the same answer for a float32 parameter)
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         held = _optimizer_states(trainer, config, target, tracker)  # 1. the states of a steady-state step
+        buckets = _ddp_buckets(trainer, tracker) if config.distributed == "ddp" and world_size > 1 else None
         static["optimizer"], static["optimizer_host"] = tracker.sums["optimizer"], tracker.other
         tracker.reset_peaks()
         locator = _Locator(trainer.model, trainer.optimizer, tracker)
@@ -388,7 +399,7 @@ def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper
             with tracker.category("data"):
                 batches = [collate(batch, [[IGNORE] + ids[1:] for ids in batch], pad) for _ in range(min(config.grad_accum, 2))]
             trainer.step_on(batches)
-        del held
+        del held, buckets
     phases = {k: v for k, v in tracker.phase_peaks.items() if k not in ("setup", "train")}
     return _Once(phases, static, tracker.other_peak)
 
