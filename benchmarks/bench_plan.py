@@ -123,7 +123,7 @@ def measure_step(config: TrainConfig, source, rows: list[list[int]], *, steps: i
     from fourbit.lora import quantize_model
     from fourbit.train.data import IGNORE, collate
     from fourbit.train.distributed import Runtime
-    from fourbit.train.loop import prepare_model, uses_autocast
+    from fourbit.train.setup import prepare_model, uses_autocast
 
     def run():
         with torch.device(device):

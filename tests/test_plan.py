@@ -3,7 +3,6 @@ against the code that allocates, extrapolation over identical layers, the CLI an
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -18,9 +17,9 @@ from fourbit.plan import gpus
 from fourbit.plan.gpus import Target, parse_size
 from fourbit.plan.source import ModelSource
 from fourbit.plan.states import state_bytes
-from fourbit.plan.trace import empty_4bit, trace_run
+from fourbit.plan.build import empty_4bit
+from fourbit.plan.trace import trace_run
 from fourbit.plan.tracker import LiveBytes
-from fourbit.train import optim
 from fourbit.train.config import TrainConfig
 from helpers import tiny_llama_dir
 
@@ -58,7 +57,7 @@ def test_empty_4bit_storages_are_quantizes(rows, cols, blocksize, double_quant, 
 def test_state_bytes_are_what_the_optimizers_allocate(kind, budget):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(16, 576), (1536, 16), (7,), (64, 4096), (3, 33)]]
-    from fourbit.train.loop import build_optimizer
+    from fourbit.train.setup import build_optimizer
 
     opt = build_optimizer(TrainConfig(optimizer=kind, paging_budget_mb=None if budget is None else budget / 2**20), params)
     for p in params:
@@ -81,10 +80,10 @@ def test_state_bytes_are_what_the_optimizers_allocate(kind, budget):
 def test_extrapolated_layers_equal_the_whole_trace():
     import transformers
 
-    hf = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    hf = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=300)
-    source = ModelSource("six layers", hf, None, None, True)
-    config = TrainConfig(model="six layers", batch_size=2, max_length=32, r=8, grad_checkpointing="on", grad_accum=2)
+    source = ModelSource("five layers", hf, None, None, True)
+    config = TrainConfig(model="five layers", batch_size=2, max_length=32, r=8, grad_checkpointing="on")
     kw = dict(target="cuda", batch=[[1] * 32] * 2)
     whole, carried = trace_run(config, source, exact=True, **kw), trace_run(config, source, **kw)
     assert {k: (v.total, v.where) for k, v in whole.phases.items()} == {k: (v.total, v.where) for k, v in carried.phases.items()}
@@ -170,6 +169,13 @@ def test_bad_input_is_one_line(argv, words, tmp_path, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err and err.startswith("fourbit plan: error:"), err
+
+
+def test_plan_help_lists_the_presets(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: fourbit plan" in out and "llama-65b" in out and "--gpu-memory" in out
 
 
 def test_sizes():

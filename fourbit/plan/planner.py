@@ -23,7 +23,7 @@ import time
 from ..errors import InvalidInput, Unavailable
 from ..train.config import TrainConfig
 from ..train.data import Encoded, answer_ids, batch_at, encode, encode_all, prompt_ids
-from ..train.loop import split_records
+from ..train.setup import split_records
 from .gpus import Target, format_bytes, local_target
 from .source import ModelSource, resolve
 from .trace import trace_run

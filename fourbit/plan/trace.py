@@ -1,21 +1,23 @@
 """Run a QLoRA run's evaluation and optimizer step on fake tensors and count their live bytes.
 
-The model is the one `fourbit finetune` would train, built the same way on tensors that have sizes
-and no memory (`FakeTensorMode`): the architecture from the config alone, `quantize_model` on its
-dense weights (the real code: every 4-bit byte, absmax and nested state has its true size),
-`prepare_model` (LoRA, gradient checkpointing), `wrap_model` (the device, DDP or FSDP2 over a fake
-process group), the optimizer of `build_optimizer`. Then, under the `LiveBytes` tracker:
+The model is the one `fourbit finetune` would train (`build.build_base`: the architecture, the 4-bit
+storages of its true sizes), prepared as every run prepares it (`prepare_model`: LoRA, gradient
+checkpointing; `parallelize`: FSDP2 over torch's fake process group) and driven by a real Trainer
+(`Trainer.around`). Then, under the `LiveBytes` tracker:
 
-    1. the optimizer states are made by one optimizer step on zero gradients, so the step traced
-       next is a steady-state one (the first real step creates them at its end);
+    1. the optimizer states are made first (on the CPU by optimizer steps on zero gradients; for a
+       GPU by their layouts, `states.py`), so the step traced next is a steady-state one;
     2. `Trainer.evaluate` on the evaluation chunk with the most tokens (batch 16, no gradients);
     3. `Trainer.step_on` on the longest micro-batch the run draws (twice with gradient accumulation:
        the second sees the first one's gradients): forward, loss, backward, clipping, optimizer step.
 
-What differs from the real run is only what cannot be traced: fourbit's matmul ops allocate their
-decode buffers inside (`ops.py` accounts for them), and a GPU run planned on a machine without CUDA
-is traced on the CPU (autocast and attention then use the CPU's kernels, whose saved tensors have
-the same sizes; the allocator's 512-byte rounding is applied; the Triton AdamW updates in place).
+What cannot be traced is accounted for: fourbit's matmul ops decode inside (`ops.py`), the Triton
+AdamW updates in place, DDP's constructor reads values (a DDP rank is traced as the plain model on
+its share of the batch plus the reducer's buckets), and transformers drops an all-ones attention mask
+only after reading its values (`_unmasked`). A GPU run planned on a machine without CUDA is traced on
+the CPU with the allocator's 512-byte blocks (attention and autocast then use the CPU's kernels,
+whose saved tensors have the same sizes). Deep models are traced at 2 and 3 layers and carried to all
+(`_extrapolate`).
 """
 
 from __future__ import annotations
@@ -30,22 +32,20 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from ..lora import Linear4bit, LoRALinear, trainable_parameters
-from ..lora.surgery import name_matches
+from ..lora import trainable_parameters
 from ..train.config import TrainConfig
 from ..train.data import IGNORE, collate
 from ..train.distributed import Runtime
-from ..train.loop import Trainer, prepare_model, uses_autocast
+from ..train.loop import Trainer
 from ..train.parallel import parallelize
-from ..nf4.state import NESTED_BLOCKSIZE, QuantState
+from ..train.setup import prepare_model, uses_autocast
+from .build import build_base, local, model_tensors, static_bytes
 from .ops import FourbitOps, prewarm
 from .source import ModelSource
 from .states import state_bytes
 from .tracker import LiveBytes, Peak
 
-__all__ = ["Traced", "trace_run", "build_base", "static_bytes"]
-
-_DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+__all__ = ["Traced", "trace_run"]
 
 
 @dataclasses.dataclass
@@ -60,124 +60,6 @@ class Traced:
     eval_batch: tuple[int, int] | None
     traced_on: str  # the device the fake tensors claimed
     host_peak: int  # bytes on the host (paged-out optimizer states) while planning a GPU
-
-
-def empty_4bit(shape: tuple[int, int], *, blocksize: int, quant_type: str, double_quant: bool,
-               quant_storage: torch.dtype, dtype: torch.dtype, device, tables: dict) -> tuple[torch.Tensor, QuantState]:
-    """(packed, QuantState) with storages of the sizes `fourbit.nf4.quantize` leaves for a weight of
-    `shape`, empty (fake under a FakeTensorMode): (n+1)//2 bytes of codes as a (.., 1) `quant_storage`
-    column; absmax (nb,) float32, or with double quantization uint8 codes in a storage padded to
-    whole blocks of 256 (quantize_blockwise's), the nested absmax (ceil(nb/256),) and a 0-dim offset.
-    The 16-entry code and the 256-entry map come from `tables`, one of each per plan, as Linear4bit
-    shares them. tests/test_plan.py holds every size to quantize's own."""
-    n = shape[0] * shape[1]
-    nbytes, blocks = (n + 1) // 2, -(-n // blocksize)
-    itemsize = torch.empty((), dtype=quant_storage).element_size()
-    packed = torch.empty((nbytes // itemsize, 1), dtype=quant_storage, device=device)
-    if "code" not in tables:
-        tables["code"] = torch.empty(16, dtype=torch.float32, device=device)
-        tables["map"] = torch.empty(256, dtype=torch.float32, device=device)
-    kw = dict(shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type, code=tables["code"])
-    if not double_quant:
-        return packed, QuantState.from_tensors(torch.empty(blocks, dtype=torch.float32, device=device), None, None, None, **kw)
-    groups = -(-blocks // NESTED_BLOCKSIZE)
-    absmax = torch.empty(groups * NESTED_BLOCKSIZE, dtype=torch.uint8, device=device)[:blocks]
-    nested = torch.empty(groups, dtype=torch.float32, device=device)
-    offset = torch.empty((), dtype=torch.float32, device=device)
-    return packed, QuantState.from_tensors(absmax, nested, tables["map"], offset, **kw)
-
-
-def _linear4bit(dense: nn.Linear, settings: dict, compute_dtype, tables: dict) -> Linear4bit:
-    """A Linear4bit holding `empty_4bit` tensors for `dense`'s weight. The codes sit in a plain
-    Parameter, as after FSDP2's swap (`Linear4bit.quant_state`): a Params4bit cannot wrap a fake tensor."""
-    weight = dense.weight
-    packed, state = empty_4bit(tuple(weight.shape), dtype=weight.dtype, device=weight.device, tables=tables, **settings)
-    with unset_fake_temporarily():  # the layer's waiting dense weight: a real meta tensor, no memory
-        layer = Linear4bit(dense.in_features, dense.out_features, bias=False, device="meta", compute_dtype=compute_dtype,
-                           **settings)
-    layer.weight = nn.Parameter(packed, requires_grad=False)
-    layer.quant_state = state
-    layer.bias = dense.bias
-    return layer
-
-
-def build_base(source: ModelSource, config: TrainConfig, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """`fourbit.train.models.load_base`'s model, on fake tensors on `device` (call inside a
-    FakeTensorMode): dense float32 (or the --base-weights dtype), then every nn.Linear but the skipped
-    ones in NF4 with the settings a 4-bit directory stores (else the QLoRA recipe: NF4, double
-    quantization, blocksize 64, lm_head kept dense), as `quantize_model` chooses them."""
-    from transformers import AutoModelForCausalLM
-
-    with device:
-        model = AutoModelForCausalLM.from_config(source.hf_config, dtype=_DENSE.get(config.base_weights, torch.float32))
-    if config.base_weights == "nf4":
-        stored = source.stored or {}
-        storage = stored.get("bnb_4bit_quant_storage", "uint8")
-        settings = dict(quant_type=stored.get("bnb_4bit_quant_type", "nf4"),
-                        double_quant=bool(stored.get("bnb_4bit_use_double_quant", True)),
-                        blocksize=int(stored.get("bnb_4bit_blocksize", 64)),
-                        quant_storage=getattr(torch, storage) if isinstance(storage, str) else storage)
-        skip = tuple(stored.get("llm_int8_skip_modules") or ("lm_head",))
-        done: dict[int, Linear4bit] = {}
-        tables: dict = {}
-        for name, module in list(model.named_modules(remove_duplicate=False)):
-            if type(module) is nn.Linear and name and not name_matches(name, skip):
-                if id(module) not in done:
-                    done[id(module)] = _linear4bit(module, settings, compute_dtype, tables)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, done[id(module)])
-        if done:
-            model.is_loaded_in_4bit = True
-    return model.eval()  # as from_pretrained returns it
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _model_tensors(model: nn.Module):
-    """(category, tensor) for every tensor the model holds: 4-bit parts first, then LoRA, then the rest."""
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            yield "base_4bit", _local(m.weight)
-            absmax, nested_absmax, nested_code, offset = m.quant_state.as_tensors()
-            for t in (absmax, nested_absmax, nested_code, offset, m.quant_state.code):
-                if t is not None:
-                    yield "base_4bit", t
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            for p in m.lora_A.parameters():
-                yield "lora", _local(p)
-            for p in m.lora_B.parameters():
-                yield "lora", _local(p)
-    for t in [*model.parameters(), *model.buffers()]:
-        yield "dense_weights", _local(t)
-
-
-def static_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes at rest, each storage once: the 4-bit weights split into codes / absmax / nested state."""
-    seen: set = set()
-    out = {"codes": 0, "absmax": 0, "nested": 0, "dense_weights": 0, "lora": 0, "n_4bit_weights": 0}
-
-    def count(key, t):
-        st = t.untyped_storage()
-        if id(st) not in seen:  # the storages stay alive while the model does
-            seen.add(id(st))
-            out[key] += st.nbytes()
-
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            out["n_4bit_weights"] += m.out_features * m.in_features
-            count("codes", _local(m.weight))
-            absmax, nested_absmax, nested_code, offset = m.quant_state.as_tensors()
-            count("absmax", absmax)
-            for t in (nested_absmax, nested_code, offset, m.quant_state.code):
-                if t is not None:
-                    count("nested", t)
-    for category, t in _model_tensors(model):
-        if category != "base_4bit":
-            count(category, t)
-    return out
 
 
 class _Locator:
@@ -200,7 +82,7 @@ class _Locator:
         self.handles.append(optimizer.register_step_post_hook(lambda *a: self._set("after", "")))
         for p in model.parameters():
             if p.requires_grad:
-                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tracker.move(_local(p.grad), "gradients")))
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tracker.move(local(p.grad), "gradients")))
 
     def _set(self, phase: str | None, module: str) -> None:
         t = self.tracker
@@ -327,7 +209,7 @@ def _optimizer_states(trainer: Trainer, config: TrainConfig, target: str, tracke
     times: its host copies appear as pages are first evicted). For CUDA: one buffer of the size
     `states.state_bytes` gives (the Triton step only reads and writes them); returned to be kept."""
     if target == "cuda":
-        params = [_local(p) for p in trainer.params]
+        params = [local(p) for p in trainer.params]
         on_device, host = state_bytes(params, config.optimizer, budget_bytes=_budget(config), device=target)
         with tracker.category("optimizer"):
             held = torch.empty(on_device, dtype=torch.uint8, device=tracker.device)
@@ -374,7 +256,7 @@ def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper
     static = static_bytes(trainer.model)
 
     tracker = LiveBytes(device, round_to=512 if target == "cuda" else 1, on_op=FourbitOps(target, hopper=hopper))
-    for category, t in _model_tensors(trainer.model):
+    for category, t in model_tensors(trainer.model):
         tracker.add(t, category)
     with fake, tracker, tracker.resizes(), warnings.catch_warnings():
         # the reference AdamW compares data pointers (0 on fake tensors: the same answer for a float32 parameter)

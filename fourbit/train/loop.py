@@ -55,17 +55,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import Diverged, InvalidInput, MissingFile, RunExists
-from ..lora import add_lora, save_adapter, trainable_parameters
+from ..lora import save_adapter
 from ..nf4.files import write_bytes
-from . import checkpoint, distributed, optim, rundir
+from . import checkpoint, distributed, rundir
 from .config import TrainConfig
-from .data import IGNORE, batch_at, encode_all, read_jsonl
+from .data import IGNORE, batch_at, encode_all
 from .models import load_base
 from .parallel import full_lora_weights, wrap_model
 from .plot import plot_metrics
-from .task import date_task, exact_match
+from .setup import build_optimizer, prepare_model, split_records, uses_autocast
+from .task import exact_match
 
-__all__ = ["Trainer", "train", "lr_at", "build_optimizer", "prepare_model", "split_records", "uses_autocast", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
+__all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
 
 # Divergence: a healthy QLoRA run's gradient norm (before clipping) stays below ~10 (SmolLM2 on the
 # date task: 0.3-4); 1e4 is far outside that, and three steps in a row rule out a single spike.
@@ -97,52 +98,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def split_records(config: TrainConfig) -> tuple[list, list]:
-    """(train, eval) records of the run: the embedded date task, or the JSONL file shuffled with the
-    seed, its first min(eval_examples, 10 %) records held out."""
-    if config.data == "dates":
-        return date_task(n_eval=config.eval_examples)
-    records = read_jsonl(config.data, on_bad_line=config.on_bad_line)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    records = [records[i] for i in order]
-    n_eval = min(config.eval_examples, len(records) // 10)
-    return records[n_eval:], records[:n_eval]
-
-
-def uses_autocast(config: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast: asked for, or "auto" on CUDA."""
-    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-
-
-def prepare_model(model, config: TrainConfig) -> tuple[str, bool]:
-    """What every run does to its loaded base before wrapping it: LoRA adapters (seeded), then
-    gradient checkpointing when asked for or when the model is big. `fourbit.plan` calls it on a
-    model without memory. Returns (the parameter summary line, whether checkpointing is on)."""
-    torch.manual_seed(config.seed)  # the LoRA init must not depend on what loading consumed
-    add_lora(model, r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets)
-    count = trainable_parameters(model)
-    on = config.grad_checkpointing == "on" or (config.grad_checkpointing == "auto" and count.total > config.checkpointing_above)
-    if on:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return str(count), on
-
-
-def build_optimizer(config: TrainConfig, params):
-    if config.optimizer == "torch_adamw":  # PyTorch's own, e.g. for parameters another engine shards
-        return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
-    cls = {
-        "paged_adamw": optim.PagedAdamW,
-        "adamw": optim.AdamW,
-        "paged_adamw8bit": optim.PagedAdamW8bit,
-        "adamw8bit": optim.AdamW8bit,
-    }[config.optimizer]
-    kwargs = dict(lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
-    if config.optimizer.startswith("paged") and config.paging_budget_mb is not None:
-        kwargs["device_budget_bytes"] = int(config.paging_budget_mb * 2**20)
-    return cls(params, **kwargs)
 
 
 class Trainer:
