@@ -77,6 +77,7 @@ def test_state_bytes_are_what_the_optimizers_allocate(kind, budget):
         assert host == 0
 
 
+@pytest.mark.slow
 def test_extrapolated_layers_equal_the_whole_trace():
     import transformers
 
@@ -110,6 +111,7 @@ def test_finetune_logs_its_plan_within_3_percent_of_the_profilers_peak(tiny, tmp
     assert abs(memory["predicted_peak_bytes"] - measured) <= TOLERANCE * measured, (memory, measured)
 
 
+@pytest.mark.slow
 def test_plan_of_a_fourbitconfig_model_is_within_3_percent(tiny, tmp_path):
     """A 4-bit directory, loaded through FourbitConfig, with gradient checkpointing, r = 64 and paged
     8-bit AdamW over a budget smaller than its states (half a MiB: the rest is paged out)."""

@@ -7,8 +7,8 @@ fit, the smallest changes that make it fit.
     p.peak, p.fits, p.where, p.breakdown, p.suggestions
 
 The run's batches: with a tokenizer (a real model), the longest micro-batch the run draws (every
-micro-batch of a short run, else the longest example) and the evaluation chunk of 16 with the most
-tokens; a preset has no tokenizer, so its batches are max_length tokens long and no evaluation is
+micro-batch of a short run, else the longest example) and the whole evaluation (chunks of 16, in
+order); a preset has no tokenizer, so its batches are max_length tokens long and no evaluation is
 traced. `compare` plans one config as QLoRA, as LoRA on a 16-bit base, and as full 16-bit
 fine-tuning (every weight trained in bf16 with float32 AdamW states, the paper's baseline).
 """
@@ -22,7 +22,7 @@ import time
 
 from ..errors import InvalidInput, Unavailable
 from ..train.config import TrainConfig
-from ..train.data import Encoded, answer_ids, batch_at, encode, encode_all, prompt_ids
+from ..train.data import Encoded, batch_at, encode, encode_all
 from ..train.setup import split_records
 from .gpus import Target, format_bytes, local_target
 from .source import ModelSource, resolve
@@ -31,7 +31,6 @@ from .trace import trace_run
 __all__ = ["Plan", "Suggestion", "plan", "compare", "MODES"]
 
 MODES = {"qlora": "QLoRA", "lora16": "LoRA, 16-bit base", "full16": "full 16-bit"}
-_EVAL_CHUNK = 16  # fourbit.train.task.exact_match's batch size
 
 
 @dataclasses.dataclass
@@ -112,7 +111,9 @@ class _Lazy:
 
 
 def _run_batches(config: TrainConfig, source: ModelSource) -> tuple[list[list[int]], list, list[str]]:
-    """(the worst training micro-batch's token ids, the evaluation chunk with the most tokens, notes)."""
+    """(the worst training micro-batch's token ids, the evaluation records, notes). The evaluation is
+    traced whole: its chunks run one after the other, and a chunk's logits are still alive while the
+    next one's are computed."""
     if source.tokenizer is None:
         notes = [f"a preset has no tokenizer: every sequence is max_length = {config.max_length} tokens, "
                  "and the evaluation pass is not planned"]
@@ -136,10 +137,7 @@ def _run_batches(config: TrainConfig, source: ModelSource) -> tuple[list[list[in
         longest = max(data.input_ids, key=len)
         rows = [longest] * config.batch_size
         notes = [f"the longest example: {len(longest)} tokens"]
-    chunks = [eval_records[i : i + _EVAL_CHUNK] for i in range(0, len(eval_records), _EVAL_CHUNK)]
-    size = lambda chunk: len(chunk) * max(len(prompt_ids(tokenizer, r.prompt) + answer_ids(tokenizer, r.response)) for r in chunk)  # noqa: E731
-    worst_eval = max(chunks, key=size) if chunks else []
-    return rows, worst_eval, notes
+    return rows, eval_records, notes
 
 
 # ---- one plan ------------------------------------------------------------------------------------

@@ -124,9 +124,8 @@ def write_png(plans: list[Plan], path: str, title: str | None = None, labels: li
     ax.set_ylabel("GiB at the peak")
     ax.set_title(title or f"{plans[0].model}: planned peak memory", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # the legend sits right of the bars
     plt.close(fig)
     _write(path, buffer.getvalue())
     return path

@@ -7,7 +7,7 @@ checkpointing; `parallelize`: FSDP2 over torch's fake process group) and driven 
 
     1. the optimizer states are made first (on the CPU by optimizer steps on zero gradients; for a
        GPU by their layouts, `states.py`), so the step traced next is a steady-state one;
-    2. `Trainer.evaluate` on the evaluation chunk with the most tokens (batch 16, no gradients);
+    2. `Trainer.evaluate` (its chunks of 16 in order, no gradients);
     3. `Trainer.step_on` on the longest micro-batch the run draws (twice with gradient accumulation:
        the second sees the first one's gradients): forward, loss, backward, clipping, optimizer step.
 
@@ -144,21 +144,26 @@ class _Locator:
                 h.remove()
 
 
-def _same_lengths(source: ModelSource, records) -> bool:
-    """Whether the evaluation chunk's examples all have one length (then nothing in it is padded)."""
-    if not records or source.tokenizer is None:
-        return True
+_EVAL_CHUNK = 16  # fourbit.train.task.exact_match's batch size
+
+
+def _unpadded_chunks(source: ModelSource, records) -> list[bool]:
+    """For each chunk exact_match runs, whether its examples all have one length (nothing padded)."""
     from ..train.data import answer_ids, prompt_ids
 
-    return len({len(prompt_ids(source.tokenizer, r.prompt) + answer_ids(source.tokenizer, r.response)) for r in records}) == 1
+    lengths = [len(prompt_ids(source.tokenizer, r.prompt) + answer_ids(source.tokenizer, r.response)) for r in records]
+    return [len(set(lengths[i : i + _EVAL_CHUNK])) == 1 for i in range(0, len(lengths), _EVAL_CHUNK)]
 
 
-def _unmasked(model: nn.Module, tracker: LiveBytes, unpadded: dict[str, bool]):
+def _unmasked(model: nn.Module, tracker: LiveBytes, train_unpadded: bool, eval_unpadded: list[bool]):
     """A hook giving the model no attention mask where its batch has no padding. transformers drops an
     all-ones mask itself (SDPA then runs causal, without a mask and without repeating grouped keys),
     but it never reads a fake tensor's values to find out, so the plan says what it would find."""
+    chunks = iter(eval_unpadded)
+
     def hook(module, args, kwargs):
-        if unpadded["eval" if tracker.phase == "eval" else "train"] and kwargs.get("attention_mask") is not None:
+        unpadded = next(chunks, False) if tracker.phase == "eval" else train_unpadded
+        if unpadded and kwargs.get("attention_mask") is not None:
             kwargs = {**kwargs, "attention_mask": None}
         return args, kwargs
 
@@ -266,9 +271,8 @@ def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper
         static["optimizer"], static["optimizer_host"] = tracker.sums["optimizer"], tracker.other
         tracker.reset_peaks()
         locator = _Locator(trainer.model, trainer.optimizer, tracker)
-        unpadded = {"eval": _same_lengths(source, eval_records),
-                    "train": len({len(row) for row in batch}) == 1}
-        locator.handles.append(_unmasked(trainer.model, tracker, unpadded))
+        eval_unpadded = _unpadded_chunks(source, eval_records) if eval_records else []
+        locator.handles.append(_unmasked(trainer.model, tracker, len({len(row) for row in batch}) == 1, eval_unpadded))
         if target == "cuda":  # the Triton update writes the states in place and allocates nothing
             trainer.optimizer.step = lambda closure=None: locator.mark("optimizer")
         with locator.attached():
@@ -322,7 +326,7 @@ def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: 
               trace_on: str | None = None) -> Traced:
     """Trace `config`'s run (see the module docstring). `target`: "cpu" or "cuda"; `hopper`: the GPU
     is Hopper (it decides fourbit's matmul routes). `batch`: the token ids of the worst micro-batch's
-    rows (the global batch). `eval_records`: the evaluation chunk to trace (none for a preset).
+    rows (the global batch). `eval_records`: the run's evaluation records (none for a preset).
     A model of more than 4 identical decoder layers is traced with 2 and with 3 of them and the
     counts carried to all of them (`_extrapolate`), unless `exact`. `trace_on`: the fake tensors'
     device (default: the target's when this machine has it, else the CPU)."""
