@@ -153,6 +153,14 @@ def test_plan_cli_writes_the_table_json_and_png(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["fits"] and data["peak"] > data["static"]["codes"] > 0
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    # nothing fake was left in a process-wide cache for later real calls
+    from torch._subclasses.fake_tensor import is_fake
+
+    from fourbit.lora import layers
+    from fourbit.nf4 import quant, state
+
+    cached = [*layers._SHARED_TABLES.values(), *quant._PAIR_TABLES.values(), *state._CODES.values()]
+    assert cached and not any(is_fake(t) for t in cached)
 
 
 @pytest.mark.parametrize("argv, words", [
