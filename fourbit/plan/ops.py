@@ -11,8 +11,9 @@ allocates nothing else. The real ones decode the weight first:
                                                  kept per (device, dtype) and grown to the largest
                                                  weight seen (`_workspace`), which stays allocated
 
-On the CPU the planner simply runs the reference on the fake tensors (`dispatch.matmul`), inside
-the tracker, so every buffer it makes is counted for as long as it lives. For CUDA it asks
+Where dispatch runs the reference (the CPU, and on CUDA a weight whose K the fused kernels do not
+take) the planner runs it on the fake tensors (`dispatch.matmul`), inside the tracker, so every
+buffer it makes is counted for as long as it lives. Otherwise it asks
 `fourbit.dispatch.matmul_route` which route a call takes and keeps a fake buffer of the size
 `_workspace` would hold; the route for another architecture than this machine's follows
 `swap_gemm_supported`: the swapped fused tiles for large M exist on Hopper only.
@@ -33,7 +34,7 @@ __all__ = ["FourbitOps", "prewarm"]
 _fourbit = torch.ops.fourbit
 
 
-def prewarm(device: str = "cpu") -> None:
+def prewarm(device: str) -> None:
     """Fill the reference's process-wide table caches with real tensors before anything fake runs:
     a cache filled inside FakeTensorMode would keep a fake tensor for every later real call."""
     for quant_type in ("nf4", "fp4"):
@@ -61,16 +62,16 @@ class FourbitOps:
             bias, backward = None, True
         else:
             return NotImplemented
-        if self.target == "cpu":
+        n, k = (int(d) for d in shape)
+        fused_ok = k % blocksize == 0 and k % 64 == 0  # fourbit.kernels.matmul_plan.fused_shape_supported
+        if self.target == "cpu" or not fused_ok:  # dispatch runs the reference: run it
             return self._reference(mode, x, packed, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize,
                                    quant_type, dtype, backward)
-        n, k = (int(d) for d in shape)
         m = x.numel() // max(x.shape[-1], 1)
         _, path = dispatch.matmul_route(m, n, k, backward=backward, dtype=x.dtype, blocksize=blocksize)
-        fused_ok = k % blocksize == 0 and k % 64 == 0  # fourbit.kernels.matmul_plan.fused_shape_supported
         if not self.hopper and path == "fused" and m > dispatch.FUSED_MAX_M:
             path = "dequantize+cublas"  # the swapped tiles are Hopper's only
-        if not fused_ok or path == "dequantize+cublas":
+        if path == "dequantize+cublas":
             with mode.category("workspace"):
                 self._grow(x.dtype, n * k, x.device, mode)
         return func(*args, **kwargs)

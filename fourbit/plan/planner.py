@@ -157,9 +157,9 @@ def _check(config: TrainConfig, world_size: int) -> None:
 
 @contextlib.contextmanager
 def _fake_group(world_size: int):
-    """A process group of `world_size` ranks in which this process is rank 0 and every collective
-    returns at once (torch's fake backend): DDP and FSDP2 set themselves up as on N GPUs."""
-    if world_size == 1:
+    """A process group of `world_size` ranks (0: none) in which this process is rank 0 and every
+    collective returns at once (torch's fake backend): DDP and FSDP2 set themselves up as on N GPUs."""
+    if world_size == 0:  # not a distributed run
         yield
         return
     import torch.distributed as dist
@@ -193,7 +193,7 @@ def plan(config: TrainConfig, *, target: Target | None = None, world_size: int =
     source = source or resolve(config.model)
     batch, eval_chunk, notes = _batches or _run_batches(config, source)
     run = _mode_config(config, mode)
-    with _fake_group(world_size):
+    with _fake_group(world_size if config.distributed != "none" else 0):
         traced = trace_run(run, source, target=target.device, hopper=target.hopper, batch=batch, eval_records=eval_chunk,
                            world_size=world_size, full=mode == "full16", trace_on=_trace_on)
     phase, top = max(traced.phases.items(), key=lambda kv: kv[1].total)

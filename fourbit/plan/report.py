@@ -18,13 +18,12 @@ __all__ = ["table", "compare_table", "write_json", "write_png"]
 _GIB = 2**30
 
 
-def _gib(n: int) -> str:
-    return f"{n / _GIB:8.2f}"
 
 
 def table(p: Plan) -> str:
     """The plan of one setup: verdict, the breakdown at the peak, each phase's own peak, changes."""
     c = p.config
+    unit, scale = ("GiB", _GIB) if p.peak >= _GIB else ("MiB", 2**20)  # a tiny model's plan in MiB
     ranks = f", {p.world_size} ranks ({c['distributed']})" if p.world_size > 1 else ""
     lines = [
         f"{p.label} plan for {p.model} on {p.target.name}",
@@ -35,7 +34,7 @@ def table(p: Plan) -> str:
         f"  peak {format_bytes(p.peak)} at {p.where}; usable {format_bytes(p.target.usable)}: "
         + ("fits" if p.fits else "DOES NOT FIT"),
         "",
-        f"  {'at the peak':56s} {'GiB':>8s}",
+        f"  {'at the peak':56s} {unit:>8s}",
     ]
     s = p.static
     for key, label in CATEGORIES.items():
@@ -49,11 +48,11 @@ def table(p: Plan) -> str:
             continue
         extra = ""
         if key == "base_4bit":
-            extra = f"   codes {s['codes'] / _GIB:.2f}, absmax {s['absmax'] / _GIB:.2f}, nested {s['nested'] / _GIB:.3f}"
-        lines.append(f"  {label:56s} {_gib(n)}{extra}")
-    lines.append(f"  {'total':56s} {_gib(p.peak)}")
+            extra = f"   codes {s['codes'] / scale:.2f}, absmax {s['absmax'] / scale:.2f}, nested {s['nested'] / scale:.3f}"
+        lines.append(f"  {label:56s} {n / scale:8.2f}{extra}")
+    lines.append(f"  {'total':56s} {p.peak / scale:8.2f}")
     lines.append("")
-    lines.append("  each phase's own peak (GiB): " + ", ".join(f"{k} {v / _GIB:.2f}" for k, v in p.phases.items()))
+    lines.append(f"  each phase's own peak ({unit}): " + ", ".join(f"{k} {v / scale:.2f}" for k, v in p.phases.items()))
     if p.suggestions:
         lines.append("")
         lines.append("  changes, each alone (predicted peak):")

@@ -331,7 +331,7 @@ def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: 
     counts carried to all of them (`_extrapolate`), unless `exact`. `trace_on`: the fake tensors'
     device (default: the target's when this machine has it, else the CPU)."""
     device = torch.device(trace_on or ("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"))
-    prewarm("cpu")
+    prewarm(device.type)  # real tables for the reference matmul, on the device it will run on
     # the parameter count (and with it "auto" gradient checkpointing) of the whole model, on meta
     from transformers import AutoModelForCausalLM
 
