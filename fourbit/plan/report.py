@@ -121,6 +121,7 @@ def write_png(plans: list[Plan], path: str, title: str | None = None, labels: li
         ax.text(x, q.peak / _GIB, f"{q.peak / _GIB:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(plans)), labels or [q.label for q in plans], fontsize=8)
     ax.set_ylabel("GiB at the peak")
+    ax.set_ylim(0, 1.1 * max(max(q.peak for q in plans), target.capacity) / _GIB)  # room for the labels
     ax.set_title(title or f"{plans[0].model}: planned peak memory", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     buffer = io.BytesIO()

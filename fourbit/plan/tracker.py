@@ -37,7 +37,7 @@ CATEGORIES = {
     "base_4bit": "4-bit weights (codes, absmax, nested state)",
     "dense_weights": "dense weights kept (embeddings, norms, lm_head, buffers)",
     "lora": "LoRA parameters",
-    "gradients": "gradients of the LoRA parameters",
+    "gradients": "gradients of the trained parameters",
     "optimizer": "optimizer states on the device",
     "optimizer_host": "optimizer states paged out to the host",
     "activations": "activations saved for backward",
