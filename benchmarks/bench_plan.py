@@ -1,7 +1,8 @@
 """`fourbit plan` against measured peaks, and the QLoRA paper's memory claim planned.
 
-    python -m benchmarks.bench_plan accuracy [--smoke] [--case NAME]   results/cpu/plan_accuracy.json
+    python -m benchmarks.bench_plan accuracy [--smoke] [--case NAME]   results/plan/accuracy.json
     python -m benchmarks.bench_plan paper [--seq-len 512]               results/plan/paper.{json,png}
+    python -m benchmarks.bench_plan time70b                             results/plan/time70b.json
 
 The tables in docs/plan.md are generated from these files by `python -m benchmarks.docs_tables`.
 
@@ -12,13 +13,18 @@ rise of live bytes during the run according to torch.profiler with profile_memor
 allocation events carry the CPU allocator's own sizes, summed in time order. Beside it: the plan's peak, the error, and the peak RSS
 of the process (a cross-check only: it also holds Python, the libraries and the dense model that
 loading reads before quantizing). An FSDP2 case runs under torchrun (2 ranks, gloo) and reports
-rank 0's peak.
+rank 0's peak. `--case NAME` measures one case and replaces its row in the file (the whole list
+takes about an hour on the 2-core machine).
 
 Paper. The QLoRA paper (Dettmers et al. 2023) says a 65B model needs more than 780 GB of GPU memory
 to fine-tune in 16 bits and less than 48 GB with QLoRA. Planned here for LLaMA 7B/13B/33B/65B with
 its setup: NF4 with double quantization, LoRA r = 64 on every linear layer, paged AdamW, gradient
 checkpointing, batch 1, `--seq-len` tokens (512 by default), bf16 compute on an 80 GB card; with the
 exact bytes of each 4-bit base beside the 4.127-bit formula (4 + 8/64 + 32/(64*256) bits per weight).
+
+Time to plan a 70B model: `fourbit plan` of Llama-2-70B and Llama-3-70B (QLoRA, batch 1 x 2048
+tokens) as a user runs it, a fresh process timed from start to exit, on a card where it fits and on
+one where it does not (then every change is planned too).
 """
 
 from __future__ import annotations
@@ -98,14 +104,17 @@ def measure_run(config: TrainConfig, *, output_dir: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = dataclasses.replace(config, output_dir=output_dir or os.path.join(tmp, "run"))
         trainer = Trainer(config, overwrite=True, progress=False)
-        gc.collect()
-        held = _held_bytes(trainer)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            with record_function("fourbit-measured-run"):
-                trainer.evaluate()
-                for _ in range(trainer.total_steps):
-                    trainer.train_step()
-                trainer.evaluate()
+        try:
+            gc.collect()
+            held = _held_bytes(trainer)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                with record_function("fourbit-measured-run"):
+                    trainer.evaluate()
+                    for _ in range(trainer.total_steps):
+                        trainer.train_step()
+                    trainer.evaluate()
+        finally:
+            trainer.close()  # the run directory's lock
         marks = [e for e in prof.profiler.kineto_results.events() if e.name() == "fourbit-measured-run"]
         rise = _live_peak(prof, marks[0].start_ns(), marks[0].end_ns())
     return {"measured_peak_bytes": held + rise, "held_at_start_bytes": held,
@@ -204,7 +213,7 @@ def _worker(spec: str, result: str) -> int:
 
 
 def accuracy(smoke: bool, only: str | None, out_dir: str) -> list[dict]:
-    from fourbit.train.models import export_4bit
+    from fourbit.train.export import export_4bit
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,8 +233,15 @@ def accuracy(smoke: bool, only: str | None, out_dir: str) -> list[dict]:
             print(f"{name:45s} predicted {p.peak / MIB:9.2f} MiB  measured {m / MIB:9.2f} MiB  error {100 * row['error']:+6.2f} %"
                   f"  (plan {plan_s:.0f} s, {p.where})", flush=True)
             rows.append(row)
-    if not smoke and not only:
-        _write(rows, os.path.join(out_dir, "cpu", "plan_accuracy"))
+    if not smoke:
+        stem = os.path.join(out_dir, "plan", "accuracy")
+        if only and os.path.isfile(stem + ".json"):  # one case measured again: its row replaced, the order kept
+            with open(stem + ".json") as f:
+                kept = {r["case"]: r for r in json.load(f)["rows"]}
+            kept.update({r["case"]: r for r in rows})
+            order = list(cases(False, "4-bit"))
+            rows = sorted(kept.values(), key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
+        _write(rows, stem)
     return rows
 
 
@@ -269,6 +285,33 @@ def paper(seq_len: int, out_dir: str) -> list[dict]:
     return rows
 
 
+# ---- the time to plan a 70B model -----------------------------------------------------------------
+TIMED = [("llama-2-70b", "H100"), ("llama-3-70b", "H100"), ("llama-3-70b", "4090")]
+
+
+def time70b(out_dir: str) -> list[dict]:
+    """Wall-clock seconds of `fourbit plan` for 70B presets, each in a fresh process (imports included)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, gpu in TIMED:
+            out = os.path.join(tmp, "plan.json")
+            argv = ["plan", "--model", model, "--max-length", "2048", "--batch-size", "1", "--gpu", gpu, "--json", out]
+            t0 = time.perf_counter()
+            child = subprocess.run([sys.executable, "-m", "fourbit.cli", *argv], capture_output=True, text=True, timeout=1800)
+            wall = time.perf_counter() - t0
+            if child.returncode not in (0, 1):  # 1: it does not fit, a plan all the same
+                raise RuntimeError(f"fourbit {' '.join(argv)} failed:\n{child.stderr[-3000:]}")
+            with open(out) as f:
+                p = json.load(f)
+            row = {"command": "fourbit " + " ".join(argv[:-2]), "wall_s": round(wall, 1), "plan_s": round(p["seconds"], 1),
+                   "peak_bytes": p["peak"], "fits": p["fits"], "suggestions": len(p["suggestions"]), "where": p["where"]}
+            print(f"{row['command']}: {wall:.1f} s wall ({p['seconds']:.1f} s in plan()), peak {p['peak'] / 2**30:.1f} GiB, "
+                  f"{'fits' if p['fits'] else 'does not fit'}, {row['suggestions']} changes planned", flush=True)
+            rows.append(row)
+    _write(rows, os.path.join(out_dir, "plan", "time70b"))
+    return rows
+
+
 # ---- files --------------------------------------------------------------------------------------
 def _write(rows: list[dict], stem: str) -> None:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
@@ -287,16 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     acc.add_argument("--case", default=None)
     pap = sub.add_parser("paper")
     pap.add_argument("--seq-len", type=int, default=512)
+    t70 = sub.add_parser("time70b")
     wk = sub.add_parser("worker")
     wk.add_argument("spec")
     wk.add_argument("result")
-    for p in (acc, pap):
+    for p in (acc, pap, t70):
         p.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     if args.what == "worker":
         return _worker(args.spec, args.result)
     if args.what == "accuracy":
         accuracy(args.smoke, args.case, args.out)
+    elif args.what == "time70b":
+        time70b(args.out)
     else:
         paper(args.seq_len, args.out)
     return 0

@@ -68,12 +68,35 @@ def cpu_headline() -> str:
     return _md(["op (CPU)", "fourbit ms", "bitsandbytes ms", "fourbit speed"], rows)
 
 
-def costmodel_sm90a() -> str:
-    """The cost model's chosen rows on the five Llama-3 shapes (docs/kernels.md)."""
-    from fourbit.kernels.costmodel import format_markdown
+def _costmodel(rel: str) -> str:
+    from fourbit.kernels.analysis.costmodel import format_markdown
 
-    data = _load("sm_90a/costmodel.json")
-    return format_markdown(data["rows"])
+    data = _load(rel)
+    tools = data["toolchain"]
+    return (f"Built by Triton {tools['triton']} with its ptxas {tools['ptxas']}, routed as the dispatcher does "
+            f"under that Triton (`{rel}`):\n\n" + format_markdown(data["rows"]))
+
+
+def costmodel_sm90a() -> str:
+    """The cost model's chosen rows on the five Llama-3 shapes, CI's Triton (docs/kernels.md)."""
+    return _costmodel("sm_90a/costmodel.json")
+
+
+def costmodel_sm90a_triton36() -> str:
+    """The same under Triton 3.6, the GPU machine's (docs/kernels.md)."""
+    return _costmodel("sm_90a/costmodel-triton3.6.json")
+
+
+def gemv_prologue() -> str:
+    """The tensor-core GEMV's prologue as the cost model charges it, per Triton (docs/kernels.md)."""
+    out = []
+    for rel in ("sm_90a/costmodel.json", "sm_90a/costmodel-triton3.6.json"):
+        data = _load(rel)
+        for r in data["rows"]:
+            if r["chosen"] and r["op"] == "gemv" and r["M"] in (1, 16):
+                out.append([data["toolchain"]["triton"], f"{r['M']}", f"{r['N']}×{r['K']}", f"{r['prologue_us']:.2f}",
+                            f"{r['predicted_time_us']:.2f}", f"{r['predicted_fraction']:.3f}", r["limiter"]])
+    return _md(["Triton", "M", "N×K", "prologue µs", "predicted µs", "of the roofline", "limiter"], out)
 
 
 def _quality_rows(name: str) -> list[dict]:
@@ -129,11 +152,35 @@ def qlora_vs_lora() -> str:
                 "embedding + norms", "adapter", "its gradients", "AdamW states", "activations saved for backward"], out)
 
 
+def bnb_own_tests() -> str:
+    """bitsandbytes' own test files under install() (tests/bnb_shim/run_bnb_tests.py --record; docs/ecosystem.md)."""
+    rows = _load("cpu/bnb_tests.json")
+    modes = [("installed", False), ("installed", True), ("bitsandbytes", False)]
+    selections = sorted({(r["file"], r["k"] or "", r["optim"]) for r in rows})
+    out = []
+    for file, k, optim in selections:
+        cells = []
+        for against, avx in modes:
+            hit = [r for r in rows if (r["file"], r["k"] or "", r["optim"], r["against"], r["avx512bf16"]) == (file, k, optim, against, avx)]
+            if not hit:
+                cells.append("not run")
+                continue
+            r = hit[0]
+            cell = f"{r['passed']}/{r['passed'] + r['failed']} passed, {r['skipped']} skipped"
+            if against == "installed":
+                cell += f"; {r['passed_without_fourbit']} without a call into fourbit"
+            cells.append(cell)
+        what = file.removeprefix("tests/") + (f" `-k {k}`" if k else "") + (" (fourbit's optimizers)" if optim else "")
+        out.append([what, *cells])
+    return _md(["bitsandbytes 0.50.1 test file, selection", "fourbit installed, this CPU",
+                "fourbit installed, AVX512-BF16 simulated", "bitsandbytes alone"], out)
+
+
 def plan_accuracy() -> str:
     """`fourbit plan` against the profiler's record of real runs on the CPU (docs/plan.md)."""
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     out = [[r["case"], mib(r["predicted_bytes"]), mib(r["measured_bytes"]), f"{100 * r['error']:+.2f} %", r["where"],
-            f"{r['plan_s']:.0f}"] for r in _load("cpu/plan_accuracy.json")["rows"]]
+            f"{r['plan_s']:.0f}"] for r in _load("plan/accuracy.json")["rows"]]
     return _md(["case (SmolLM2-135M, CPU)", "planned MiB", "measured MiB", "error", "peak at", "plan s"], out)
 
 
@@ -152,6 +199,24 @@ def plan_paper() -> str:
     return _md(head, out)
 
 
+def plan_time() -> str:
+    """Seconds to plan a 70B model, `fourbit plan` in a fresh process (docs/plan.md)."""
+    out = [[f"`{r['command']}`", f"{r['wall_s']:.1f}", f"{r['plan_s']:.1f}", f"{r['peak_bytes'] / 2**30:.1f}",
+            "fits" if r["fits"] else f"does not fit; {r['suggestions']} changes planned"] for r in _load("plan/time70b.json")["rows"]]
+    return _md(["command (this CPU machine)", "wall s", "in plan() s", "peak GiB", "verdict"], out)
+
+
+def plan_headline() -> str:
+    """The paper's claim and the planner's measured error, in one sentence (README.md)."""
+    paper = {r["model"]: r for r in _load("plan/paper.json")["rows"]}["llama-65b"]
+    errors = [abs(r["error"]) for r in _load("plan/accuracy.json")["rows"]]
+    p = paper["plans"]
+    return (f"**Memory, planned before a run**: `fourbit plan` puts LLaMA-65B QLoRA in the paper's setup (batch 1 x "
+            f"{paper['seq_len']} tokens, r = 64) at {p['qlora']['peak_bytes'] / 1e9:.1f} GB and full bf16 fine-tuning at "
+            f"{p['full16']['peak_bytes'] / 1e9:.0f} GB (the paper: < 48 GB and > 780 GB); its prediction is within "
+            f"{100 * max(errors):.1f} % of the measured peak on {len(errors)} real CPU runs ([docs/plan.md](docs/plan.md)).")
+
+
 def plan_example() -> str:
     """The LLaMA-65B QLoRA plan of the paper table, as `fourbit plan` prints it (docs/plan.md)."""
     from fourbit.plan.planner import Plan
@@ -163,8 +228,8 @@ def plan_example() -> str:
 
 
 TABLES = {f.__name__.replace("_", "-"): f for f in
-          (cpu_headline, costmodel_sm90a, fidelity_smollm2, fidelity_minilm, inspect_pooled, qlora_vs_lora,
-           plan_accuracy, plan_paper, plan_example)}
+          (cpu_headline, costmodel_sm90a, costmodel_sm90a_triton36, gemv_prologue, fidelity_smollm2, fidelity_minilm,
+           inspect_pooled, qlora_vs_lora, bnb_own_tests, plan_accuracy, plan_paper, plan_example, plan_time, plan_headline)}
 
 
 def regenerate(text: str) -> str:

@@ -29,7 +29,9 @@ import dataclasses
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import typing
 
 from .errors import InvalidInput, MissingFile, UserError
@@ -112,12 +114,16 @@ def _finetune(args: argparse.Namespace) -> int:
     if not args.no_plan:
         from .plan.gate import check_fits as check
     trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, before_load=check)
-    print(trainer.param_summary)
     try:
+        print(trainer.param_summary)
         summary = trainer.train()
-    except KeyboardInterrupt:  # a second SIGINT/SIGTERM: the step was abandoned, nothing written
+    except KeyboardInterrupt as err:  # a second SIGINT/SIGTERM: the step was abandoned, nothing written
+        if isinstance(err, _Terminated):  # a SIGTERM before the loop took over signals: main() reports it
+            raise
         print("fourbit finetune: stopped at once by a second signal; the last checkpoint (if any) is unchanged", file=sys.stderr)
         return 130
+    finally:
+        trainer.close()  # train() released the run directory already, unless a signal came before it
     if summary["interrupted"]:
         again = [a for a in args.argv if a not in ("--overwrite", "--resume")] + ["--resume"]
         print(f"continue with: fourbit {shlex.join(again)}")
@@ -194,7 +200,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .train.models import export_4bit
+    from .train.export import export_4bit
 
     path = export_4bit(args.input, args.output, overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -202,7 +208,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .kernels.report import main as report_main
+    from .kernels.analysis.report import main as report_main
 
     return report_main(args.rest) or 0
 
@@ -277,14 +283,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_quantize)
 
     r = sub.add_parser("report", help="compile every Triton kernel for sm_80/89/90a and report registers, spills, SASS")
-    r.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for fourbit.kernels.report (e.g. --json FILE)")
+    r.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for fourbit.kernels.analysis.report (e.g. --json FILE)")
     r.set_defaults(func=_report)
     for command in (demo, ft, pl, gen, q):
         command.add_argument("--debug", dest="debug_here", action="store_true", help="show the traceback of an error too")
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop's own handler: unwinds like Ctrl-C, so locks are released and
+    half-written outputs removed (the default action would end the process on the spot)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # report passes its arguments through; argparse's REMAINDER misses a leading "--flag"
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -301,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fourbit {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, quantizing): nothing half-written
+    except KeyboardInterrupt as err:  # Ctrl-C outside a training loop (loading, quantizing): nothing half-written
         if args.debug or getattr(args, "debug_here", False):
             raise
         print(f"fourbit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, _Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ ValueError on what it cannot do, and this module decides what runs instead. The 
 K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take the reference
 (dequantize in chunks + torch.matmul), as bitsandbytes does for them. Among the Triton matmul's
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
-model `fourbit.kernels.costmodel` until a GPU measurement replaces them):
+model `fourbit.kernels.analysis.costmodel` until a GPU measurement replaces them):
 
     M <= GEMV_MAX_M (16)         ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
-                                                                 % 64 == 0): 1.00 of the HBM roofline at M = 1,
-                                                                 0.84-0.86 at M = 16; fp32 x or blocksize 32:
+                                                                 % 64 == 0), capability >= 8.0 (predicted
+                                                                 fractions: docs/kernels.md); fp32 x, blocksize 32:
                                                                  the SIMT GEMV up to SIMT_GEMV_MAX_M (2)
     M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
     SWAP_MIN_M (1024) <= M       ("gemm" | "backward", "fused")  Hopper, bf16/fp16: the swapped tiles, W from
@@ -48,6 +48,13 @@ model (0.970 against 0.973; the fused tiles lose 3 % to wave quantization), so t
 path keeps the largest M. On sm_80/89 (no register-operand wgmma) and for fp32 x every M above 64
 takes dequantize + cuBLAS.
 
+Gates (`matmul_gates` reports them for a device): below capability 8.0 (T4, V100) there is no
+mma.sync.m16n8k16 and no bf16 tensor core, so the tensor-core GEMV and the fused tiles do not build;
+the SIMT GEMV keeps M <= SIMT_GEMV_MAX_M and everything else takes dequantize + cuBLAS. The swapped
+tiles run only on a Triton version whose build passes the static hazard check
+(`fourbit.kernels.analysis.hazards`; `matmul_plan.SWAP_TRITON`): Triton 3.6's build rewrites the
+registers of wgmmas still in flight. The cost model asks `matmul_route`, so it rates the same gates.
+
 Imports are lazy and plain (inside each function): with FOURBIT_BACKEND=reference, or on CPU under
 auto, Triton is never imported.
 """
@@ -69,6 +76,7 @@ __all__ = [
     "dequantize",
     "matmul",
     "matmul_backward",
+    "matmul_gates",
     "matmul_route",
     "quantize",
 ]
@@ -115,16 +123,31 @@ def dequantize(packed: torch.Tensor, state, **kwargs) -> torch.Tensor:
 
 
 def matmul_route(m: int, n: int, k: int, *, backward: bool = False, dtype: torch.dtype = torch.bfloat16,
-                 blocksize: int = 64) -> tuple[str, str]:
+                 blocksize: int = 64, device: torch.device | str | None = None) -> tuple[str, str]:
     """(op, path) of the Triton matmul for x: (m, k), W: (n, k) (backward: dx = dy @ W, dy: (m, n)):
     op "gemv" | "gemm" | "backward", path "fused" | "dequantize+cublas" (see the module docstring).
-    x's dtype and the blocksize choose between the two GEMVs."""
-    from .kernels.matmul_plan import SWAP_MIN_M, mma_gemv_supported, swap_gemm_supported  # the Triton path only
+    x's dtype and the blocksize choose between the two GEMVs. Gates, as `matmul_gates` reports them:
+    below capability 8.0 (`device`, default the current CUDA device) no mma.sync, so only the SIMT GEMV
+    is fused; the swapped tiles only on a Triton whose build passes the hazard check."""
+    from .kernels.matmul_plan import SWAP_MIN_M, device_arch, mma_gemv_supported, swap_gemm_supported  # Triton only
 
-    gemv_max = GEMV_MAX_M if mma_gemv_supported(dtype, blocksize) else SIMT_GEMV_MAX_M
+    arch = device_arch(device)
+    gemv_max = GEMV_MAX_M if mma_gemv_supported(dtype, blocksize, arch) else SIMT_GEMV_MAX_M
     op = "backward" if backward else ("gemv" if m <= gemv_max else "gemm")
-    swapped = SWAP_MIN_M <= m < SWAP_MAX_M and swap_gemm_supported(dtype, k, backward)
-    return op, ("fused" if m <= FUSED_MAX_M or swapped else "dequantize+cublas")
+    swapped = SWAP_MIN_M <= m < SWAP_MAX_M and swap_gemm_supported(dtype, k, backward, device)
+    fused = op == "gemv" or (m <= FUSED_MAX_M and arch != "sm75") or swapped
+    return op, ("fused" if fused else "dequantize+cublas")
+
+
+def matmul_gates(device: torch.device | str | None = None) -> dict[str, object]:
+    """Which kernel paths the Triton matmul may take on `device` (default: the current CUDA device):
+    {"arch", "triton", "tensor_core_gemv", "fused_tiles", "swapped_tiles"}, for logs and the GPU session."""
+    from .kernels.matmul_plan import device_arch, mma_gemv_supported, swap_gemm_supported, triton_version
+
+    arch = device_arch(device)
+    return {"arch": arch, "triton": ".".join(map(str, triton_version())),
+            "tensor_core_gemv": mma_gemv_supported(torch.bfloat16, 64, arch), "fused_tiles": arch != "sm75",
+            "swapped_tiles": swap_gemm_supported(torch.bfloat16, 128, True, device)}
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None, *,
@@ -135,7 +158,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | No
 
         if fused_shape_supported(state):
             n, k = (int(d) for d in state.shape)
-            route = matmul_route(x.numel() // max(k, 1), n, k, dtype=x.dtype, blocksize=state.blocksize)
+            route = matmul_route(x.numel() // max(k, 1), n, k, dtype=x.dtype, blocksize=state.blocksize, device=x.device)
             return kernel(x, packed, state, bias, out=out, route=route)
     from .nf4.matmul import matmul as reference
 
@@ -149,7 +172,8 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state) -> torch.
 
         if fused_shape_supported(state):
             n, k = (int(d) for d in state.shape)
-            return kernel(grad_y, packed, state, route=matmul_route(grad_y.numel() // max(n, 1), n, k, backward=True))
+            m = grad_y.numel() // max(n, 1)
+            return kernel(grad_y, packed, state, route=matmul_route(m, n, k, backward=True, device=grad_y.device))
     from .nf4.matmul import matmul_backward as reference
 
     return reference(grad_y, packed, state)

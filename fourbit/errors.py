@@ -6,6 +6,7 @@
       MissingFile   (FileNotFoundError)
       RunExists     (FileExistsError) an output that is already there
       OutputError   (OSError)        cannot write: disk full, read-only, a file where a directory goes
+      Locked        (BlockingIOError) another process is using that output (the message names it)
       Unavailable   (RuntimeError)   the environment lacks something asked for (CUDA, torchrun)
       Diverged      (RuntimeError)   training produced a non-finite loss or exploding gradients
 
@@ -22,7 +23,7 @@ import errno
 import os
 
 __all__ = [
-    "UserError", "InvalidInput", "BadFile", "MissingFile", "RunExists", "OutputError", "Unavailable", "Diverged",
+    "UserError", "InvalidInput", "BadFile", "MissingFile", "RunExists", "OutputError", "Locked", "Unavailable", "Diverged",
     "output_error",
 ]
 
@@ -59,6 +60,10 @@ class OutputError(UserError, OSError):
     default_fix = "choose another output location"
 
 
+class Locked(UserError, BlockingIOError):
+    default_fix = "wait for that process to finish (or stop it), or choose another output"
+
+
 class Unavailable(UserError, RuntimeError):
     default_fix = "change the setting or the environment"
 
@@ -81,8 +86,12 @@ _REASONS = {
 }
 
 
-def output_error(path: str | os.PathLike, err: OSError) -> OutputError:
-    """The OutputError for an OSError raised while writing `path` (what happened, in words)."""
+def output_error(path: str | os.PathLike, err: OSError) -> OSError:
+    """The OutputError for an OSError raised while writing `path` (what happened, in words). An
+    error that already is a UserError (an inner write named its file) comes back unchanged, so
+    the message says what and how to fix once."""
+    if isinstance(err, UserError):
+        return err
     what, fix = _REASONS.get(err.errno, (None, "choose another output location"))
     detail = err.strerror or str(err)
     return OutputError(f"cannot write {os.fspath(path)}: {what} ({detail})" if what else f"cannot write {os.fspath(path)}: {detail}", fix)

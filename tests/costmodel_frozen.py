@@ -4,14 +4,10 @@ can keep ranking it against whatever the library's GEMV becomes (tests/test_cost
 Hand count of its sm_90a loop (issue 12): ~750 thread-instructions per 32 weights, ~47 per packed
 weight byte: 16 global 8-byte gathers from the 256-entry pair table, 224 shuffles and 12 barriers
 per trip, because the K reduction runs across threads on every step; 15-25 % of the HBM roofline
-from issue alone. Run as a script (without TRITON_INTERPRET) it prints the model's rows as JSON:
-    python tests/costmodel_frozen.py OUT.json [M ...]
+from issue alone. `frozen_plan` is rated beside the library's plans by tests/kernel_builds.py.
 """
 
 from __future__ import annotations
-
-import json
-import sys
 
 import triton
 import triton.language as tl
@@ -115,28 +111,3 @@ def frozen_plan(n: int, k: int, sms: int = 132):
     launch = Launch(spec=spec, grid=(programs, split), iterations=cdiv(cdiv(k, 128), split),
                     weight_bytes_per_iteration=32 * 128 // 2, hbm_bytes=hbm, gather_table_bytes=256 * 8)
     return Plan(op="gemv", path="fused", config=f"frozen,32x128,w4s3,split{split}", launches=(launch,))
-
-
-def main(out: str, ms: list[int]) -> None:
-    """Rows of the library's routed plans at each M in `ms` (forward only at M <= 16, where decode
-    runs; forward and backward above) and of the frozen GEMV at M = 1, on the five Llama-3 shapes,
-    plus the kernel facts, as JSON in `out`. Builds are cached per process, so nothing compiles twice."""
-    from fourbit.kernels import costmodel
-
-    route, rows, facts = costmodel.default_route(), [], {}
-    for group, ops in (([m for m in ms if m <= 16], ("gemv", "gemm")), ([m for m in ms if m > 16], ("gemm", "backward"))):
-        if group:
-            more, more_facts, _ = costmodel.evaluate("sm_90a", ms=tuple(group), ops=ops, route=route, routed_only=True)
-            rows += [r for r in more if r["op"] in ops]
-            facts |= more_facts
-    frozen = []
-    for n, k in costmodel.SHAPES:
-        plan = frozen_plan(n, k)
-        frozen.append(costmodel.predict_plan(plan, 1, n, k, "sm_90a", lambda s: facts.setdefault(
-            s.name, costmodel.kernel_facts(s, "sm_90a"))))
-    with open(out, "w") as f:
-        json.dump({"rows": rows, "frozen": frozen, "kernels": facts}, f, indent=1)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], [int(m) for m in sys.argv[2:]] or [1])

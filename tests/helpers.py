@@ -36,6 +36,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
+def assert_within_rounding(y, want, terms, dtype, tol: float) -> None:
+    """Per element: W rounded to the activations' dtype (bf16 2^-9, fp16 2^-12 relative, 2x slack)
+    bounds the sum's error by that fraction of `terms` = sum |a * w| (a dot product that cancels may
+    lose more than its own size), plus the output's rounding (the interpreter truncates bf16: 2^-7).
+    Over 32 or more outputs the relative norm error must also be under `tol` (F.linear's tolerance)."""
+    bound = (2.0**-8 if dtype == torch.bfloat16 else 2.0**-11) * terms
+    bound += (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) * want.abs() + 1e-6
+    assert bool(((y.double() - want).abs() <= bound).all()), ((y.double() - want).abs() / bound).max()
+    if want.numel() >= 32:
+        assert rel_err(y, want) < tol
+
+
 def max_rel_err(a, b) -> float:
     """max_i |a_i − b_i| / |b_i| over two sequences (loss curves), in float64."""
     a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
@@ -311,3 +323,48 @@ def train_steps(
         if checkpoint_dir is not None and step + 1 == CHECKPOINT_AT:
             checkpoint.save(checkpoint_dir, model, optimizer, step=step + 1)
     return losses
+
+
+# ---- runs and the CLI ---------------------------------------------------------------------------
+FINISHED_ARGS = ["--steps", "2", "--batch-size", "2", "--eval-examples", "4", "--targets", "q_proj", "v_proj", "--quiet"]
+
+
+def finished_run(tiny: str, root) -> str:
+    """root/finished: a completed 2-step fine-tune of the tiny Llama (FINISHED_ARGS); reused when there."""
+    from fourbit.cli import main
+
+    run = os.path.join(os.fspath(root), "finished")
+    if not os.path.isfile(os.path.join(run, "summary.json")):
+        assert main(["finetune", "--model", tiny, "--output-dir", run, *FINISHED_ARGS]) == 0
+    return run
+
+
+def tree_hashes(root) -> dict[str, str]:
+    """{relative path: sha256} of every file below root (what "byte for byte unchanged" compares)."""
+    import hashlib
+
+    out = {}
+    for base, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    """(exit status, stderr) of `fourbit argv` in this process. A failure must be the CLI's one line
+    `fourbit <command>: error: <what> — <fix>` and no traceback."""
+    from fourbit.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as exit_info:  # argparse's errors exit from inside parsing
+        rc = exit_info.code
+    err = capsys.readouterr().err
+    if rc != 0:
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and lines[0].startswith(f"fourbit {argv[0]}: error: ") and " — " in lines[0], err
+        assert "Traceback" not in err, err
+    return rc, err

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SHIM = Path(__file__).resolve().parent / "bnb_shim"
 ROOT = SHIM.parents[1]
 
@@ -44,3 +46,56 @@ def test_runner_counts_a_junit_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 passed, 2 failed, 1 skipped, of 4" in out
     assert "test_a: 1 failed" in out and "1 x AssertionError: boom" in out and "test_c: 1 failed" in out
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("run_bnb_tests", SHIM / "run_bnb_tests.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    return runner
+
+
+def test_installed_plugin_counts_calls_into_fourbit_per_test(monkeypatch):
+    """`--against installed`: the plugin installs fourbit into the real bitsandbytes, puts fourbit's
+    optimizers in bitsandbytes.optim, simulates AVX512-BF16, and gives each test its count of calls
+    into fourbit as a junit property; unconfigure undoes all of it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as F
+    import torch
+
+    import fourbit.optim
+    from fourbit.integrations import bitsandbytes as fourbit_bnb
+
+    spec = importlib.util.spec_from_file_location("fourbit_installed", SHIM / "plugin" / "fourbit_installed.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    monkeypatch.setenv("FOURBIT_BNB_OPTIM", "1")
+    monkeypatch.setenv("FOURBIT_BNB_AVX512BF16", "1")
+    real_adam, real_avx = bnb.optim.AdamW8bit, F.has_avx512bf16
+    plugin.pytest_configure(None)
+    try:
+        assert fourbit_bnb.is_installed() and F.has_avx512bf16()
+        assert bnb.optim.AdamW8bit is fourbit.optim.AdamW8bit and bnb.optim.GlobalOptimManager is fourbit.optim.GlobalOptimManager
+        item = type("Item", (), {"user_properties": []})()
+        for work in (lambda: F.quantize_4bit(torch.randn(64, 64), quant_type="nf4"), lambda: None):
+            wrapper = plugin.pytest_runtest_protocol(item, None)
+            next(wrapper)
+            work()
+            plugin.pytest_runtest_teardown(item, None)
+    finally:
+        plugin.pytest_unconfigure(None)
+    assert item.user_properties == [("fourbit_calls", 1), ("fourbit_calls", 0)]
+    assert not fourbit_bnb.is_installed() and bnb.optim.AdamW8bit is real_adam and F.has_avx512bf16 is real_avx
+
+
+def test_runner_records_replace_the_same_selection(tmp_path):
+    runner = _runner()
+    base = {"file": "tests/test_ops.py", "k": None, "against": "installed", "optim": False, "avx512bf16": False}
+    path = tmp_path / "bnb_tests.json"
+    runner.save_record(path, {**base, "passed": 1})
+    runner.save_record(path, {**base, "avx512bf16": True, "passed": 2})
+    runner.save_record(path, {**base, "passed": 3})
+    import json
+
+    rows = json.loads(path.read_text())
+    assert [(r["avx512bf16"], r["passed"]) for r in rows] == [(False, 3), (True, 2)]

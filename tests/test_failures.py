@@ -25,23 +25,23 @@ from fourbit.errors import BadFile, Diverged, InvalidInput, OutputError, UserErr
 from fourbit.train import Trainer
 from fourbit.train import rundir
 
+from helpers import FINISHED_ARGS, finished_run
 from test_train import small, tiny_llama_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_ARGS = ["--steps", "2", "--batch-size", "2", "--eval-examples", "4", "--targets", "q_proj", "v_proj", "--quiet"]
+RUN_ARGS = FINISHED_ARGS
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_llama_dir(str(tmp_path_factory.mktemp("tiny")))
+    return tiny_llama_dir(str(tmp_path_factory.getbasetemp() / "shared"))
 
 
 @pytest.fixture(scope="module")
 def finished(tiny, tmp_path_factory):
-    """A completed 2-step run of the tiny model (adapter, checkpoint, metrics, summary)."""
-    run = str(tmp_path_factory.mktemp("finished") / "run")
-    assert main(["finetune", "--model", tiny, "--output-dir", run, *RUN_ARGS]) == 0
-    return run
+    """A completed 2-step run of the tiny model (adapter, checkpoint, metrics, summary), shared with
+    the other modules that need one (helpers.finished_run)."""
+    return finished_run(tiny, str(tmp_path_factory.getbasetemp() / "shared"))
 
 
 def _hashes(root) -> dict[str, str]:
@@ -205,7 +205,8 @@ def test_overwrite_restores_the_old_run_when_the_new_one_fails(tiny, finished, t
     shutil.copytree(finished, run)
     before = _hashes(run)
     t = Trainer(small(tiny, run, steps=2, batch_size=2, eval_examples=4), overwrite=True, progress=False)
-    assert _hashes(run) == before  # constructing validates and loads; nothing moves yet
+    held = _hashes(run)
+    assert held.pop(rundir.LOCK) and held == before  # constructing locks, validates and loads; nothing moves yet
 
     def crash(self):
         assert not os.path.exists(os.path.join(run, "summary.json"))  # the old run is aside now
@@ -218,7 +219,7 @@ def test_overwrite_restores_the_old_run_when_the_new_one_fails(tiny, finished, t
     monkeypatch.undo()
 
     # a kill -9 in the same window leaves .replaced/; the next start puts it back
-    rundir.set_aside(run)
+    rundir.RunDir(run).begin(replacing=True)  # the old run set aside, as a killed --overwrite left it
     open(os.path.join(run, "metrics.jsonl"), "w").write('{"step": 1}\n')  # what the killed run wrote
     with pytest.raises(UserError, match="already holds a run"):
         Trainer(small(tiny, run, steps=2, batch_size=2, eval_examples=4), progress=False)
@@ -291,6 +292,7 @@ def test_sigterm_mid_run_checkpoints_and_resumes_bit_identically(tiny, tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
+    assert not os.path.exists(os.path.join(cut, rundir.LOCK))  # released on the way out
     stopped = json.load(open(os.path.join(cut, "checkpoint", "trainer_state.json")))["step"]
     assert 1 <= stopped < 6, out
     assert f"SIGTERM: stopped after step {stopped}" in out and "--resume" in out.splitlines()[-1]
@@ -461,7 +463,10 @@ def test_output_errors_say_what_happened(code, words, tmp_path, monkeypatch):
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", refusing_open)
+    run = rundir.RunDir(str(tmp_path / "run"))
+    run.lock()
     with pytest.raises(OutputError, match=f"cannot write .*run: .*{words}"):
-        rundir.prepare(str(tmp_path / "run"))
+        run.check(resume=False, overwrite=False)
+    run.release()
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # the directory it had created is gone again

@@ -75,6 +75,13 @@ def test_dry_run_brings_every_headline_number_back(tmp_path):
     assert facts["copy_gb_per_s"] > 0 and facts["bf16_matmul_tflop_per_s"] > 0 and "environment" in facts
     assert not [x["name"] for x in by_kind["check"] if x["required"] and not x["ok"]]
     assert any(x["name"].startswith("matmul backward") for x in by_kind["check"])
+    # every kernel the timed shapes pick was checked, and the exact integer test ran (benchmarks/gpu/variants.py)
+    checks = {x["name"]: x for x in by_kind["check"]}
+    assert checks["variants cover every kernel the timed shapes pick"]["ok"]
+    assert sum(name.startswith("variant ") for name in checks) >= 20
+    exact = [x for name, x in checks.items() if name.startswith("swapped tiles exact on integers")]
+    assert exact and all(x["forward_mismatches"] == x["backward_mismatches"] == 0 for x in exact)
+    assert facts["toolchain"]["triton"] and facts["toolchain"]["ptxas"] and "swapped_tiles" in facts["gates"]
     timed = {(x["op"], x["provider"], x["M"]) for x in by_kind["timing"]}
     for m in (1, 16, 33):
         assert {("matmul", p, m) for p in ("fourbit", "bitsandbytes", "dense")} <= timed
@@ -83,7 +90,7 @@ def test_dry_run_brings_every_headline_number_back(tmp_path):
             ("dequantize", "fourbit", None), ("dequantize", "bitsandbytes", None)} <= timed
     assert {x["provider"] for x in by_kind["train"]} == {"fourbit", "bnb+peft"}
     assert any(x["stage"] == "plan" and x["name"].startswith("plan within 3 %") for x in by_kind["check"])
-    if (REPO / "fourbit" / "kernels" / "costmodel.py").exists():  # joined on the dry run's shapes at M = 1
+    if (REPO / "fourbit" / "kernels" / "analysis" / "costmodel.py").exists():  # joined on the dry run's shapes at M = 1
         assert {(x["op"], x["M"]) for x in by_kind["prediction"]} >= {("gemv", 1), ("dequantize", None)}
         assert all(x["measured_us"] > 0 and x["chosen"] for x in by_kind["prediction"])
     else:

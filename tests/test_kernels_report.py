@@ -1,4 +1,4 @@
-"""The compile report (python -m fourbit.kernels.report): GPU builds of the kernels without a GPU.
+"""The compile report (python -m fourbit.kernels.analysis.report): GPU builds of the kernels without a GPU.
 
 The CLI runs in a child process without TRITON_INTERPRET (an interpreted triton cannot compile), on
 the specs that matter: the dequantize kernel (the bandwidth-bound hot path: 128-bit loads of the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fourbit.kernels.report import ARCHS, format_table, sass_counts
+from fourbit.kernels.analysis.report import ARCHS, format_table, sass_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = ["dequantize_4bit[bfloat16,bs64,dq]", "dequantize_4bit[float32,bs64,dq]", "quantize_4bit[nf4,float32,bs64]",
@@ -26,7 +26,7 @@ SPECS = ["dequantize_4bit[bfloat16,bs64,dq]", "dequantize_4bit[float32,bs64,dq]"
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fourbit.kernels.report", "--json", str(out)]
+    cmd = [sys.executable, "-m", "fourbit.kernels.analysis.report", "--json", str(out)]
     cmd += ["--module", "fourbit.kernels.quantize", "--module", "fourbit.kernels.dequantize"]
     for name in SPECS:
         cmd += ["--only", name]

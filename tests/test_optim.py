@@ -491,6 +491,106 @@ def test_bad_hyperparameters_are_rejected():
         AdamW8bit(p, optim_bits=8)
     with pytest.raises(ValueError, match="nonfinite"):
         AdamW(p, nonfinite="zero")
+    with pytest.raises(ValueError, match="optim_bits must be 8 or 32"):
+        AdamW(p, optim_bits=4)
+
+
+# -- bitsandbytes' live state layout and GlobalOptimManager ---------------------------------------
+@pytest.fixture
+def manager():
+    from fourbit.optim import GlobalOptimManager
+
+    mng = GlobalOptimManager.get_instance()
+    mng.initialize()
+    yield mng
+    mng.initialize()
+
+
+@pytest.mark.parametrize("cls", [AdamW, AdamW8bit])
+def test_live_state_is_parameter_shaped_and_edits_take_effect(cls):
+    """optimizer.state[p] as bitsandbytes lays it out; code that edits a moment changes the next step."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(96, 64))
+    twin = torch.nn.Parameter(p.detach().clone())
+    opts = [cls([p]), cls([twin])]
+    for q, opt in zip((p, twin), opts):
+        q.grad = torch.full_like(q, 0.01)
+        opt.step()
+    state = opts[0].state[p]
+    assert state["state1"].shape == p.shape and state["state2"].shape == p.shape
+    if cls is AdamW8bit:
+        assert state["state1"].dtype == torch.uint8 and state["absmax1"].shape == (24,)
+        assert state["qmap1"].shape == (256,) and state["qmap2"].shape == (256,)
+        state["absmax1"].zero_()  # research code resetting the first moment
+    else:
+        state["state1"].zero_()
+    for q, opt in zip((p, twin), opts):
+        q.grad = torch.full_like(q, 0.01)
+        opt.step()
+    assert not torch.equal(p, twin)
+    saved = opts[0].state_dict()["state"][0][WRAPPED]
+    assert torch.equal(saved["state1"], state["state1"])
+
+
+def test_override_config_gives_per_parameter_bits_and_hyperparameters(manager):
+    """lr / betas / eps / weight_decay overrides equal a param group with those settings."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(64, 80))
+    a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    manager.override_config(b, key_value_dict={"lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1})
+    manager.override_config(a, "optim_bits", 8)
+    with_overrides = AdamW([a, b], lr=1e-3)  # overrides are keyed by tensor: a2, b2 have none
+    groups = AdamW8bit([{"params": [a2]}]), AdamW([{"params": [b2], "lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}])
+    for _ in range(3):
+        for p, twin in ((a, a2), (b, b2)):
+            p.grad = torch.randn(p.shape)
+            twin.grad = p.grad.clone()
+        with_overrides.step()
+        for opt in groups:
+            opt.step()
+    assert with_overrides.state[a]["state1"].dtype == torch.uint8
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def test_register_module_override_and_positions_survive_new_tensors(manager):
+    layer = torch.nn.Linear(80, 64)
+    manager.register_module_override(layer, "weight", {"optim_bits": 8})
+    opt = AdamW(layer.parameters())
+    for p in layer.parameters():
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert opt.state[layer.weight]["state1"].dtype == torch.uint8 and opt.state[layer.bias]["state1"].dtype == torch.float32
+    manager.initialize()
+    cpu = [torch.randn(64, 80), torch.randn(64, 80)]
+    manager.override_config(cpu[1], "optim_bits", 8)
+    manager.register_parameters(cpu)
+    moved = [torch.nn.Parameter(t.clone()) for t in cpu]  # new tensors (as .cuda() makes): found by position
+    opt = AdamW(moved)
+    for p in moved:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert opt.state[moved[0]]["state1"].dtype == torch.float32 and opt.state[moved[1]]["state1"].dtype == torch.uint8
+
+
+def test_settings_fourbit_does_not_implement_raise(manager):
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    with pytest.raises(ValueError, match="no setting .'amsgrad'."):
+        manager.override_config(p, "amsgrad", True)
+    manager.override_config(p, "max_unorm", 1.0)
+    opt = AdamW([p])
+    p.grad = torch.randn(p.shape)
+    with pytest.raises(ValueError, match="max_unorm=1.0 is set for a parameter of shape .64, 80.; fourbit's"):
+        opt.step()
+    with pytest.raises(ValueError, match="needs a value"):
+        manager.override_config(p, "lr")
+    manager.initialize()
+    args = type("Args", (), {"optim_bits": 8, "min_8bit_size": 16, "max_unorm": 0.0, "skip_zeros": True})()
+    with pytest.raises(ValueError, match="skip_zeros=True"):
+        AdamW([p], args=args)
+    args.skip_zeros = False
+    opt = AdamW([p], args=args)  # bitsandbytes' args object replaces optim_bits / min_8bit_size
+    opt.step()
+    assert opt.state[p]["state1"].dtype == torch.uint8
 
 
 # -- benchmark smoke ----------------------------------------------------------------------------

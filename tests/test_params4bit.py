@@ -193,3 +193,55 @@ def test_torch_compile_traces_the_layer(start):
         reference(x_ref).sum().backward()
         assert torch.equal(y, reference(x_ref)) and torch.equal(x.grad, x_ref.grad)
     assert layer.weight.bnb_quantized
+
+
+@pytest.mark.parametrize("how, dtype", [("assign", torch.float32), ("to_empty", torch.bfloat16)])
+def test_quantize_model_on_a_meta_model_then_load_equals_quantizing_the_loaded_model(dtype, how):
+    """bitsandbytes' replace_with_bnb_linear flow: an empty Llama, quantize_model, then the
+    weights; every saved byte (packed codes, absmax, nested state, blob, bias, the dense rest)
+    equals quantize_model on the dense model that loaded the same checkpoint. The checkpoint is
+    float32 (a bfloat16 model casts it on load; to_empty + load must quantize the cast weight)."""
+    accelerate = pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    checkpoint = {k: v.clone() for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    with accelerate.init_empty_weights():
+        empty = transformers.LlamaForCausalLM(cfg).to(dtype)
+    quantize_model(empty)
+    layers = [m for m in empty.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and all(m.weight.is_meta and m.quant_state is None for m in layers)
+    if how == "assign":  # torch keeps the checkpoint's tensors as they are: the dense twin does too
+        empty.load_state_dict(checkpoint, assign=True)
+        with accelerate.init_empty_weights():
+            twin = transformers.LlamaForCausalLM(cfg).to(dtype)
+        twin.load_state_dict(checkpoint, assign=True)
+    else:
+        empty.to_empty(device="cpu")
+        empty.load_state_dict(checkpoint)
+        twin = transformers.LlamaForCausalLM(cfg).to(dtype)
+        twin.load_state_dict(checkpoint)
+    want, got = quantize_model(twin).state_dict(), empty.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert want[key].dtype == got[key].dtype and torch.equal(want[key], got[key]), key
+    assert all(m.weight.device.type == "cpu" and m.weight.bnb_quantized for m in layers)
+    if how == "assign":  # (to_empty leaves non-persistent buffers such as RoPE's inv_freq unset)
+        ids = torch.randint(0, 96, (2, 5))
+        assert torch.equal(empty(ids).logits, twin(ids).logits)
+
+
+def test_docs_meta_model_block_runs_and_quantizes_what_the_dense_model_would():
+    """docs/ecosystem.md's meta-model block, exactly as printed there."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md").read_text()
+    block = page.split("<!-- test: tests/test_params4bit.py -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/ecosystem.md", "exec"), namespace)
+    model, checkpoint = namespace["model"], namespace["checkpoint"]
+    twin = type(model)(model.config)
+    twin.load_state_dict(checkpoint)
+    want, got = quantize_model(twin).state_dict(), model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert sum(isinstance(m, Linear4bit) and m.weight.bnb_quantized for m in model.modules()) == 14

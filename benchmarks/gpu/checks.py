@@ -13,6 +13,9 @@
 4. matmul forward and backward (bf16; fp16 on the dry run: the interpreter has no bf16 dot) against float64 on a few shapes, one per kernel path (GEMV,
    small-M GEMM, M = 2048, a bias), relative-norm error under 1e-2 (bf16 operands, METHOD.md).
    The allocator is poisoned with NaN first, so an output element nobody wrote cannot pass.
+5. Every matmul kernel variant the dispatcher can pick for the timed shapes (GEMV warps, M = 1..16,
+   ragged K and N, bias, views; M = 2048 forward and backward) and the swapped tiles' exact
+   integer-input test, 20 times (benchmarks/gpu/variants.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fourbit import dispatch
 from fourbit.nf4 import QuantState
 from fourbit.nf4.codes import NF4_THRESHOLDS
 
+from . import variants
 from .common import Session, peer, rel_err
 
 BLOCKSIZE = 64
@@ -162,4 +166,5 @@ def run(s: Session) -> None:
     guarded(s, "bf16 rounding", bf16_rounding)
     for m, n, k, with_bias in DRY_MATMUL_CASES if s.dry_run else MATMUL_CASES:
         guarded(s, f"matmul {m}x{n}x{k} vs float64", matmul_case, m, n, k, with_bias)
+    guarded(s, "matmul variants", variants.run)  # every kernel the timings pick, and the exact integer test
     guarded(s, "past 2**31 elements", large_tensor)  # last: 4 GiB of bf16 and its copies, the slowest

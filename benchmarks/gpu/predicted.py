@@ -1,6 +1,6 @@
 """Predicted vs measured: the static cost model's rows joined with this session's fourbit timings.
 
-run.sh starts `python -m fourbit.kernels.costmodel --arch sm_90a --json OUT/costmodel.json` in the
+run.sh starts `python -m fourbit.kernels.analysis.costmodel --arch sm_90a --json OUT/costmodel.json` in the
 background at the beginning of the session (it compiles on the CPU, so it overlaps the GPU stages).
 Its rows carry {op, M, N, K, config, path, limiter, predicted_fraction, predicted_time_us,
 loop_instructions_per_weight_byte, arch}; `op` is gemv | gemm | backward | dequantize, which the
@@ -69,8 +69,9 @@ def join(predictions: list[dict], timings: list[dict], copy_gbs: float | None) -
 
 
 def run(s: Session) -> None:
-    if not (Path(__file__).resolve().parents[2] / "fourbit" / "kernels" / "costmodel.py").exists():
-        s.emit("note", "costmodel missing", text="fourbit.kernels.costmodel is not in this checkout: no predictions")
+    if not (Path(__file__).resolve().parents[2] / "fourbit" / "kernels" / "analysis" / "costmodel.py").exists():
+        s.emit("note", "costmodel missing",
+               text="fourbit.kernels.analysis.costmodel is not in this checkout: no predictions")
         return
     path = s.out / COSTMODEL
     try:

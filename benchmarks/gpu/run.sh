@@ -13,11 +13,14 @@
 #                    --no-index --no-deps --target and PYTHONPATH; without it the session runs on
 #                    and every bitsandbytes comparison says the peer is missing
 #   env          30  GPU, clocks, driver, versions; measured copy GB/s and bf16 matmul TFLOP/s
-#   correctness  75  bytes vs the reference and vs bitsandbytes CUDA (8192^2, a tensor past 2^31
-#                    elements), bf16 rounding, matmul forward/backward bf16 vs float64 (4 shapes)
-#   timings     150  dequantize, matmul M=1/16 (CUDA graphs), M=2048 forward and backward on the
+#   correctness 105  bytes vs the reference and vs bitsandbytes CUDA (8192^2, a tensor past 2^31
+#                    elements), bf16 rounding, matmul forward/backward bf16 vs float64 (4 shapes),
+#                    every matmul kernel variant the timings pick (GEMV M = 1..16, 4 and 8 warps,
+#                    ragged K and N, bias, views; M = 2048) and the swapped tiles' exact
+#                    integer-input test, 20 times (benchmarks/gpu/variants.py)
+#   timings     135  dequantize, matmul M=1/16 (CUDA graphs), M=2048 forward and backward on the
 #                    five Llama-3 shapes: fourbit vs bitsandbytes vs dense cuBLAS, L2 flushed
-#   train       110  one QLoRA step on 4 Llama-3-8B-shaped layers, seq 2048: fourbit vs bnb + PEFT
+#   train        95  one QLoRA step on 4 Llama-3-8B-shaped layers, seq 2048: fourbit vs bnb + PEFT
 #   plan         15  `fourbit plan` vs torch.cuda.max_memory_allocated, the same model shape, batch
 #                    1 x 2048, three optimizer steps (benchmarks/gpu/plan_check.py)
 #   predicted    15  the cost model's predictions (run in the background from the start, on the
@@ -38,10 +41,10 @@ cd "$(dirname "$0")/../.."
 repo=$PWD
 
 stages=(install env correctness timings train plan predicted summary)
-declare -A gpu_budget=([install]=15 [env]=30 [correctness]=75 [timings]=150 [train]=110 [plan]=15 [predicted]=15 [summary]=10)
+declare -A gpu_budget=([install]=15 [env]=30 [correctness]=105 [timings]=135 [train]=95 [plan]=15 [predicted]=15 [summary]=10)
 limit=420  # 7 minutes of the device's 10-minute command limit: a fresh machine and the transfers fit beside it
 if ((dry)); then  # the CPU interpreter is slower and this machine's 2 cores are shared: its own budget
-  declare -A budget=([install]=30 [env]=40 [correctness]=60 [timings]=60 [train]=120 [plan]=90 [predicted]=20 [summary]=20)
+  declare -A budget=([install]=30 [env]=40 [correctness]=110 [timings]=60 [train]=120 [plan]=90 [predicted]=20 [summary]=20)
   dry_limit=0; for s in "${stages[@]}"; do dry_limit=$((dry_limit + ${budget[$s]})); done
 else
   declare -A budget; for s in "${stages[@]}"; do budget[$s]=${gpu_budget[$s]}; done
@@ -126,14 +129,14 @@ export site out dry flag
 stage install preflight && [ -n "$(ls -A "$site")" ] && export PYTHONPATH="$site:$PYTHONPATH"
 
 cm_pid=""
-if [ -f fourbit/kernels/costmodel.py ]; then  # CPU work: overlaps the GPU stages, done before 'predicted'
+if [ -f fourbit/kernels/analysis/costmodel.py ]; then  # CPU work: overlaps the GPU stages, done before 'predicted'
   if ((dry)); then  # the dry run's shapes, so that the join has rows to make (compiled, not interpreted)
     cm_args=(--op gemv --op dequantize --m 1 --shape 64x128 --shape 96x192)
   else  # the five Llama-3 shapes (its default) at the Ms the timings measure
     cm_args=(--m 1 --m 16 --m 2048)
   fi
   cm_left=$(( (dry ? dry_limit : limit) - SECONDS - ${budget[predicted]} - ${budget[summary]} ))
-  ( timeout -k 3 "$cm_left" env -u TRITON_INTERPRET python3 -m fourbit.kernels.costmodel --arch sm_90a "${cm_args[@]}" \
+  ( timeout -k 3 "$cm_left" env -u TRITON_INTERPRET python3 -m fourbit.kernels.analysis.costmodel --arch sm_90a "${cm_args[@]}" \
       --json "$out/costmodel.json" 2>&1 | sed 's/^/costmodel: /' ) &
   cm_pid=$!
 fi

@@ -3,7 +3,8 @@
     python -m benchmarks.gpu.session STAGE --out OUT [--dry-run]
         STAGE: env | correctness | timings | predicted
 
-env          the machine as found: GPU, clocks, driver, versions, SMs, L2, and the two ceilings every
+env          the machine as found: GPU, clocks, driver, versions (Triton and its ptxas too), the kernel
+             gates that are on (`fourbit.dispatch.matmul_gates`), SMs, L2, and the two ceilings every
              number is read against, measured here: device-to-device copy GB/s (bytes read + written,
              1 GiB) and the bf16 matmul rate (8192^3, random data: zeros run faster, METHOD.md).
 correctness  benchmarks/gpu/checks.py
@@ -20,6 +21,8 @@ import shutil
 import subprocess
 
 import torch
+
+from fourbit import dispatch
 
 from ..harness import environment, time_fn
 from .common import Session
@@ -41,8 +44,21 @@ def smi(s: Session, when: str) -> None:
     s.emit("fact", f"nvidia-smi {when}", value=dict(zip(SMI_FIELDS.split(","), values)) if done.returncode == 0 else done.stderr[-300:])
 
 
+def toolchain(s: Session) -> dict:
+    """The Triton and ptxas that build the kernels for this device (sm_90a on the dry run)."""
+    from fourbit.kernels.analysis.report import ARCHS, toolchain as tools
+
+    arch = "sm_90a"
+    if s.device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        arch = next((a for a, cap in ARCHS.items() if cap == 10 * major + minor), arch if major >= 9 else "sm_80")
+    return {"arch": arch, **tools(arch)}
+
+
 def env(s: Session) -> None:
     s.emit("fact", "environment", value=environment())
+    s.emit("fact", "toolchain", value=toolchain(s))
+    s.emit("fact", "gates", value=dispatch.matmul_gates())  # which kernel paths the dispatcher may take here
     version = environment()["versions"]["bitsandbytes"]
     s.emit("fact", "peer", value=f"bitsandbytes {version}" if version else "bitsandbytes missing")
     if s.device == "cuda":

@@ -23,9 +23,20 @@ bitsandbytes' back. The ops taken over (everything a 4-bit layer's forward and b
     dequantize_blockwise(.out)                                         fourbit.nf4.dequantize_blockwise
 
 So results follow fourbit, i.e. bitsandbytes' CUDA rounding rules everywhere: on CPU they differ
-from bitsandbytes' own CPU build exactly where that build differs from its CUDA kernels (SPEC §3,
-§4), and a bitsandbytes layer then computes bit for bit what `fourbit.nn.Linear4bit` computes.
-The 8-bit and optimizer ops stay bitsandbytes'.
+from bitsandbytes' own CPU build exactly where that build differs from its CUDA kernels (SPEC §2:
+the partial tail block and the FP4 thresholds and sign of tiny values; §3: the 8-bit lookup-table
+quantizer; §4: the absmax index of rows that are not whole blocks), and a bitsandbytes layer then
+computes bit for bit what `fourbit.nn.Linear4bit` computes. The 8-bit and optimizer ops stay
+bitsandbytes' (fourbit.optim has drop-in optimizer classes).
+
+The `.out` overloads refuse an `out` of the wrong shape or dtype with ValueError, as bitsandbytes'
+CUDA kernels do (its CPU kernels would cast silently).
+
+AVX512-BF16 CPUs: there bitsandbytes repacks a 4-bit weight for its CPU kernel before `gemv_4bit`
+(`Linear4bit.forward` in eval mode without grad, and its tests explicitly): codes in tiles of 32
+rows, absmax transposed to (K / blocksize, N) in bfloat16, double quantization undone. `gemv_4bit`
+recognises that layout by its 2-D absmax and reads it (`_from_cpu_layout`), so such weights compute
+with fourbit too, from the bf16-rounded scales that the layout keeps.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import torch
 from .. import dispatch
 from ..nf4 import blockwise as _blockwise
 from ..nf4.codes import FP4_CODE, NF4_CODE
+from ..nf4.quant import pack
 from ..nf4.state import QuantState
 
 __all__ = ["OPS", "install", "installed", "is_installed", "uninstall"]
@@ -73,7 +85,15 @@ def _dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
     return dispatch.dequantize(A.reshape(-1, 1), _state(shape, dtype, blocksize, quant_type, absmax), dtype=dtype)
 
 
+def _check_out(op: str, out: torch.Tensor, shape, dtype: torch.dtype) -> None:
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op}: out has shape {tuple(out.shape)}, the result has {tuple(shape)}")
+    if out.dtype != dtype:
+        raise ValueError(f"{op}: out is {out.dtype}, the result is {dtype} (no silent cast)")
+
+
 def _dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
+    _check_out("dequantize_4bit.out", out, shape, dtype)
     out.copy_(_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
 
 
@@ -82,12 +102,38 @@ def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8b
     return dispatch.matmul(A, B.reshape(-1, 1), state, bias)
 
 
+_TILE_ROWS = 32  # rows per tile in bitsandbytes' AVX512-BF16 CPU layout
+
+
+def _from_cpu_layout(B: torch.Tensor, absmax: torch.Tensor, shapeB, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' AVX512-BF16 CPU layout -> (packed codes ((N*K/2, 1) uint8), float32 absmax (N*K/bs,)).
+
+    That layout stores, for each tile of 32 rows and each pair of columns (2c, 2c+1), 32 bytes:
+    byte 2r + j holds row r's code of column 2c + j in its low nibble and row 16 + r's in its high
+    nibble (r < 16, j < 2). absmax is (K / blocksize, N) bfloat16, i.e. transposed.
+    """
+    n, k = (int(d) for d in shapeB)
+    if n % _TILE_ROWS or k % 2 or k % blocksize or tuple(absmax.shape) != (k // blocksize, n) or B.numel() * 2 != n * k:
+        raise ValueError(
+            f"gemv_4bit: a 2-D absmax {tuple(absmax.shape)} means bitsandbytes' AVX512-BF16 layout, which needs "
+            f"N % 32 == 0, K % blocksize == 0, absmax (K/blocksize, N) and N*K/2 bytes; got shape {(n, k)}, "
+            f"blocksize {blocksize}, {B.numel()} bytes"
+        )
+    tiles = B.contiguous().view(torch.uint8).reshape(n // _TILE_ROWS, k // 2, _TILE_ROWS)  # (N/32, K/2, 32)
+    halves = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # (N/32, K/2, 64): rows 0-15 then 16-31, 2 columns each
+    codes = halves.reshape(n // _TILE_ROWS, k // 2, _TILE_ROWS, 2).permute(0, 2, 1, 3).reshape(-1)  # (N*K,) row-major
+    return pack(codes), absmax.float().t().reshape(-1)  # the usual byte order, scales row-major
+
+
 def _gemv_4bit(A, B, shapeB, absmax, code, blocksize):
+    if absmax.dim() == 2:
+        B, absmax = _from_cpu_layout(B, absmax, shapeB, blocksize)
     state = _state(shapeB, A.dtype, blocksize, _quant_type_of(code), absmax)
     return dispatch.matmul(A, B.reshape(-1, 1), state, None)
 
 
 def _gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
+    _check_out("gemv_4bit.out", out, (*A.shape[:-1], shapeB[0]), A.dtype)
     out.copy_(_gemv_4bit(A, B, shapeB, absmax, code, blocksize))
 
 
@@ -100,6 +146,7 @@ def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
 
 
 def _dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
+    _check_out("dequantize_blockwise.out", out, A.shape, dtype)
     out.copy_(_dequantize_blockwise(A, absmax, code, blocksize, dtype))
 
 

@@ -4,7 +4,7 @@
     w_hat = dequantize(packed, state)
 
 On CPU tensors they run under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported).
-`python -m fourbit.kernels.report` compiles every kernel for sm_80/sm_89/sm_90a without a GPU.
+`python -m fourbit.kernels.analysis.report` compiles every kernel for sm_80/sm_89/sm_90a without a GPU.
 """
 
 from .dequantize import dequantize

@@ -1,10 +1,10 @@
 """What a kernel file declares so the compile report can build it for real GPUs without one.
 
 Each kernel module defines `compile_specs() -> list[CompileSpec]`: one entry per (kernel, config)
-that its launcher may use. `fourbit.kernels.report` compiles each with `triton.compile` for
+that its launcher may use. `fourbit.kernels.analysis.report` compiles each with `triton.compile` for
 sm_80 / sm_89 / sm_90a and checks the expectations recorded here. `Launch` and `Plan` describe how
 a launcher would use those kernels on one problem size, for the static cost model
-(`fourbit.kernels.costmodel`, whose docstring states the contract).
+(`fourbit.kernels.analysis.costmodel`, whose docstring states the contract).
 """
 
 from __future__ import annotations
@@ -24,12 +24,31 @@ class CompileSpec:
     expect_vector_bits: int | None = None  # widest global load the hot loop must use (e.g. 128)
     expect_tensor_cores: bool = False  # HMMA (sm_80/89) / HGMMA (sm_90a) must appear
     archs: tuple[str, ...] | None = None  # the report's targets this spec runs on (None: all)
+    # integer arguments Triton may assume divisible by 16; None: every one (sizes that are multiples of
+    # 16, the report's generic build). `specialize` sets it from one launch's values.
+    divisible: tuple[str, ...] | None = None
+
+
+def specialize(spec: CompileSpec, ints: dict[str, int]) -> CompileSpec:
+    """`spec` as Triton's launcher compiles it for these runtime integer arguments: an argument equal
+    to 1 becomes a constant, one divisible by 16 is marked so, any other is not (Triton 3.6 and 3.9
+    alike). The name says where the build differs from the generic one, e.g. `...{M=1}`, `{M%16}`."""
+    ints = {name: int(v) for name, v in ints.items() if name in spec.signature and spec.signature[name][0] in "iu"}
+    ones = sorted(name for name, v in ints.items() if v == 1)
+    ragged = sorted(name for name, v in ints.items() if v != 1 and v % 16)
+    if not ones and not ragged:
+        return spec
+    signature = {name: ("constexpr" if name in ones else t) for name, t in spec.signature.items()}
+    divisible = tuple(name for name, t in signature.items() if t[0] in "iu" and name not in ragged)
+    tag = ",".join([f"{name}=1" for name in ones] + [f"{name}%16" for name in ragged])
+    return dataclasses.replace(spec, name=f"{spec.name}{{{tag}}}", signature=signature,
+                               constexprs={**spec.constexprs, **{name: 1 for name in ones}}, divisible=divisible)
 
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel launch as the launcher would issue it, for the static cost model
-    (`fourbit.kernels.costmodel`): which compiled kernel, how many programs, and what one trip of
+    (`fourbit.kernels.analysis.costmodel`): which compiled kernel, how many programs, and what one trip of
     its steady-state loop (the K loop of a GEMV/GEMM, the N loop of the backward; the whole program
     when the kernel has no loop) consumes."""
 
@@ -40,6 +59,12 @@ class Launch:
     hbm_bytes: int  # compulsory DRAM traffic of the whole launch: weights once, scales, activations in and out
     gather_table_bytes: int = 0  # size of the table the loop gathers from with data-dependent addresses
     iterations_in_flight: int | None = None  # trips whose weight loads are in flight at once; None: derived
+    int_args: tuple[tuple[str, int], ...] = ()  # the launch's integer arguments (name, value)
+
+    @property
+    def compiled_spec(self) -> CompileSpec:
+        """The spec specialized as Triton compiles it for this launch's integer arguments."""
+        return specialize(self.spec, dict(self.int_args))
 
 
 @dataclasses.dataclass(frozen=True)

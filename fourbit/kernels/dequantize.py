@@ -188,7 +188,8 @@ def dequantize_launch(numel: int, *, dtype: torch.dtype, nested: bool, blocksize
     size = torch.empty((), dtype=dtype).element_size()
     return Launch(spec=_spec(blocksize, dtype, nested), grid=(-(-nb // _rows(blocksize)),), iterations=1,
                   weight_bytes_per_iteration=_rows(blocksize) * blocksize // 2,
-                  hbm_bytes=-(-numel // 2) + scales + size * numel)
+                  hbm_bytes=-(-numel // 2) + scales + size * numel,
+                  int_args=(("n", numel), ("nbytes", -(-numel // 2)), ("nb", nb)))
 
 
 def compile_specs() -> list[KernelSpec]:

@@ -42,12 +42,13 @@ from .compile import Plan
 from .dequantize import dequantize_into
 from .matmul_gemv_mma import pair_table
 from .matmul_plan import (_DOT_PRECISION, GEMV_MAX_M, SIMT_GEMV_MAX_M, SMS,
-                          _arch_key, _gemv_candidates, _m_bucket, compile_specs, default_route, fused_shape_supported,
-                          gemv_max_m, launch_plans, mma_gemv_supported, plan, shortlist)
+                          _gemv_candidates, _m_bucket, compile_specs, default_route, device_arch, fused_shape_supported,
+                          gemv_max_m, launch_plans, mma_gemv_supported, plan, shortlist, swapped_configs)
 from .matmul_tune import _tune_store, tune_cache_path
 
 __all__ = ["matmul", "matmul_backward", "plan", "launch_plans", "default_route", "fused_shape_supported",
-           "compile_specs", "tune", "tune_cache_path", "gemv_max_m", "GEMV_MAX_M", "SIMT_GEMV_MAX_M", "SMS"]
+           "compile_specs", "tune", "tune_cache_path", "gemv_max_m", "shortlist", "swapped_configs", "GEMV_MAX_M",
+           "SIMT_GEMV_MAX_M", "SMS"]
 
 
 def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, bench=None) -> tuple:
@@ -59,15 +60,17 @@ def tune(op: str, a: torch.Tensor, packed: torch.Tensor, state: QuantState, *, b
         raise ValueError("tuning times kernels on a GPU; it cannot run under TRITON_INTERPRET=1 or on CPU tensors")
     n, k = (int(d) for d in state.shape)
     m = a.numel() // a.shape[-1]
-    nested, arch = state.nested is not None, _arch_key()
-    if op == "gemv" and mma_gemv_supported(a.dtype, state.blocksize):
+    nested, arch = state.nested is not None, device_arch(a.device)
+    if op == "gemv" and mma_gemv_supported(a.dtype, state.blocksize, arch):
         key = ("gemv_mma", 1 if m <= 8 else 2, n, k, str(a.dtype), nested, state.blocksize, arch)
-        candidates = _gemv_candidates(m, n, k, a.dtype, state.blocksize)
+        candidates = _gemv_candidates(m, n, k, a.dtype, state.blocksize, arch)
     elif op == "gemv":
         key, candidates = ("gemv", m, n, k, str(a.dtype), nested, state.blocksize, arch), _gemv_candidates(m, n, k)
     elif op in ("gemm", "backward"):
         key = (op, _m_bucket(m), n, k, str(a.dtype), nested, state.blocksize, arch)
         candidates = [c for c in shortlist(op, arch) if k % c[2] == 0]
+        if not candidates:
+            raise ValueError(f"no fused {op} configuration for {arch} with K={k} (capability < 8.0 has none)")
     else:
         raise ValueError(f"op must be gemv, gemm or backward, got {op!r}")
     bench = bench or triton.testing.do_bench
@@ -98,25 +101,28 @@ def _sms(device: torch.device) -> int:
 
 
 def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
-    """(packed bytes, 16 codes, absmax, absmax2, code8, offset) pointers; unused ones alias absmax."""
+    """(packed bytes, 16 codes, absmax, absmax2, code8, offset) pointers; unused ones alias absmax.
+    The kernels index every one as a flat contiguous array, so views with strides are copied."""
     data = check_packed(packed, state)  # (N*K/2,) uint8
     code = state.code.to(device=data.device, dtype=torch.float32).contiguous()
     absmax, absmax2, code8, offset = state.as_tensors()
+    absmax = absmax.contiguous()
     if absmax2 is None:
         return data, code, absmax, absmax, absmax, absmax
-    return data, code, absmax, absmax2, code8, offset.to(device=data.device, dtype=torch.float32).reshape(1)
+    return (data, code, absmax, absmax2.contiguous(), code8.to(torch.float32).contiguous(),
+            offset.to(device=data.device, dtype=torch.float32).reshape(1))
 
 
-def _route(route, m: int, state: QuantState, backward: bool, dtype: torch.dtype) -> tuple[str, str]:
+def _route(route, m: int, state: QuantState, backward: bool, dtype: torch.dtype, arch: str) -> tuple[str, str]:
     if not fused_shape_supported(state):
         raise ValueError(f"the Triton matmul needs K % blocksize == 0 and K % 64 == 0, got K={int(state.shape[-1])} "
                          f"with blocksize {state.blocksize} (fourbit.dispatch.matmul runs the reference for these)")
-    op, path = route or default_route(m, backward=backward, dtype=dtype, blocksize=state.blocksize)
+    op, path = route or default_route(m, backward=backward, dtype=dtype, blocksize=state.blocksize, arch=arch)
     if (op == "backward") != backward or op not in ("gemv", "gemm", "backward") or path not in ("fused", "dequantize+cublas"):
         raise ValueError(f"route {(op, path)!r} is not one of this launcher's: "
                          f"{'(backward, fused | dequantize+cublas)' if backward else '(gemv, fused), (gemm, fused | dequantize+cublas)'}")
-    if op == "gemv" and m > gemv_max_m(dtype, state.blocksize):
-        raise ValueError(f"the GEMV takes at most {gemv_max_m(dtype, state.blocksize)} rows of {dtype} x with "
+    if op == "gemv" and m > gemv_max_m(dtype, state.blocksize, arch):
+        raise ValueError(f"the GEMV takes at most {gemv_max_m(dtype, state.blocksize, arch)} rows of {dtype} x with "
                          f"blocksize {state.blocksize}, got M={m}")
     return op, path
 
@@ -151,9 +157,11 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         return y
     if k == 0:  # no products, only the bias (the swapped tiles' loop assumes K > 0)
         return y.copy_(bias.to(x.dtype).expand_as(y)) if bias is not None else y.zero_()
-    op, path = _route(route, m, state, backward=False, dtype=x.dtype)
+    arch = device_arch(device)
+    op, path = _route(route, m, state, backward=False, dtype=x.dtype, arch=arch)
     nested, has_bias = state.nested is not None, bias is not None
-    bias_arg = bias.to(x.dtype) if has_bias else None  # rounded to x's dtype first, as the reference
+    # rounded to x's dtype first, as the reference; contiguous: the kernels index bias_ptr + n
+    bias_arg = bias.to(x.dtype).contiguous() if has_bias else None
     y2 = y.view(m, n)
     if path == "dequantize+cublas":
         w = dequantize_into(packed, state, _workspace(n * k, x.dtype, device)).view(n, k)  # (N, K) x.dtype
@@ -163,7 +171,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
             torch.mm(x2, w.t(), out=y2)
         return y
     p = plan(op, m, n, k, dtype=x.dtype, nested=nested, blocksize=state.blocksize, path=path, sms=_sms(device),
-             arch=_arch_key(), config=config)
+             arch=arch, config=config)
     args = _state_args(packed, state)
     bias_ptr = bias_arg if has_bias else y
     if op == "gemv" and p.config.startswith("mma"):
@@ -194,7 +202,7 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
     if grad_y.dtype not in _DOT_PRECISION:
         raise TypeError(f"grad_y must be float32/float16/bfloat16, got {grad_y.dtype}")
     device = check_launch_device(grad_y=grad_y, packed=packed, absmax=state.absmax)
-    dy = grad_y.reshape(-1, n)
+    dy = grad_y.reshape(grad_y.shape[:-1].numel(), n)  # (-1, n) is ambiguous when n == 0
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     m = dy.shape[0]
@@ -203,14 +211,15 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state: QuantStat
         return dx
     if n == 0:
         return dx.zero_()
-    _, path = _route(route, m, state, backward=True, dtype=dy.dtype)
+    arch = device_arch(device)
+    _, path = _route(route, m, state, backward=True, dtype=dy.dtype, arch=arch)
     dx2 = dx.view(m, k)
     if path == "dequantize+cublas":
         w = dequantize_into(packed, state, _workspace(n * k, dy.dtype, device)).view(n, k)  # (N, K)
         torch.mm(dy, w, out=dx2)
         return dx
     p = plan("backward", m, n, k, dtype=dy.dtype, nested=state.nested is not None, blocksize=state.blocksize,
-             path="fused", sms=_sms(device), arch=_arch_key(), config=config)
+             path="fused", sms=_sms(device), arch=arch, config=config)
     args = _state_args(packed, state)
     _launch(p, dy, *args, dx2, m, n, k, dy.stride(0), _m_bucket(m), PRECISION=_DOT_PRECISION[dy.dtype])
     return dx

@@ -28,7 +28,7 @@ addresses (~1.5 per byte; the nested scales' share is 38 instructions, 0.6 per b
 `blk >> 8` replaced a signed `blk // 256`: 1.7 % predicted between DQ on and off). The kernel this replaced (32x128 tile, split-K) spent 737 instructions on
 16 bytes per thread, 46.1 per byte: SHFL 224 and BAR 12 for a cross-thread reduction every step,
 FADD 226, 21 LDG including the pair-table gathers. The static cost model
-(`python -m fourbit.kernels.costmodel`) reads the same loops; it predicts 0.88 of the 4.127-bit HBM
+(`python -m fourbit.kernels.analysis.costmodel`) reads the same loops; it predicts 0.88 of the 4.127-bit HBM
 roofline at M = 1 for the five Llama shapes (0.88-0.90), issue-bound (the goal of 6 instructions per byte is
 not reached: lookups + one FMA per weight alone cost 5.75). Tried and dropped: 32-byte runs (two
 interleaved 16-byte halves per thread, one scale per bs-64 block) reach 8.1 per byte at M = 1 but
@@ -52,7 +52,7 @@ from ._decode import block_scales, lane_table, lookup_word
 __all__ = ["HAND_COUNT", "gemv_kernel"]
 
 # Thread-instructions per packed weight byte in the hot loop (sm_90a SASS, counted between the loop
-# label and its back-edge; cuobjdump -sass of `python -m fourbit.kernels.costmodel --save-binaries`).
+# label and its back-edge; cuobjdump -sass of `python -m fourbit.kernels.analysis.costmodel --save-binaries`).
 HAND_COUNT = {"old_gemv_32x128_split_w4s3": 46.1, "gemv_m1_16x512B_w4": 8.6}
 
 

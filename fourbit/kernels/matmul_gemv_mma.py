@@ -14,7 +14,8 @@ is decoded whole, in three instructions, from a table of code pairs:
     copies side by side (entry b of copy l at word 32 b + l, 32 KB, declared in the kernel's PTX), so
     lane l always reads bank l: a warp's 32 lookups are one conflict-free wavefront whatever the
     bytes. A lookup is `prmt` (byte -> index), `mad` (index * 128 + lane offset) and one `ld.shared`.
-    Each program fills its table once (32 KB, `_fill_table`) before its loop.
+    Each program fills its table once (32 KB, `_fill_table`) before its loop, after requesting its
+    first trip's weights, so their DRAM latency runs under the fill's (docs/kernels.md, prologue).
   * The k mapping. Any permutation of k applied to W and x alike leaves y unchanged, so each thread
     reads what is cheapest: for the 64-weight block beta of rows n0 + g and n0 + g + 8 (g = lane / 4,
     c = lane % 4), the thread loads 8 contiguous bytes per row (one 64-bit load: weights 16c .. 16c+15
@@ -28,14 +29,16 @@ is decoded whole, in three instructions, from a table of code pairs:
     are fewer than 3 programs per SM, to keep enough bytes in flight); the partials are summed once
     at the end.
 
-Hand count (sm_90a, Triton 3.9, cuobjdump -sass of `python -m fourbit.kernels.costmodel
+Hand count (sm_90a, Triton 3.9, cuobjdump -sass of `python -m fourbit.kernels.analysis.costmodel
 --save-binaries`): a loop trip (2 blocks, 32 packed bytes per thread) of the M <= 8, 4-warp kernel
 is 175 instructions, 5.5 per byte: 32 PRMT + 32 IMAD + 32 LDS for the lookups (3.0 per byte), 8
 HMMA, 15 global loads (4 x 64-bit weights, 8 x 64-bit x, a scale code, its nested code and scale),
 4 SHFL for the scales, 13 FP32 (scales and accumulation), the rest addresses and loop control.
 M = 16 adds 8 HMMA, 8 x loads and 8 FFMA: 215, 6.7 per byte; 8 warps: 5.7 and 6.2. The SIMT GEMV
-spends 8.6 per byte at M = 1. Before the loop each program writes the 32 KB table: 2048 16-byte
-stores (16 per thread with 4 warps, 8 with 8), not charged by the cost model.
+spends 8.6 per byte at M = 1. Before the loop each program loads the 1 KB pair table (one or two
+loads per thread) and writes its 32 KB of lane copies: 2048 16-byte stores (16 per thread with 4
+warps, 8 with 8), then a barrier; the cost model charges this prologue (its table-load latency, its
+stores' issue and L1 slots), which at 4096 x 4096 is as large as the program's weight stream.
 
 Programming model: every tensor of the kernel has WARPS * 32 elements, one per thread (element t is
 lane t % 32 of warp t // 32 in Triton's blocked layout), so the inline assembly, which is per thread,
@@ -66,7 +69,7 @@ from ._decode import block_scales
 __all__ = ["HAND_COUNT", "gemv_mma_kernel", "pair_table", "LOOKUP_ASM", "MMA_ASM", "MMA_FP16_ASM"]
 
 # Thread-instructions per packed weight byte in the loop (sm_90a SASS between the loop label and
-# its back-edge, `python -m fourbit.kernels.costmodel --save-binaries`; bf16 x, nested scales, bs 64).
+# its back-edge, `python -m fourbit.kernels.analysis.costmodel --save-binaries`; bf16 x, nested scales, bs 64).
 HAND_COUNT = {"m8_w4": 5.5, "m8_w8": 5.7, "m16_w4": 6.7, "m16_w8": 6.2}
 
 # $4: a 32-bit word of packed weights (bytes 0..3), $5: this lane's table address (table + 4 * lane).
@@ -234,14 +237,24 @@ def _scales(absmax_ptr, absmax2_ptr, code8_ptr, offset, n0, g, lane, beta, N, nb
 
 @triton.jit
 def _fill_table(t, lut_ptr, WARPS: tl.constexpr):
-    """Declare the 32 KB shared table, copy the 256 pairs into it (16-byte stores: entry b, lane
-    copies 4q .. 4q+3) and return this lane's address in it."""
+    """Declare the 32 KB shared table, copy the 256 pairs into it and return this lane's address in
+    it. Thread t writes entry t (and t + 128 with 4 warps): one table load, then its 32 lane copies as
+    8 16-byte stores, chunk (j + b) % 8 at step j, so a warp's 32 stores of one step cover every bank
+    four times (the minimum for 512 bytes). One load per entry, all before any store: the fill waits
+    for the table once."""
     base = tl.inline_asm_elementwise(_DECLARE_ASM, "=r,r", [t], dtype=tl.int32, is_pure=False, pack=1)
-    stores_per_thread: tl.constexpr = 2048 // (WARPS * 32)
-    for i in range(stores_per_thread):
-        q = i * (WARPS * 32) + t  # store q: entry q // 8, lane copies 4 (q % 8) ..
-        tl.inline_asm_elementwise(_STORE_ASM, "=r,r,r", [base + q * 16, tl.load(lut_ptr + q // 8)],
+    nt: tl.constexpr = WARPS * 32
+    tl.static_assert(256 % nt == 0 and 256 // nt <= 2, "the fill takes 4 or 8 warps")
+    # volatile: after the weight loads the kernel issues first (see gemv_mma_kernel)
+    pair0 = tl.load(lut_ptr + t, volatile=True)
+    pair1 = tl.load(lut_ptr + nt + t, volatile=True) if nt == 128 else pair0
+    for j in tl.static_range(8):
+        tl.inline_asm_elementwise(_STORE_ASM, "=r,r,r", [base + t * 128 + ((j + t) % 8) * 16, pair0],
                                   dtype=tl.int32, is_pure=False, pack=1)
+        if nt == 128:
+            b = nt + t
+            tl.inline_asm_elementwise(_STORE_ASM, "=r,r,r", [base + b * 128 + ((j + b) % 8) * 16, pair1],
+                                      dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
     return base + (t % 32) * 4
 
@@ -260,17 +273,13 @@ def gemv_mma_kernel(x_ptr, packed_ptr, lut_ptr, absmax_ptr, absmax2_ptr, code8_p
     g = lane // 4
     c = lane % 4
     n0 = tl.program_id(0) * 16
-    if ASM:
-        lane_addr = _fill_table(t, lut_ptr, WARPS)
-    else:
-        lane_addr = t
     w_ptr = packed_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     wa_ptrs = w_ptr + tl.minimum(n0 + g, N - 1).to(tl.int64) * (K // 16) + c  # word c of block 0 of the row
     wb_ptrs = w_ptr + tl.minimum(n0 + g + 8, N - 1).to(tl.int64) * (K // 16) + c
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     x1_ptrs = xw_ptr + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm // 4) + 4 * c  # elements 16c.. of block 0
     x2_ptrs = xw_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm // 4) + 4 * c
-    offset = tl.load(offset_ptr) if NESTED else 0.0
+    offset = tl.load(offset_ptr, volatile=True) if NESTED else 0.0
     blocks_per_row = K // BLOCKSIZE
     nblk = K // 64
     acc0 = tl.zeros((nt,), tl.float32)
@@ -283,10 +292,18 @@ def gemv_mma_kernel(x_ptr, packed_ptr, lut_ptr, absmax_ptr, absmax2_ptr, code8_p
     acc7 = tl.zeros((nt,), tl.float32)
     beta = 2 * (t // 32)  # this warp's first block
     last = nblk - 1  # blocks past the row are loaded clamped and given scale 0
-    wa0 = tl.load(wa_ptrs + tl.minimum(beta, last) * 4, eviction_policy="evict_first")
-    wb0 = tl.load(wb_ptrs + tl.minimum(beta, last) * 4, eviction_policy="evict_first")
-    wa1 = tl.load(wa_ptrs + tl.minimum(beta + 1, last) * 4, eviction_policy="evict_first")
-    wb1 = tl.load(wb_ptrs + tl.minimum(beta + 1, last) * 4, eviction_policy="evict_first")
+    # The first trip's weights are requested before the table fill, so their DRAM latency runs under
+    # the fill's own (its table loads) and its 16-byte stores. Volatile: ptxas keeps volatile accesses
+    # in program order; plain loads it sinks below the fill's stores (then the weights' latency and
+    # the table's add up).
+    wa0 = tl.load(wa_ptrs + tl.minimum(beta, last) * 4, volatile=True)
+    wb0 = tl.load(wb_ptrs + tl.minimum(beta, last) * 4, volatile=True)
+    wa1 = tl.load(wa_ptrs + tl.minimum(beta + 1, last) * 4, volatile=True)
+    wb1 = tl.load(wb_ptrs + tl.minimum(beta + 1, last) * 4, volatile=True)
+    if ASM:
+        lane_addr = _fill_table(t, lut_ptr, WARPS)
+    else:
+        lane_addr = t
     for _ in range(0, tl.cdiv(nblk, 2 * WARPS)):
         nxt = beta + 2 * WARPS  # the next trip's words, in flight while this trip decodes
         na0 = tl.load(wa_ptrs + tl.minimum(nxt, last) * 4, eviction_policy="evict_first")

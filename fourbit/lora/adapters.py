@@ -120,6 +120,9 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         raise BadFile(f"{path} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise BadFile(f"{path} holds a JSON {type(config).__name__}, not an object")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise BadFile(f"{path}: base_model_name_or_path is a JSON {type(base).__name__}, not a string (a model path or name)")
     if config.get("peft_type") != "LORA":
         raise InvalidInput(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters can be loaded")
     unsupported = {

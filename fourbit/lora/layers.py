@@ -265,6 +265,8 @@ class Linear4bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, this layer expects {self.in_features}")
+        if not x.is_floating_point():  # nn.Linear refuses it too; casting would truncate the result to integers
+            raise TypeError(f"Linear4bit takes a floating-point input, got {x.dtype}")
         weight, state = self._resolve()
         compute = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(compute)
@@ -353,8 +355,12 @@ class Linear4bit(nn.Linear):
         if wkey not in state_dict:
             missing_keys.append(wkey)
         else:
+            # a dense checkpoint into a still-dense layer is cast to the layer's dtype first, as
+            # nn.Linear's copy_ would (with assign=True nn.Linear takes the tensor as it is)
+            weight = self.weight
+            cast = None if local_metadata.get("assign_to_params_buffers") or getattr(weight, "bnb_quantized", True) else weight.dtype
             try:
-                self._load_weight(state_dict[wkey], {k: state_dict[k] for k in state_keys}, wkey)
+                self._load_weight(state_dict[wkey], {k: state_dict[k] for k in state_keys}, wkey, cast)
             except (KeyError, ValueError, TypeError) as err:
                 error_msgs.append(f"{wkey}: {err}")
         if self.bias is not None:
@@ -368,7 +374,7 @@ class Linear4bit(nn.Linear):
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bkey])
 
-    def _load_weight(self, weight: torch.Tensor, state_items: dict, wkey: str) -> None:
+    def _load_weight(self, weight: torch.Tensor, state_items: dict, wkey: str, cast: torch.dtype | None = None) -> None:
         device = self.weight.device
         if device.type == "meta":  # built on "meta": the weight lands where the checkpoint is
             device = weight.device
@@ -382,7 +388,7 @@ class Linear4bit(nn.Linear):
             return
         if weight.is_floating_point() and tuple(weight.shape) == (self.out_features, self.in_features):
             packed, state = dispatch.quantize(
-                weight.detach().to(device),
+                weight.detach().to(device, dtype=cast),
                 blocksize=self.blocksize,
                 quant_type=self.quant_type,
                 double_quant=self.double_quant,

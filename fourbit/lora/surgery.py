@@ -67,7 +67,13 @@ def quantize_model(
     Layer by layer: each dense weight is quantized, the module swapped, and the dense layer dropped
     before the next one, so peak memory stays about one dense layer above the quantized model
     (provided the caller holds no other reference to the dense layers). A module registered under
-    two names is quantized once and both names point at the same Linear4bit. Sets
+    two names is quantized once and both names point at the same Linear4bit.
+
+    A model without weights yet (built on "meta", e.g. under `accelerate.init_empty_weights()`, as
+    bitsandbytes' `replace_with_bnb_linear` accepts) gets lazy Linear4bit layers on "meta": each
+    quantizes when its weight arrives, by `load_state_dict(dense_checkpoint, assign=True)` or by
+    `to_empty(device=...)` then `load_state_dict`, giving the bytes that quantizing the loaded dense
+    model gives (the checkpoint's weight is cast to the layer's dtype first, as nn.Linear's load does). Sets
     `model.is_loaded_in_4bit = True` (as transformers does for a 4-bit load) when anything was
     quantized. Returns `model`.
     """
@@ -82,20 +88,27 @@ def quantize_model(
     done: dict[int, Linear4bit] = {}
     for name in names:
         dense = model.get_submodule(name)
-        if id(dense) not in done:
-            done[id(dense)] = Linear4bit.from_linear(
-                dense,
-                quant_type=quant_type,
-                double_quant=double_quant,
-                blocksize=blocksize,
-                compute_dtype=compute_dtype,
-                quant_storage=quant_storage,
-            )
+        settings = dict(quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+                        compute_dtype=compute_dtype, quant_storage=quant_storage)
+        if id(dense) in done:
+            pass
+        elif dense.weight.is_meta:
+            done[id(dense)] = _lazy(dense, settings)
+        else:
+            done[id(dense)] = Linear4bit.from_linear(dense, **settings)
         _replace(model, name, done[id(dense)])
         del dense
     if done:
         model.is_loaded_in_4bit = True  # the flag PEFT's prepare_model_for_kbit_training and TRL read
     return model
+
+
+def _lazy(dense: nn.Linear, settings: dict) -> Linear4bit:
+    """A Linear4bit on "meta" that quantizes when a checkpoint is loaded into it; the bias is shared."""
+    layer = Linear4bit(dense.in_features, dense.out_features, bias=False, device="meta", dtype=dense.weight.dtype, **settings)
+    if dense.bias is not None:
+        layer.bias = dense.bias
+    return layer
 
 
 def add_lora(

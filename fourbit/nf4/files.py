@@ -33,7 +33,7 @@ from ..errors import BadFile, InvalidInput, MissingFile, output_error
 from .state import _BLOB_KEY, QuantState
 
 __all__ = [
-    "save_file", "load_file", "read_safetensors", "atomic_write", "write_bytes", "safetensors_bytes", "save_safetensors_file",
+    "save_file", "load_file", "read_safetensors", "check_quantized_files", "atomic_write", "write_bytes", "safetensors_bytes", "save_safetensors_file",
     "fsync_dir", "split_quantized",
 ]
 
@@ -189,3 +189,50 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         return safetensors.torch.load_file(path, device=str(device))
     except safetensors.SafetensorError as err:  # truncated header or data, not JSON, empty file
         raise BadFile(f"{path} is not a readable safetensors file ({err})") from None
+
+
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def check_quantized_files(paths: list[str]) -> int:
+    """Check every 4-bit entry of a checkpoint's safetensors files (one or the shards of one) before a
+    loader trusts them: its QuantState (tensors, dtypes, shapes, the JSON blob) and the size of its
+    packed tensor. Reads only the small state tensors, not the packed weights. BadFile names the file
+    and the tensor (a truncated file, a halved absmax, an f16 where uint8 belongs); returns the count."""
+    where: dict[str, str] = {}  # key -> file
+    for path in paths:
+        try:
+            with safetensors.safe_open(path, framework="pt") as f:
+                where.update(dict.fromkeys(f.keys(), path))
+        except safetensors.SafetensorError as err:
+            raise BadFile(f"{path} is not a readable safetensors file ({err})") from None
+        except OSError as err:
+            raise BadFile(f"{path} cannot be read ({err.strerror or err})") from None
+
+    def get(key: str):
+        with safetensors.safe_open(where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    names = [k[: k.index("." + _BLOB_KEY)] for k in where if "." + _BLOB_KEY in k]
+    for name in names:
+        sub = [k for k in where if k.startswith(name + ".") and k[len(name) + 1 :].count(".") <= 1]
+        path = where[sub[0]]
+        try:
+            if name not in where:
+                raise KeyError(f"{name}: the quant state is there but the packed tensor is missing")
+            state = QuantState.from_dict({k: get(k) for k in sub})
+            with safetensors.safe_open(where[name], framework="pt") as f:
+                packed = f.get_slice(name)
+                count = 1
+                for s in packed.get_shape():
+                    count *= s
+                nbytes = count * _ITEM_BYTES.get(packed.get_dtype(), 0)
+            if nbytes != (state.numel + 1) // 2:
+                raise ValueError(f"{name}: the packed tensor holds {nbytes} bytes, shape {tuple(state.shape)} needs {(state.numel + 1) // 2}")
+        except BadFile as err:
+            raise BadFile(f"{path}: {err.what}", err.fix) from None
+        except (KeyError, ValueError, TypeError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise BadFile(f"{path}: {message}", "the file is damaged or was not written as a 4-bit checkpoint: re-export the model") from None
+    return len(names)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 from ..errors import InvalidInput
+from ..train.model_files import gguf_errors, loading, read_config
 from ..train.models import EMBEDDED, smollm2_dir, stored_quantization
 from .presets import PRESETS, is_preset, preset_config
 
@@ -41,8 +42,10 @@ def resolve(spec: str, *, layers: int | None = None) -> ModelSource:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise InvalidInput(f"{spec!r} is a directory without config.json: not a transformers model directory", _FIX)
+        read_config(path)  # a JSON object, as finetune's load checks it
         try:
-            config = AutoConfig.from_pretrained(path)
+            with loading(path):
+                config = AutoConfig.from_pretrained(path)
         except (ValueError, OSError, KeyError) as err:
             raise InvalidInput(f"{spec!r} has a config.json transformers cannot read ({str(err).splitlines()[0]})", _FIX) from None
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -53,8 +56,9 @@ def resolve(spec: str, *, layers: int | None = None) -> ModelSource:
         if magic != b"GGUF":
             raise InvalidInput(f"{spec!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')", _FIX)
         folder, name = os.path.split(os.path.abspath(path))
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with gguf_errors(path):
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         stored = None
     else:
         raise InvalidInput(f"model {spec!r} is neither a preset, {EMBEDDED!r}, an existing directory, nor an existing file", _FIX)

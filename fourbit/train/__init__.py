@@ -6,7 +6,8 @@
 
 `config` (TrainConfig), `loop` (Trainer, train, lr_at), `data` (JSONL -> masked, padded batches),
 `task` (the embedded date task and the exact-match evaluator), `models` (load + quantize on load),
-`checkpoint` (one format for every mode; atomic, resumable), `plot`, `optim` (paged AdamW),
+`checkpoint` (one format for every mode; atomic, resumable), `rundir` (the run directory: lock,
+marker, replacing an old run), `lock`, `export` (`fourbit quantize`), `plot`, `optim` (paged AdamW),
 `distributed` (the Runtime: where this process runs), `parallel` (DDP/FSDP2 wrapping).
 """
 

@@ -242,8 +242,8 @@ def load(directory, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
             "start again with --overwrite",
         )
     state = read_json(os.path.join(directory, "trainer_state.json"))  # every file read before anything changes
-    opt = read_torch(os.path.join(directory, "optimizer.pt"), weights_only=True)
-    rng = read_torch(os.path.join(directory, "rng.pt"), weights_only=False)  # Python's RNG state is a tuple
+    opt = read_torch(os.path.join(directory, "optimizer.pt"))  # weights_only: never runs code from a file
+    rng = read_torch(os.path.join(directory, "rng.pt"))  # Python's RNG state is a tuple of ints: plain data
     with full_lora_weights(model, write_back=True) as plain:
         load_adapter(plain, os.path.join(directory, "adapter"))
     load_optimizer_state(model, optimizer, opt)

@@ -56,8 +56,13 @@ def read_jsonl(path: str | os.PathLike, *, on_bad_line: str = "stop") -> list[Re
     """Read records from a JSONL file. A bad line (invalid JSON, missing fields) raises ValueError
     naming its line number, or with on_bad_line="skip" is skipped with one warning that counts them."""
     path = os.fspath(path)
+    fix = "give a JSONL file, or 'dates' for the embedded task"
+    if not os.path.exists(path):
+        raise MissingFile(f"data file {path!r} does not exist", fix)
+    if os.path.isdir(path):
+        raise BadFile(f"data file {path!r} is a directory", fix)
     if not os.path.isfile(path):
-        raise MissingFile(f"data file {path!r} does not exist", "give a JSONL file, or 'dates' for the embedded task")
+        raise BadFile(f"data file {path!r} is not a regular file (a device, pipe or socket)", fix)
     records, skipped = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -89,7 +94,18 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of the prompt, up to and including the assistant header (what generation starts from)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        except TemplateError as err:  # the template's own raise_exception(...), or a broken template
+            roles = [m.get("role") for m in messages]
+            raise InvalidInput(
+                f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'} refused messages "
+                f"with roles {roles} ({err}); first message: "
+                f"{str(messages[0].get('content'))[:60]!r}",
+                "give records whose roles the template accepts (its message says which), or use another model",
+            ) from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)

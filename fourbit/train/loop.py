@@ -25,10 +25,13 @@ Failures (docs/training.md, "Failure behaviour"):
     consecutive step with a gradient norm (before clipping) above GRAD_NORM_LIMIT, raises Diverged
     before the optimizer applies it; so does a step after which a LoRA weight exceeds WEIGHT_LIMIT
     (or is not finite). Nothing is written then, so the last checkpoint (and adapter) stay as they were.
+  * One process per run directory: the Trainer holds a `rundir.RunDir`, whose lock it takes before
+    anything in the directory is read and keeps until train() ends (or close()); a second run,
+    --resume or --overwrite of the same directory is refused in one line naming the holder.
   * Everything is validated before the run directory changes: the environment, the config of a
     resumed run (read from trainer_state.json before any tensor loads), the data and the model.
     --overwrite then moves the old run aside and deletes it only once the new run has written a
-    checkpoint (see rundir.py).
+    checkpoint; it and --resume act only on a directory fourbit marked as its run (see rundir.py).
 
 Where it runs is one object, `self.runtime` (`fourbit.train.distributed.Runtime`), the same code
 path in one process and under torchrun (`distributed="ddp"|"fsdp"`, see docs/distributed.md): the
@@ -54,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import Diverged, InvalidInput, MissingFile, RunExists
+from ..errors import Diverged, InvalidInput, UserError
 from ..lora import save_adapter
 from ..nf4.files import write_bytes
 from . import checkpoint, distributed, rundir
@@ -68,6 +71,8 @@ from .task import exact_match
 
 __all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
 
+RunDirExists = rundir.RunDirExists
+
 # Divergence: a healthy QLoRA run's gradient norm (before clipping) stays below ~10 (SmolLM2 on the
 # date task: 0.3-4); 1e4 is far outside that, and three steps in a row rule out a single spike.
 GRAD_NORM_LIMIT = 1e4
@@ -76,11 +81,6 @@ GRAD_NORM_PATIENCE = 3
 # learning rate can saturate the model instead of producing NaN: with --lr 1e30 on the tiny test
 # Llama the loss stays finite (10.8), the gradients go to exactly 0 and the weights sit at ~3e29.
 WEIGHT_LIMIT = 1e4
-
-
-class RunDirExists(RunExists):
-    pass
-
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based)."""
@@ -108,6 +108,9 @@ class Trainer:
     Without either, an output directory that already holds a run is refused. `before_load(trainer)`
     runs after these checks, before the data and the model load (`fourbit finetune` plans the run
     there and refuses one that will not fit on its GPU).
+
+    The run directory stays locked from construction until train() returns or raises; a Trainer
+    that is not trained releases it with close() (or when it is garbage-collected, or the process ends).
     """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -117,6 +120,7 @@ class Trainer:
         config.check_environment()
         self.config = config
         self.run_dir = config.output_dir
+        self.run = rundir.RunDir(config.output_dir)
         self.on_step = None  # optional callback(trainer, step) after each optimizer step (tests use it)
         self.runtime = distributed.setup(config.distributed, device=config.device)  # one process or a torchrun rank
         self.is_main = self.runtime.is_main  # only rank 0 writes files
@@ -127,14 +131,23 @@ class Trainer:
             )
         self.progress = progress and self.is_main
         self.resume = resume
-        self._replacing = False  # True while an old run that --overwrite replaces is set aside
         self._big_norms = 0  # consecutive steps with a gradient norm above GRAD_NORM_LIMIT
-        self._check_run_dir(resume, overwrite)
         self.metrics: list[dict] = []
+        self.overwrite = False  # whether train() replaces a run (decided by rank 0)
         self.planned: dict | None = None  # what before_load (fourbit.plan.gate) predicted; in summary.json
-        if before_load is not None:  # after every check, before anything loads: e.g. refuse a run that will not fit
-            before_load(self)
-        self._setup()
+        try:
+            self._open_run_dir(resume, overwrite)
+            if before_load is not None:  # after every check, before anything loads: e.g. refuse a run that will not fit
+                before_load(self)
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (train() does this itself when it ends)."""
+        if self.is_main:
+            self.run.release()
 
     @classmethod
     def around(cls, config: TrainConfig, model, tokenizer, runtime, *, eval_records=(), total_steps: int = 1) -> "Trainer":
@@ -142,7 +155,7 @@ class Trainer:
         directory and no data: what `fourbit.plan` runs `step_on` and `evaluate` of without memory."""
         self = cls.__new__(cls)
         self.config, self.runtime, self.is_main, self.progress, self.on_step = config, runtime, runtime.is_main, False, None
-        self.run_dir, self.resume, self.overwrite, self._replacing, self._big_norms = config.output_dir, False, False, False, 0
+        self.run_dir, self.run, self.resume, self.overwrite, self._big_norms = config.output_dir, None, False, False, 0
         self.metrics, self.step, self.total_steps, self.planned = [], 0, total_steps, None
         self.device, self.autocast = runtime.device, uses_autocast(config, runtime.device)
         self.model, self.tokenizer, self.eval_records = model, tokenizer, list(eval_records)
@@ -151,31 +164,23 @@ class Trainer:
         return self
 
     # ---- setup -------------------------------------------------------------------------------
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
-        """Refuse what cannot work before anything loads or changes; --overwrite's replacement
-        happens in train(), after the data and model have loaded."""
-        if self.is_main and os.path.isdir(self.run_dir):
-            rundir.recover(self.run_dir)  # a replacement a kill interrupted
-        self.runtime.barrier()
-        present = rundir.present(self.run_dir)
-        self.overwrite = bool(present) and overwrite and not resume
-        if resume:
-            if not checkpoint.exists(self.checkpoint_dir):
-                raise MissingFile(
-                    f"{self.run_dir!r} has no checkpoint to continue from",
-                    "drop --resume to start a new run, or give the --output-dir of the run to continue",
-                )
-            if os.path.isdir(self.checkpoint_dir):  # (else load() recovers an interrupted swap, then checks)
-                saved = rundir.read_json(os.path.join(self.checkpoint_dir, "trainer_state.json"))
-                self._check_same_config(saved.get("config", {}))
-        elif present and not overwrite:
-            raise RunDirExists(
-                f"{self.run_dir!r} already holds a run ({', '.join(present)})",
-                "pass --resume to continue it, or --overwrite to replace it",
-            )
+    def _open_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Lock the run directory and refuse what cannot work, before anything loads or changes (rank 0
+        does it; every rank stops if it refused). --overwrite's replacement happens in train()."""
+        refused: BaseException | None = None
         if self.is_main:
-            rundir.prepare(self.run_dir)
-        self.runtime.barrier()
+            try:
+                self.run.lock()
+                self.overwrite = self.run.check(resume=resume, overwrite=overwrite)
+                if resume and os.path.isdir(self.checkpoint_dir):  # (else load() recovers an interrupted swap, then checks)
+                    saved = rundir.read_json(os.path.join(self.checkpoint_dir, "trainer_state.json"))
+                    self._check_same_config(saved.get("config", {}))
+            except BaseException as err:
+                refused = err
+        if self.runtime.reduce(1.0 if refused else 0.0, op="max") > 0:
+            if refused is not None:
+                raise refused
+            raise UserError(f"rank 0 refused the run directory {self.run_dir!r}", "see rank 0's error")
 
     def _check_same_config(self, saved: dict) -> None:
         """InvalidInput naming each field that differs; output_dir may (a run directory can move)."""
@@ -215,6 +220,7 @@ class Trainer:
         self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
 
         self.data = encode_all(tokenizer, train_records, c.max_length)
+        encode_all(tokenizer, self.eval_records, c.max_length)  # the same limits and refusals as training records
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(c, self.params)
@@ -240,15 +246,14 @@ class Trainer:
         if not self.eval_records:
             return None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device)
+            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device, max_length=self.config.max_length)
 
     def save_checkpoint(self) -> str:
         """Collective: every rank gathers, rank 0 writes."""
         extra = {"config": self.config.to_dict(), "metrics": self.metrics, "source": self.source}
         path = checkpoint.save(self.checkpoint_dir, self.model, self.optimizer, step=self.step, extra=extra)
-        if self._replacing and self.is_main:  # the new run can now be resumed: the old one may go
-            rundir.discard(self.run_dir)
-        self._replacing = False
+        if self.is_main:  # the new run can now be resumed: a run it replaces may go
+            self.run.checkpointed()
         return path
 
     # ---- divergence --------------------------------------------------------------------------
@@ -327,18 +332,18 @@ class Trainer:
     def train(self) -> dict:
         """Run to total_steps; returns the summary, or {"interrupted": True, "signal": n, ...}
         after SIGINT/SIGTERM. Raises Diverged (nothing written) and restores a run that --overwrite
-        set aside if this one fails before its first checkpoint."""
-        if self.overwrite and self.is_main:
-            rundir.set_aside(self.run_dir)
-            self._replacing = True
-        self.runtime.barrier()
+        set aside if this one fails before its first checkpoint. Releases the run directory."""
         try:
+            if self.is_main:
+                self.run.begin(self.overwrite)
+            self.runtime.barrier()
             return self._train()
         except BaseException:
-            if self._replacing and self.is_main:
-                rundir.restore(self.run_dir)
+            if self.is_main and self.run.failed():
                 print(f"the run in {self.run_dir!r} that --overwrite was replacing is restored")
             raise
+        finally:
+            self.close()
 
     def _stopping(self, stop: list[int]) -> bool:
         """Whether any rank has been asked to stop: torchrun forwards a signal to every rank, but not

@@ -29,10 +29,11 @@ import tempfile
 
 import torch
 
-from ..errors import InvalidInput, RunExists, output_error
+from ..errors import BadFile, InvalidInput, OutputError, output_error
+from .model_files import check_weights, gguf_errors, loading, read_config
 
 __all__ = [
-    "EMBEDDED", "cache_dir", "export_4bit", "load_base", "load_dense", "load_quantized", "smollm2_dir",
+    "EMBEDDED", "cache_dir", "load_base", "load_dense", "load_quantized", "smollm2_dir",
     "smollm2_gguf_path", "stored_quantization",
 ]
 
@@ -66,8 +67,9 @@ def _from_gguf(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with gguf_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # The weights are plain float32 now; drop the "gguf" marker so the model saves and trains as dense.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -82,11 +84,16 @@ def smollm2_dir() -> str:
     target = os.path.join(cache_dir(), f"smollm2-135m-instruct-{version}")
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
-    os.makedirs(cache_dir(), exist_ok=True)
-    model, tokenizer = _from_gguf(smollm2_gguf_path())
-    model.config._name_or_path = "SmolLM2-135M-Instruct"
-    tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir())
+    try:  # before the 15 s conversion: an unwritable cache (a read-only HOME) fails at once
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir())
+    except OSError as err:
+        error = output_error(cache_dir(), err)
+        raise OutputError(f"the embedded SmolLM2 is converted once into a cache: {error.what}",
+                          "set FOURBIT_CACHE (or XDG_CACHE_HOME) to a directory you can write") from err
     try:
+        model, tokenizer = _from_gguf(smollm2_gguf_path())
+        model.config._name_or_path = "SmolLM2-135M-Instruct"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "fourbit_source.json"), "w") as f:
@@ -111,10 +118,11 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
     if spec == EMBEDDED:
         spec = smollm2_dir()
     if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise InvalidInput(f"{spec!r} is a directory without config.json: not a transformers model directory", _MODEL_FIX)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        read_config(spec)
+        files = check_weights(spec)
+        with loading(spec, files):
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(spec)
     elif os.path.isfile(spec):
         with open(spec, "rb") as f:
             magic = f.read(4)
@@ -132,15 +140,13 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
 def stored_quantization(spec: str) -> dict | None:
     """The `quantization_config` in a transformers directory's config.json, or None (also for
     "smollm2", GGUF files and anything that is not such a directory)."""
-    path = os.path.join(spec, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(spec, "config.json")):
         return None
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-    return config.get("quantization_config") if isinstance(config, dict) else None
+    stored = read_config(spec).get("quantization_config")
+    if stored is not None and not isinstance(stored, dict):
+        raise BadFile(f"{os.path.join(spec, 'config.json')}: quantization_config is a JSON {type(stored).__name__}, not an object",
+                      "restore the file from the model's source")
+    return stored
 
 
 def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
@@ -152,15 +158,37 @@ def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
     from ..integrations.transformers import FourbitConfig
 
     if not stored.get("load_in_4bit"):
-        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else repr(stored.get("quant_method"))
-        raise ValueError(f"{spec!r} holds a {method} checkpoint; fourbit loads dense or 4-bit (NF4/FP4) directories")
-    model = AutoModelForCausalLM.from_pretrained(
-        spec, quantization_config=FourbitConfig(compute_dtype=compute_dtype), dtype=torch.float32, device_map={"": "cpu"}
-    )
-    tokenizer = AutoTokenizer.from_pretrained(spec)
+        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else f"{stored.get('quant_method')!r}-quantized"
+        raise InvalidInput(
+            f"{os.path.join(spec, 'config.json')}: quantization_config says this is a {method} checkpoint; "
+            "fourbit loads dense or 4-bit (NF4/FP4) directories",
+            "give the dense (unquantized) model; fourbit quantizes it to NF4 on load",
+        )
+    files = check_weights(spec)  # a damaged 4-bit tensor named here, not inside transformers' loading report
+    with loading(spec, files):
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, quantization_config=FourbitConfig(compute_dtype=compute_dtype), dtype=torch.float32, device_map={"": "cpu"}
+        )
+        tokenizer = AutoTokenizer.from_pretrained(spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, os.path.abspath(spec)
+
+
+def _check_linear_layers(model, spec: str) -> None:
+    """InvalidInput for a model whose projections are not nn.Linear (GPT-2's transposed Conv1D):
+    quantizing it would write a "4-bit" checkpoint in which nothing is 4-bit."""
+    from torch import nn
+
+    odd = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if odd:
+        raise InvalidInput(
+            f"{spec!r} is a {model.config.model_type} model whose {len(odd)} projection layers ({odd[0]}, ...) are "
+            "transformers Conv1D, not nn.Linear; fourbit quantizes only nn.Linear layers",
+            "use a model built from nn.Linear (Llama, Mistral, Qwen, SmolLM, ...)",
+        )
+    if not any(type(m) is nn.Linear for name, m in model.named_modules() if name and name != "lm_head"):
+        raise InvalidInput(f"{spec!r} has no nn.Linear layer to quantize", "use a model built from nn.Linear layers")
 
 
 def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=("lm_head",)):
@@ -174,6 +202,7 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
     if stored is not None:
         return _load_4bit_directory(spec, stored, compute_dtype)  # FourbitConfig releases the mapping itself
     model, tokenizer, source = load_dense(spec)
+    _check_linear_layers(model, spec)
     quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
     release_checkpoint_mapping(model)
     return model, tokenizer, source
@@ -193,98 +222,3 @@ def load_base(spec: str, base_weights: str = "nf4", *, compute_dtype: torch.dtyp
     model, tokenizer, source = load_dense(spec, dtype=dtypes[base_weights])
     release_checkpoint_mapping(model)
     return model, tokenizer, source
-
-def _check_export_paths(spec: str, output_dir: str, overwrite: bool) -> None:
-    """Refuse, before anything is loaded, an output that is, holds or sits inside the input (with
-    --overwrite it would destroy the source) or that exists without --overwrite."""
-    out = os.path.realpath(output_dir)
-    if spec != EMBEDDED and os.path.exists(spec):
-        src = os.path.realpath(spec)
-        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-            where = "is" if out == src else ("is inside" if out.startswith(src + os.sep) else "contains")
-            raise InvalidInput(
-                f"the output {output_dir!r} {where} the input {spec!r}; writing it would destroy the source model",
-                "choose an output directory outside the input",
-            )
-    if os.path.exists(output_dir):
-        if not overwrite:
-            raise RunExists(f"{output_dir!r} exists", "pass --overwrite to replace it, or choose another output directory")
-        if not os.path.isdir(output_dir):
-            raise InvalidInput(f"{output_dir!r} is a file, not a 4-bit model directory", "choose a directory path")
-
-
-def _settle_tree(directory: str) -> None:
-    """fsync every file and folder below `directory`, and give the folder the permissions the umask
-    allows (mkdtemp makes it 0700)."""
-    from ..nf4.files import fsync_dir
-
-    for base, _, files in os.walk(directory):
-        for name in files:
-            with open(os.path.join(base, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(base)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(directory, 0o777 & ~mask)
-
-
-def export_4bit(spec: str, output_dir: str, *, overwrite: bool = False) -> str:
-    """Quantize a model to NF4 (double quant, blocksize 64) and write a directory that
-    `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` loads with bitsandbytes:
-
-        model.safetensors   packed weights under bitsandbytes' keys (`<mod>.weight`, `.absmax`,
-                            `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`)
-        config.json         the model config + quantization_config (quant_method "bitsandbytes")
-        tokenizer files
-
-    Written into a temporary sibling directory (created first, so an unwritable place fails before
-    the model loads), fsync'd, and renamed into place; a replaced directory is moved aside first and
-    deleted only after the rename, so some complete copy exists at every moment.
-    """
-    from ..nf4.files import fsync_dir, save_safetensors_file
-
-    _check_export_paths(spec, output_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-quantize-", dir=parent)
-    except OSError as err:
-        raise output_error(output_dir, err) from err
-    old = None
-    try:
-        model, tokenizer, _ = load_quantized(spec)
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # tied to the embedding; transformers re-ties on load
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        model.config.quantization_config = {
-            "quant_method": "bitsandbytes",
-            "load_in_4bit": True,
-            "load_in_8bit": False,
-            "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": "float32",
-            "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"],
-        }
-        save_safetensors_file(os.path.join(tmp, "model.safetensors"), state, {"format": "pt"})
-        try:
-            model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            _settle_tree(tmp)
-            if os.path.exists(output_dir):
-                old = tempfile.mkdtemp(prefix=".tmp-replaced-", dir=parent)
-                os.replace(output_dir, os.path.join(old, "previous"))
-            os.replace(tmp, output_dir)
-            fsync_dir(parent)
-        except OSError as err:
-            raise output_error(output_dir, err) from err
-    except BaseException:
-        if old is not None and not os.path.exists(output_dir):
-            os.replace(os.path.join(old, "previous"), output_dir)  # put the replaced copy back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return output_dir

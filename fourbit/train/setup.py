@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidInput
 from ..lora import add_lora, trainable_parameters
 from . import optim
 from .config import TrainConfig
@@ -38,7 +39,10 @@ def prepare_model(model, config: TrainConfig) -> tuple[str, bool]:
     gradient checkpointing when asked for or when the model is big. `fourbit.plan` calls it on a
     model without memory. Returns (the parameter summary line, whether checkpointing is on)."""
     torch.manual_seed(config.seed)  # the LoRA init must not depend on what loading consumed
-    add_lora(model, r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets)
+    try:
+        add_lora(model, r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets)
+    except ValueError as err:  # --targets that this architecture does not have (the message lists its names)
+        raise InvalidInput(f"--model {config.model}: {err}", "pass --targets with names of this model's linear layers") from None
     count = trainable_parameters(model)
     on = config.grad_checkpointing == "on" or (config.grad_checkpointing == "auto" and count.total > config.checkpointing_above)
     if on:

@@ -25,7 +25,7 @@ import random
 
 import torch
 
-from .data import IGNORE, Record, answer_ids, collate, prompt_ids
+from .data import IGNORE, Record, answer_ids, collate, encode, prompt_ids
 
 __all__ = ["date_task", "exact_match", "generate"]
 
@@ -51,8 +51,11 @@ def date_task(n_train: int = 2000, n_eval: int = 48, seed: int = 1234) -> tuple[
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: list[Record], *, batch_size: int = 16, device=None) -> float:
-    """Fraction of records whose answer (+ end-of-turn) greedy decoding reproduces exactly."""
+def exact_match(model, tokenizer, records: list[Record], *, batch_size: int = 16, device=None,
+                max_length: int | None = None) -> float:
+    """Fraction of records whose answer (+ end-of-turn) greedy decoding reproduces exactly. With
+    `max_length`, each example is cut to that many tokens as training examples are (`data.encode`):
+    a truncated answer is judged on the tokens that remain."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -62,9 +65,13 @@ def exact_match(model, tokenizer, records: list[Record], *, batch_size: int = 16
             chunk = records[start : start + batch_size]
             ids, labels = [], []
             for rec in chunk:
-                p, a = prompt_ids(tokenizer, rec.prompt), answer_ids(tokenizer, rec.response)
-                ids.append(p + a)
-                labels.append([IGNORE] * len(p) + a)
+                if max_length is not None:
+                    x, y, _ = encode(tokenizer, rec, max_length)
+                else:
+                    p, a = prompt_ids(tokenizer, rec.prompt), answer_ids(tokenizer, rec.response)
+                    x, y = p + a, [IGNORE] * len(p) + a
+                ids.append(x)
+                labels.append(y)
             batch = collate(ids, labels, tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
             pred = logits[:, :-1].argmax(-1).cpu()  # (B, T-1): the token predicted for position t+1

@@ -1,12 +1,13 @@
 """Optimizers for QLoRA: AdamW with 32-bit or 8-bit states, optionally paged (bitsandbytes-compatible).
 
-`adamw` holds the optimizers (`aliases` bitsandbytes' other names for them: Adam*, *32bit), `saved_state` their state_dict form, `pager` the page pool. One update
+`adamw` holds the optimizers (`aliases` bitsandbytes' other names for them: Adam*, *32bit), `saved_state` their state_dict form, `manager` per-parameter settings (GlobalOptimManager), `pager` the page pool. One update
 step on flat tensors is `fourbit.dispatch.adamw_update_32bit / _8bit` (reference: fourbit/nf4/adamw.py,
 Triton: fourbit/kernels/adamw.py).
 """
 
 from .adamw import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
 from .aliases import Adam, Adam8bit, Adam32bit, AdamW32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit, PagedAdamW32bit
+from .manager import GlobalOptimManager
 from .pager import DEFAULT_PAGE_BYTES, PagePool, PagerStats, StateLayout
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "AdamW32bit",
     "AdamW8bit",
     "DEFAULT_PAGE_BYTES",
+    "GlobalOptimManager",
     "PagePool",
     "PagedAdam",
     "PagedAdam32bit",

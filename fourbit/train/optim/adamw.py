@@ -23,6 +23,14 @@ Choices where bitsandbytes gives none or differs:
   bitsandbytes' 32-bit step lets the NaN into the states; its CUDA 8-bit step zeroes the states of
   the non-finite elements. Skipping keeps a single bad batch from erasing what the states learnt.
 * Sparse gradients raise (AdamW's states are dense).
+* Live states (`optimizer.state[p]`) have bitsandbytes' layout when unpaged: "state1"/"state2"
+  shaped like p, float32, or uint8 with "qmap1"/"qmap2" and "absmax1"/"absmax2", so code that reads
+  or edits moments works unchanged. Paged optimizers hold an "offset" into their pages instead: a
+  page carries the states of several parameters and moves between a device slot and a host buffer,
+  so a tensor in `state[p]` would go stale at the next eviction (bitsandbytes keeps one address by
+  allocating CUDA unified memory, and on CPU does not page at all); `state_dict()` gives them whole.
+* `GlobalOptimManager` overrides (optim_bits, min_8bit_size, lr, betas, eps, weight_decay) and
+  bitsandbytes' `args` object are honoured; a setting fourbit does not implement raises (manager.py).
 * `state_dict()` (saved_state.py) has bitsandbytes 0.50's layout (its key names, tensors shaped like
   the parameter under "__bnb_optimizer_quant_state__") plus a "fourbit" entry naming the state
   format, so checkpoints move both ways between fourbit's and bitsandbytes' optimizers;
@@ -38,9 +46,10 @@ from typing import Any
 import torch
 
 from ... import dispatch
+from ...errors import InvalidInput
 from ...nf4 import dynamic_map
 from ...nf4.adamw import QBLOCK
-from . import saved_state
+from . import manager, saved_state
 from .pager import DEFAULT_PAGE_BYTES, PagePool, PagerStats, StateLayout
 
 __all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
@@ -79,16 +88,18 @@ class _AdamWBase(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if amsgrad:
             raise ValueError("amsgrad=True is not supported (bitsandbytes ignores or rejects it too)")
-        if args is not None:
-            raise ValueError("args (bitsandbytes' GlobalOptimManager overrides) is not supported; pass keywords")
-        if optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        if args is not None:  # bitsandbytes' `args` object replaces these keywords (optimizer.py)
+            optim_bits, min_8bit_size = args.optim_bits, args.min_8bit_size
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {list(_NONFINITE)}, got {nonfinite!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.optim_bits = optim_bits
         self.min_8bit_size = min_8bit_size
+        extra = {k: getattr(args, k) for k in ("max_unorm", "skip_zeros") if hasattr(args, k)}
+        self._base = dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, **extra)
+        manager.validate(dict(self._base, **defaults), "this optimizer's args")
+        self._overrides_applied = False
         self.paged = paged
         self.nonfinite = nonfinite
         self.nonfinite_skips = 0
@@ -112,8 +123,14 @@ class _AdamWBase(torch.optim.Optimizer):
             self._qmaps[device] = (dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device))
         return self._qmaps[device]
 
-    def _bits_for(self, p: torch.Tensor) -> int:
-        return 8 if self.optim_bits == 8 and p.numel() >= self.min_8bit_size else 32
+    def _config(self, group: dict, p: torch.Tensor, g: int, i: int, overridden: bool = True) -> dict:
+        """p's settings: the group's and the optimizer's, then GlobalOptimManager overrides (manager.py)."""
+        base = dict(self._base, lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        return manager.resolve(base, p, g, i) if overridden else base
+
+    @staticmethod
+    def _bits_for(p: torch.Tensor, config: dict) -> int:
+        return 8 if config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"] else 32
 
     def _pool_for(self, device: torch.device) -> PagePool:
         if self.pool is None:  # a default CUDA budget is measured at the first step (see step())
@@ -122,9 +139,11 @@ class _AdamWBase(torch.optim.Optimizer):
             raise ValueError(f"a paged optimizer keeps one device; got parameters on {self.pool.device} and {device}")
         return self.pool
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _init_state(self, p: torch.Tensor, config: dict) -> dict:
+        """bitsandbytes' live layout when unpaged: state1/state2 shaped like p (float32, or uint8 with
+        qmap1/qmap2 and one float32 absmax1/absmax2 per 256 elements). Paged: an offset into pages."""
         state = self.state[p]
-        bits = self._bits_for(p)
+        bits = self._bits_for(p, config)
         state.update(step=0, bits=bits, nonfinite_skips=0)
         n = p.numel()
         if self.paged:  # the next 256-aligned range of the state space, pages added as needed
@@ -136,12 +155,13 @@ class _AdamWBase(torch.optim.Optimizer):
             while len(space["pages"]) * chunk < space["size"]:
                 space["pages"].append(pool.new_page())
         elif bits == 32:
-            state["state1"] = torch.zeros(n, dtype=torch.float32, device=p.device)
-            state["state2"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+            state["state1"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["state2"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         else:
             nb = -(-n // QBLOCK)
-            state["state1"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
-            state["state2"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+            state["state1"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+            state["state2"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+            state["qmap1"], state["qmap2"] = self._qmaps_on(p.device)
             state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
             state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
         return state
@@ -161,7 +181,9 @@ class _AdamWBase(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------
     def _update(self, p_flat, g_flat, views: dict[str, torch.Tensor], hyper: dict) -> None:
         if "absmax1" in views:
-            qmap1, qmap2 = self._qmaps_on(p_flat.device)
+            qmap1, qmap2 = views.get("qmap1"), views.get("qmap2")
+            if qmap1 is None:  # paged: the maps are the optimizer's
+                qmap1, qmap2 = self._qmaps_on(p_flat.device)
             dispatch.adamw_update_8bit(
                 p_flat, g_flat, views["state1"], views["state2"], views["absmax1"], views["absmax2"], qmap1, qmap2,
                 **hyper,
@@ -170,17 +192,26 @@ class _AdamWBase(torch.optim.Optimizer):
             dispatch.adamw_update_32bit(p_flat, g_flat, views["state1"], views["state2"], **hyper)
 
     def _ready_params(self) -> list[tuple[dict, torch.Tensor]]:
-        """(group, p) for every parameter to update now; initialises states, skips non-finite grads."""
+        """(config, p) for every parameter to update now; initialises states, skips non-finite grads."""
+        if not self._overrides_applied:
+            manager.apply_module_overrides(self.param_groups)
+            self._overrides_applied = True
         candidates = []
-        for group in self.param_groups:
-            for p in group["params"]:
+        overridden = manager.overridden()
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                if p.is_meta or p.grad.is_meta:
+                    raise InvalidInput(
+                        f"a parameter of shape {tuple(p.shape)} is on the meta device (no data) and cannot be updated",
+                        "load the real weights first (to_empty() + load_state_dict, or from_pretrained without meta init)",
+                    )
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} differs from parameter {tuple(p.shape)}")
-                candidates.append((group, p))
+                candidates.append((self._config(group, p, g, i, overridden), p))
         # sum(0 * g) is 0 when every element of g is finite and NaN otherwise (0 * inf = NaN), and costs
         # a fifth of isfinite(g).all() (5.6 vs 32 us for 11k floats). One device-to-host transfer per
         # device for all the flags, not one synchronization per tensor.
@@ -191,8 +222,8 @@ class _AdamWBase(torch.optim.Optimizer):
             for i, ok in zip(index, (sums == 0).tolist()):
                 finite[i] = ok
         ready = []
-        for (group, p), ok in zip(candidates, finite):
-            state = self.state[p] if p in self.state else self._init_state(p)
+        for (config, p), ok in zip(candidates, finite):
+            state = self.state[p] if p in self.state else self._init_state(p, config)
             if not ok:
                 if self.nonfinite == "raise":
                     raise FloatingPointError(f"non-finite gradient for a parameter of shape {tuple(p.shape)}")
@@ -208,15 +239,22 @@ class _AdamWBase(torch.optim.Optimizer):
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
             state["step"] += 1
-            ready.append((group, p))
+            ready.append((config, p))
         return ready
 
     @staticmethod
-    def _hyper(group: dict, step: int) -> dict:
-        beta1, beta2 = group["betas"]
+    def _hyper(config: dict, step: int) -> dict:
+        beta1, beta2 = config["betas"]
         return dict(
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step
+            lr=config["lr"], beta1=beta1, beta2=beta2, eps=config["eps"], weight_decay=config["weight_decay"], step=step
         )
+
+    @staticmethod
+    def _flat(state: dict, key: str) -> torch.Tensor:
+        """A flat view of a live state tensor (made contiguous in place if code replaced it)."""
+        if not state[key].is_contiguous():
+            state[key] = state[key].contiguous()
+        return state[key].view(-1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -233,29 +271,29 @@ class _AdamWBase(torch.optim.Optimizer):
             self.device_budget_bytes = max(int(free * _DEVICE_HEADROOM), self.page_bytes)
             self.pool.set_budget(self.device_budget_bytes)
         if not self.paged:
-            for group, p in ready:
+            for config, p in ready:
                 state = self.state[p]
-                views = {k: state[k] for k in ("state1", "state2", "absmax1", "absmax2") if k in state}
-                self._update(p.view(-1), p.grad.reshape(-1), views, self._hyper(group, state["step"]))
+                views = {k: self._flat(state, k) for k in ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2") if k in state}
+                self._update(p.view(-1), p.grad.reshape(-1), views, self._hyper(config, state["step"]))
             return loss
         # Paged: one work item per segment, grouped by page, prefetching the next page while the
         # current one updates.
-        work = []  # (state bits, page index, page id, first element in page, count, group, p, first element in p)
-        for group, p in ready:
+        work = []  # (state bits, page index, page id, first element in page, count, config, p, first element in p)
+        for config, p in ready:
             bits = self.state[p]["bits"]
-            work += [(bits, k, pid, at, count, group, p, start) for k, pid, at, count, start in self._segments(p)]
+            work += [(bits, k, pid, at, count, config, p, start) for k, pid, at, count, start in self._segments(p)]
         work.sort(key=lambda item: item[:2] + (item[3],))
         if self._sweeps % 2 == 1:
             work.reverse()
         self._sweeps += 1
-        for i, (bits, _, pid, at, count, group, p, start) in enumerate(work):
+        for i, (bits, _, pid, at, count, config, p, start) in enumerate(work):
             slot = self.pool.acquire(pid)
             if i + 1 < len(work):
                 self.pool.prefetch(work[i + 1][2])
             views = StateLayout(bits, self.page_bytes).views(slot, at, count)
             p_flat = p.view(-1)[start : start + count]
             g_flat = p.grad.reshape(-1)[start : start + count]
-            self._update(p_flat, g_flat, views, self._hyper(group, self.state[p]["step"]))
+            self._update(p_flat, g_flat, views, self._hyper(config, self.state[p]["step"]))
             self.pool.release(pid)
         return loss
 

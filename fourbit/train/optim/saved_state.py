@@ -77,16 +77,17 @@ def _unwrap(saved: dict) -> dict:
     return flat
 
 
-def _check_saved(self, p: torch.Tensor, i: int, saved: dict) -> int:
-    """The state bits of a saved entry for parameter index i; ValueError if it cannot be p's state."""
+def _check_saved(self, p: torch.Tensor, i: int, saved: dict, config: dict) -> int:
+    """The state bits of a saved entry for parameter index i; ValueError if it cannot be p's state
+    (config: p's settings, GlobalOptimManager overrides included)."""
     for key in ("step", "state1", "state2"):
         if key not in saved:
             raise ValueError(f"saved state of parameter {i} lacks {key!r}; it has {sorted(saved)}")
     s1, s2 = saved["state1"], saved["state2"]
     bits = 8 if s1.dtype == torch.uint8 else 32
-    if bits != self._bits_for(p):
+    if bits != self._bits_for(p, config):
         raise ValueError(
-            f"parameter {i} ({p.numel()} elements) needs {self._bits_for(p)}-bit states here, "
+            f"parameter {i} ({p.numel()} elements) needs {self._bits_for(p, config)}-bit states here, "
             f"the saved ones are {bits}-bit"
         )
     want_dtype = torch.uint8 if bits == 8 else torch.float32
@@ -109,14 +110,14 @@ def _check_saved(self, p: torch.Tensor, i: int, saved: dict) -> int:
     return bits
 
 
-def _import(self, p: torch.Tensor, saved: dict) -> None:
-    state = self.state[p] if p in self.state else self._init_state(p)
+def _import(self, p: torch.Tensor, saved: dict, config: dict) -> None:
+    state = self.state[p] if p in self.state else self._init_state(p, config)
     state["step"] = int(saved["step"])
     state["nonfinite_skips"] = int(saved.get("nonfinite_skips", 0))
     if not self.paged:
         for key in ("state1", "state2", "absmax1", "absmax2"):
-            if key in state:
-                state[key].copy_(saved[key].reshape(-1))
+            if key in state:  # live tensors keep their shape (p's, as bitsandbytes')
+                state[key].view(-1).copy_(saved[key].reshape(-1))
         return
     layout = StateLayout(state["bits"], self.page_bytes)
     for _, pid, at, count, start in self._segments(p):  # pages are shared: read, modify, write
@@ -187,12 +188,16 @@ def import_state_dict(self, state_dict: dict) -> None:
         pairs += [(p, i) for p, i in zip(group["params"], saved["params"])]
     saved_state = {i: _unwrap(saved) for i, saved in state_dict["state"].items()}
     group_items = [_group_items(saved) for saved in saved_groups]
+    configs = {}
+    for g, group in enumerate(self.param_groups):
+        for j, p in enumerate(group["params"]):
+            configs[id(p)] = self._config(group, p, g, j)
     for p, i in pairs:  # validate everything before changing anything
         if i in saved_state:
-            _check_saved(self, p, i, saved_state[i])
+            _check_saved(self, p, i, saved_state[i], configs[id(p)])
     for p, i in pairs:
         if i in saved_state:
-            _import(self, p, saved_state[i])
+            _import(self, p, saved_state[i], configs[id(p)])
         elif p in self.state:
             del self.state[p]
     for group, items in zip(self.param_groups, group_items):

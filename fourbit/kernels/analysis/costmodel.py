@@ -1,11 +1,11 @@
 """Static cost model: how fast fourbit's matmul kernels can be on an H200, read from their SASS.
 
-    python -m fourbit.kernels.costmodel --arch sm_90a [--json FILE] [--save-binaries DIR]
+    python -m fourbit.kernels.analysis.costmodel --arch sm_90a [--json FILE] [--save-binaries DIR]
         [--m 1 --m 2048 ...] [--op gemv --op gemm ...] [--shape 4096x4096 ...]
 
 No GPU: every kernel configuration the launchers may run is compiled for the target with the
-compile report's machinery (`fourbit.kernels.report.build`), its steady-state loop is found in the
-SASS (`fourbit.kernels.sass`) and its instructions per loop trip are counted by class. Each launch
+compile report's machinery (`fourbit.kernels.analysis.report.build`), its steady-state loop is found in the
+SASS (`fourbit.kernels.analysis.sass`) and its instructions per loop trip are counted by class. Each launch
 is then bounded by the slowest of
   * issue: 4 warp-instructions per clock per SM, and each class's own pipe rate (`PIPES`);
   * L1/shared memory: 128 B per clock per SM; a warp's access costs its bytes / 128 wavefronts,
@@ -19,7 +19,11 @@ is then bounded by the slowest of
     in flight (one loop trip for register loads unless the plan says more, stages-1 for cp.async/TMA
     pipelines) must cover HBM latency x the SM's share of bandwidth (Little's law);
   * HBM: the launch's compulsory bytes at the measured copy bandwidth;
-  * wave quantization: the busiest SM runs ceil(programs / 132) programs.
+  * wave quantization: the busiest SM runs ceil(programs / 132) programs;
+plus, once per launch, the prologue of the first programs (`prologue_clocks`): what runs before the
+loop (a table fill waits for its table's loads, then its stores and the barrier issue) and the first
+weights' latency where it is not covered by the fill; every program's prologue also takes its issue
+slots and L1 wavefronts.
 A dequantize + cuBLAS path costs the dequantize launch plus cuBLAS, modelled as
 max(2MNK / CUBLAS_FLOPS, bytes / HBM): the measured 8192^3 rate, assumed at every shape (fraction
 1.0 of the measured peak). The dense bf16 reference the gemm/backward rows are compared with is the
@@ -28,9 +32,10 @@ same cuBLAS time, so the assumption cancels except through the dequantize share.
 This is a lower bound on the work per byte, not a simulator. Blind spots: it assumes perfect
 overlap of the bounded resources and perfect latency hiding within them; no instruction latency or
 dependency stalls, no scheduling, no bank conflicts beyond table gathers, no L2 misses on tiles
-re-read across programs, no prologue (the tensor-core GEMV writes a 32 KB table per program
-before its loop), no launch overhead, pipeline fill or drain (about 2-5 us per launch, which
-is comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
+re-read across programs; in the prologue, every global load is charged the DRAM latency (the
+GEMV's pair table is an L2 hit, so its wait is overcharged) and the first loop trip's loads of x
+and scales, issued at the loop's start, are not charged; no launch overhead or drain (about 2-5 us
+per launch, comparable to the 2 us a 4096x4096 GEMV needs at the roofline), no clock throttling (1.98 GHz
 assumed, the clock read right after a matmul run), static counts of predicated code and both sides
 of in-loop branches, every gather charged the same table size, integer ops on one 64-lane pipe,
 barriers and shuffles cost only their pipe slots (no convergence waits), no credit for a dequantized
@@ -38,7 +43,8 @@ workspace that fits in the 60 MB L2 and is read back from there by cuBLAS (4096x
 so dequantize + cuBLAS is charged its full write to HBM. Treat its ranking as reliable and its
 fractions as optimistic.
 
-Rows (`--json` writes {"arch", "constants", "rows", "kernels"}: "kernels" holds each compiled spec's
+Rows (`--json` writes {"arch", "toolchain", "constants", "rows", "kernels"}: the Triton and ptxas that
+built them (run it with Triton 3.6 first on PYTHONPATH for the GPU machine's builds), and each compiled spec's
 registers, shared memory, resident CTAs, loop address range and instruction mix); the row schema is stable
 (helper scripts write predicted-vs-measured tables from it):
     op            "gemv" | "gemm" | "backward" | "dequantize"
@@ -58,6 +64,7 @@ registers, shared memory, resident CTAs, loop address range and instruction mix)
                   config: the autotuner's pick if the model ranks like the hardware)
     kernels       names of the compiled kernel specs the row launches
     bounds_us     every bound of the slowest launch, in microseconds (the limiter is the largest)
+    prologue_us   the exposed prologue added to the bound (`prologue_clocks`), summed over launches
     roofline_fraction  the HBM-roofline fraction for every op (the goal's unit for decode-sized M)
 
 Contract with the kernel modules (what the model asks, so that it evaluates what really runs):
@@ -85,7 +92,7 @@ import sys
 from typing import Any, Callable
 
 from . import sass as sasslib
-from .compile import Launch, Plan
+from ..compile import Launch, Plan
 from .report import build
 
 __all__ = ["SHAPES", "MS", "predict_launch", "predict_plan", "evaluate", "main"]
@@ -135,6 +142,7 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
                       for g in sasslib.gathers(body)]  # [name, bytes per warp if coalesced]
     mix["async_copies"] = mix["by_class"].get("global_load", 0) and any(
         x.opcode in ("LDGSTS", "UTMALDG", "UBLKCP") for x in body)
+    mix["prologue"] = None if loop is None else sasslib.prologue([x for x in instructions if x.addr < loop.start])
     regs, shared, warps = built["usage"]["registers"], built["shared_bytes"], spec.num_warps
     per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
     limits = {"registers": (REGISTERS_PER_SM // per_warp) // warps, "threads": THREADS_PER_SM // (32 * warps),
@@ -143,7 +151,24 @@ def kernel_facts(spec: Any, arch: str) -> dict[str, Any]:
         limits["shared"] = SHARED_PER_SM // (shared + SHARED_RESERVED_PER_CTA)
     return {"name": spec.name, "registers": regs, "shared_bytes": shared, "num_warps": warps, "num_stages": spec.num_stages,
             "resident_ctas": max(0, min(limits.values())), "occupancy_limit": min(limits, key=limits.get),
-            "loop": None if loop is None else [hex(loop.start), hex(loop.end)], **mix}
+            "loop": None if loop is None else [hex(loop.start), hex(loop.end)], "hazards": built["hazards"], **mix}
+
+
+def prologue_clocks(pro: dict[str, int] | None, warps: int) -> tuple[float, float, float]:
+    """(issue clocks, L1 clocks, exposed clocks) of one program's prologue. Exposed: the time before
+    its loop can run, charged once per launch (all resident programs start together; a later
+    program's prologue overlaps other programs' loops, so only its issue and L1 slots count):
+    a table fill waits one memory latency for its table (loads before its first store), then issues
+    (the fill's stores, the barrier, the rest); weights requested after the fill add a latency of
+    their own, weights requested before it arrive during the fill."""
+    if not pro:
+        return 0.0, 0.0, 0.0
+    issue = warps * pro["instructions"] / ISSUE_PER_CLK
+    l1 = warps * pro["l1_wavefronts"] * 128 / L1_BYTES_PER_CLK
+    latency = HBM_LATENCY_S * CLOCK_HZ
+    ready = (latency if pro["fill_stores"] and pro["loads_before_fill"] else 0.0) + max(issue, l1)
+    first_data = ready + latency if pro["loads_after_fill"] else latency
+    return issue, l1, max(ready, first_data)
 
 
 def _gather_wavefronts(table_bytes: int) -> float:
@@ -178,6 +203,9 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     sm_clk = {name: per_sm * launch.iterations * c for name, c in clk.items()}
     if trip > max(clk.values()):
         sm_clk["mma_wait"] = per_sm * launch.iterations * trip
+    pro_issue, pro_l1, exposed = prologue_clocks(facts.get("prologue"), warps)
+    sm_clk["issue"] += per_sm * pro_issue  # every program's prologue takes issue slots and L1 wavefronts
+    sm_clk["l1"] += per_sm * pro_l1
     depth = launch.iterations_in_flight or (max(1, facts["num_stages"] - 1) if facts["async_copies"] else 1)
     in_flight = active * launch.weight_bytes_per_iteration * depth  # bytes one SM has requested at once
     sm_bytes = per_sm * launch.hbm_bytes / programs
@@ -187,8 +215,9 @@ def predict_launch(launch: Launch, facts: dict[str, Any]) -> dict[str, Any]:
     bounds["hbm"] = launch.hbm_bytes / HBM_BYTES_PER_S
     limiter = max(bounds, key=bounds.get)
     ipb = 32 * warps * n / launch.weight_bytes_per_iteration if launch.weight_bytes_per_iteration else None
-    return {"time_s": bounds[limiter], "limiter": limiter, "bounds": bounds, "instr_per_byte": ipb,
-            "programs": programs, "active_ctas_per_sm": active}
+    prologue = exposed / CLOCK_HZ
+    return {"time_s": bounds[limiter] + prologue, "limiter": limiter, "bounds": bounds, "instr_per_byte": ipb,
+            "programs": programs, "active_ctas_per_sm": active, "prologue_s": prologue}
 
 
 def cublas_time(m: int, n: int, k: int) -> float:
@@ -205,7 +234,8 @@ def roofline_time(op: str, m: int, n: int, k: int) -> float:
 
 def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callable[[Any], dict]) -> dict[str, Any]:
     """One output row for `plan` (see the module docstring for the schema)."""
-    parts = [(predict_launch(launch, facts_of(launch.spec)), launch) for launch in plan.launches]
+    # each launch's spec as Triton specializes it for the launch's sizes (M = 1 is a constant, ...)
+    parts = [(predict_launch(launch, facts_of(launch.compiled_spec)), launch) for launch in plan.launches]
     time_s = sum(p["time_s"] for p, _ in parts)
     limiters = [(p["time_s"], p["limiter"]) for p, _ in parts]
     if plan.cublas_mnk is not None:
@@ -222,15 +252,16 @@ def predict_plan(plan: Plan, m: int, n: int, k: int, arch: str, facts_of: Callab
         "limiter": max(limiters)[1], "predicted_fraction": round(fraction, 4), "predicted_time_us": round(time_s * 1e6, 3),
         "loop_instructions_per_weight_byte": None if main is None or main["instr_per_byte"] is None
         else round(main["instr_per_byte"], 2),
-        "arch": arch, "chosen": False, "kernels": [launch.spec.name for launch in plan.launches],
+        "arch": arch, "chosen": False, "kernels": [launch.compiled_spec.name for launch in plan.launches],
         "bounds_us": {} if main is None else {name: round(t * 1e6, 3) for name, t in main["bounds"].items()},
+        "prologue_us": round(sum(p.get("prologue_s", 0.0) for p, _ in parts) * 1e6, 3),
         "roofline_fraction": round(roofline_time("dequantize" if plan.op == "dequantize" else "gemv", m, n, k) / time_s, 4),
     }  # fmt: skip
 
 
 # ---- what the library would run -----------------------------------------------------------------------
 def _plans_function() -> Callable[..., list[Plan]]:
-    from .matmul import launch_plans
+    from ..matmul import launch_plans
 
     return launch_plans
 
@@ -248,7 +279,7 @@ def default_route() -> Callable[..., tuple[str, str]]:
     """The dispatcher's route function. The model is a tool above the library (tests/test_layers.py
     places it just above dispatch), so reading dispatch's choice here does not make the kernels depend
     on dispatch: nothing in the library imports the cost model."""
-    from ..dispatch import matmul_route
+    from ...dispatch import matmul_route
 
     return matmul_route
 
@@ -345,7 +376,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.costmodel", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fourbit.kernels.analysis.costmodel", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=["sm_90a"], default="sm_90a", help="target (the constants are the H200's)")
     parser.add_argument("--json", metavar="FILE", help="write rows, kernel facts, constants and notes as JSON")
     parser.add_argument("--save-binaries", metavar="DIR", help="write each compiled cubin (check with cuobjdump -sass)")
@@ -356,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print docs/kernels.md's table of chosen rows instead")
     args = parser.parse_args(argv)
 
-    from ._triton_utils import interpreting
+    from .._triton_utils import interpreting
 
     if interpreting():
         parser.error("TRITON_INTERPRET=1 replaces kernels by the interpreter; unset it to compile for GPUs")
@@ -371,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(args.save_binaries, f"{safe}.{args.arch}.cubin"), "wb") as f:
                 f.write(build(spec, args.arch)["cubin"])
     if args.json:
-        from ..nf4.files import atomic_write
+        from ...nf4.files import atomic_write
 
-        text = json.dumps({"arch": args.arch, "constants": constants(), "rows": rows, "kernels": facts}, indent=1) + "\n"
+        from .report import toolchain
+
+        text = json.dumps({"arch": args.arch, "toolchain": toolchain(args.arch), "constants": constants(), "rows": rows,
+                           "kernels": facts}, indent=1) + "\n"
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:

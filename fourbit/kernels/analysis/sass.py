@@ -1,6 +1,6 @@
 """Read a `cuobjdump -sass` listing: instructions, the steady-state loop, and its instruction mix.
 
-The static cost model (`fourbit.kernels.costmodel`) needs, for one compiled kernel, the
+The static cost model (`fourbit.kernels.analysis.costmodel`) needs, for one compiled kernel, the
 instructions one trip of its hot loop executes per warp, sorted into the classes whose hardware
 throughput differs. cuobjdump prints one instruction per line:
 
@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import re
 
-__all__ = ["Instruction", "Loop", "parse", "find_loop", "classify", "access_bytes", "gathers", "mix"]
+__all__ = ["Instruction", "Loop", "parse", "find_loop", "classify", "access_bytes", "gathers", "mix", "prologue"]
 
 _LINE = re.compile(
     r"^\s*/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?P<pred>@!?U?P[T0-9]+\s+)?"
@@ -260,3 +260,14 @@ def mix(body: tuple[Instruction, ...] | list[Instruction]) -> dict:
         "waits_all_mma": waits_all,
         "mma_register_a": bool(register_a),
     }
+
+
+def prologue(pre: list[Instruction]) -> dict[str, int]:
+    """What runs once per program before the loop (`pre`): its instructions and L1 wavefronts per
+    warp, the shared-memory stores of a table fill, the global loads issued before the fill's first
+    store (the fill waits for the table's) and those issued after it (their latency starts later)."""
+    stores = [i for i, x in enumerate(pre) if x.opcode in ("STS", "STSM")]
+    loads = [i for i, x in enumerate(pre) if x.opcode in ("LDG", "LD", "LDGSTS")]
+    first = stores[0] if stores else len(pre)
+    return {"instructions": len(pre), "l1_wavefronts": mix(pre)["l1_wavefronts"], "fill_stores": len(stores),
+            "loads_before_fill": sum(i < first for i in loads), "loads_after_fill": sum(i > first for i in loads)}
