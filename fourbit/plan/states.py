@@ -9,8 +9,11 @@ bytes the optimizers really allocate):
                                   two 256-entry float32 maps per device
     paged_*                       each parameter's states start at a multiple of 256 elements in the
                                   state space of their width; the space is cut into pages of
-                                  page_bytes (E elements per page), and at most budget // page_bytes
-                                  of the pages sit on the device; the rest live on the host
+                                  page_bytes (E elements per page), and at most S = budget // page_bytes
+                                  of the P pages sit on the device. A page keeps its host buffer
+                                  once it has been evicted, and the walk turns around each step
+                                  (pager.py): step 1 evicts P - S pages, step 2 as many others, so
+                                  from the second step on min(P, 2 (P - S)) pages have one
     torch_adamw                   exp_avg, exp_avg_sq in the parameter's dtype, and a float32 step
                                   count per parameter, which torch keeps on the CPU
 
@@ -63,4 +66,4 @@ def state_bytes(params: list[torch.Tensor], optimizer: str, *, budget_bytes: int
         size = sum(-(-p.numel() // _QBLOCK) * _QBLOCK for p, b in zip(params, bits) if b == width)
         pages += math.ceil(size / StateLayout(width, page_bytes).chunk)
     slots = pages if budget_bytes is None else min(pages, budget_bytes // page_bytes)
-    return slots * _rounded(page_bytes, round_to) + maps, (pages - slots) * page_bytes
+    return slots * _rounded(page_bytes, round_to) + maps, min(pages, 2 * (pages - slots)) * page_bytes
