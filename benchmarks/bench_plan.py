@@ -280,7 +280,8 @@ def paper(seq_len: int, out_dir: str) -> list[dict]:
               f"vs formula {_formula_bytes(n4) / 1e9:.3f} GB ({seconds:.0f} s)", flush=True)
     write_png(pictures, os.path.join(out_dir, "plan", "paper.png"),
               title=f"LLaMA-65B, batch 1 x {seq_len} tokens, r = 64, gradient checkpointing",
-              labels=["QLoRA", f"QLoRA, paged\n({PAGED_MIB} MiB of states)", "LoRA, bf16 base", "full bf16"])
+              labels=["QLoRA", f"QLoRA, paged\n({PAGED_MIB} MiB of states)", "LoRA, bf16 base", "full bf16"],
+              marks=[(48 * 10**9, "the paper: QLoRA < 48 GB"), (780 * 10**9, "the paper: 16-bit > 780 GB")])
     _write(rows, os.path.join(out_dir, "plan", "paper"))
     return rows
 

@@ -193,7 +193,7 @@ def plan_paper() -> str:
         p = r["plans"]
         out.append([r["model"], gb(p["qlora"]["peak_bytes"]), gb(p["qlora_paged"]["peak_bytes"]), gb(p["lora16"]["peak_bytes"]),
                     gb(p["full16"]["peak_bytes"]), f"{r['base_4bit_bytes'] / 1e9:.3f}", f"{r['formula_bytes'] / 1e9:.3f}",
-                    f"{100 * (r['base_4bit_bytes'] / r['formula_bytes'] - 1):+.3f} %"])
+                    f"{r['base_4bit_bytes'] - r['formula_bytes']:+,.0f} B ({100 * (r['base_4bit_bytes'] / r['formula_bytes'] - 1):+.1e} %)"])
     head = ["model", "QLoRA GB", f"QLoRA, {rows[0]['paged_budget_mib']} MiB of states on the GPU, GB", "LoRA on a bf16 base GB",
             "full bf16 GB", "4-bit base GB (exact)", "4.127-bit formula GB", "exact vs formula"]
     return _md(head, out)
@@ -212,9 +212,11 @@ def plan_headline() -> str:
     errors = [abs(r["error"]) for r in _load("plan/accuracy.json")["rows"]]
     p = paper["plans"]
     return (f"**Memory, planned before a run**: `fourbit plan` puts LLaMA-65B QLoRA in the paper's setup (batch 1 x "
-            f"{paper['seq_len']} tokens, r = 64) at {p['qlora']['peak_bytes'] / 1e9:.1f} GB and full bf16 fine-tuning at "
-            f"{p['full16']['peak_bytes'] / 1e9:.0f} GB (the paper: < 48 GB and > 780 GB); its prediction is within "
-            f"{100 * max(errors):.1f} % of the measured peak on {len(errors)} real CPU runs ([docs/plan.md](docs/plan.md)).")
+            f"{paper['seq_len']} tokens, r = 64, paged AdamW keeping {paper['paged_budget_mib']} MiB of states on the GPU) at "
+            f"{p['qlora_paged']['peak_bytes'] / 1e9:.1f} GB ({p['qlora']['peak_bytes'] / 1e9:.1f} GB with every state on the GPU) "
+            f"and full bf16 fine-tuning at {p['full16']['peak_bytes'] / 1e9:.0f} GB (the paper: < 48 GB and > 780 GB); its "
+            f"prediction is within {100 * max(errors):.1f} % of the measured peak on {len(errors)} real CPU runs "
+            "([docs/plan.md](docs/plan.md)).")
 
 
 def plan_example() -> str:

@@ -97,9 +97,11 @@ def _write(path: str, data: bytes) -> None:
         raise output_error(path, err) from err
 
 
-def write_png(plans: list[Plan], path: str, title: str | None = None, labels: list[str] | None = None) -> str:
+def write_png(plans: list[Plan], path: str, title: str | None = None, labels: list[str] | None = None,
+              marks: list[tuple[int, str]] = ()) -> str:
     """Stacked bars (GiB by category at each setup's peak, named by `labels` or the setups' own)
-    against the target's capacity (solid) and what is usable of it (dashed)."""
+    against the target's capacity (solid) and what is usable of it (dashed); `marks`: (bytes, text)
+    lines to read the bars against (up to three), e.g. a published claim."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,6 +119,8 @@ def write_png(plans: list[Plan], path: str, title: str | None = None, labels: li
     ax.axhline(target.capacity / _GIB, color="black", linewidth=1)
     ax.axhline(target.usable / _GIB, color="black", linewidth=1, linestyle="--")
     ax.text(len(plans) - 0.5, target.capacity / _GIB, f" {target.name}", va="bottom", ha="right", fontsize=8)
+    for (nbytes, text), style in zip(marks, (":", "-.", (0, (1, 3)))):  # named in the legend: bars' labels sit near them
+        ax.axhline(nbytes / _GIB, color="dimgray", linewidth=1.2, linestyle=style, label=text)
     for x, q in enumerate(plans):
         ax.text(x, q.peak / _GIB, f"{q.peak / _GIB:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(plans)), labels or [q.label for q in plans], fontsize=8)
