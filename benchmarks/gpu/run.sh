@@ -149,7 +149,11 @@ if ((dry)); then  # the reference backend: the interpreter would spend minutes o
 else
   stage train python3 -m benchmarks.bench_train --model llama3-8b:4 --seq-len 2048 --batch-size 1 --steps 5 --session "$out"
 fi
-stage plan python3 -m benchmarks.gpu.plan_check --out "$out" $flag
+if ((dry)); then  # the reference backend, as the run it plans: fake tensors cannot enter the interpreter
+  stage plan env -u FOURBIT_BACKEND python3 -m benchmarks.gpu.plan_check --out "$out" $flag
+else
+  stage plan python3 -m benchmarks.gpu.plan_check --out "$out" $flag
+fi
 [ -n "$cm_pid" ] && wait "$cm_pid"
 stage predicted session predicted
 stage summary python3 -m benchmarks.gpu.summary "$out" --budget "$gpu_text" --limit "$limit"

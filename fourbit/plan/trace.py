@@ -32,11 +32,14 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from .. import dispatch
+from ..errors import Unavailable
 from ..lora import trainable_parameters
 from ..train.config import TrainConfig
 from ..train.data import IGNORE, collate
 from ..train.distributed import Runtime
 from ..train.loop import Trainer
+from ..train.models import check_linear_layers
 from ..train.parallel import parallelize
 from ..train.setup import prepare_model, uses_autocast
 from .build import build_base, local, model_tensors, static_bytes
@@ -331,12 +334,17 @@ def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: 
     counts carried to all of them (`_extrapolate`), unless `exact`. `trace_on`: the fake tensors'
     device (default: the target's when this machine has it, else the CPU)."""
     device = torch.device(trace_on or ("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and dispatch.backend_for(torch.empty(0)) == "triton":
+        raise Unavailable("FOURBIT_BACKEND=triton on the CPU runs Triton's interpreter, which a plan's fake tensors cannot enter",
+                          "unset FOURBIT_BACKEND (or set it to reference) to plan")
     prewarm(device.type)  # real tables for the reference matmul, on the device it will run on
     # the parameter count (and with it "auto" gradient checkpointing) of the whole model, on meta
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         whole = AutoModelForCausalLM.from_config(source.hf_config)
+    if config.base_weights == "nf4" and source.stored is None:  # what the loader refuses to quantize, refused first
+        check_linear_layers(whole, source.name)
     params, checkpointing = _prepare(whole, config, full)
     layers = int(source.hf_config.num_hidden_layers)
     config = dataclasses.replace(config, grad_checkpointing="on" if checkpointing else "off")

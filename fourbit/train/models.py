@@ -33,7 +33,7 @@ from ..errors import BadFile, InvalidInput, OutputError, output_error
 from .model_files import check_weights, gguf_errors, loading, read_config
 
 __all__ = [
-    "EMBEDDED", "cache_dir", "load_base", "load_dense", "load_quantized", "smollm2_dir",
+    "EMBEDDED", "cache_dir", "check_linear_layers", "load_base", "load_dense", "load_quantized", "smollm2_dir",
     "smollm2_gguf_path", "stored_quantization",
 ]
 
@@ -175,7 +175,7 @@ def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
     return model, tokenizer, os.path.abspath(spec)
 
 
-def _check_linear_layers(model, spec: str) -> None:
+def check_linear_layers(model, spec: str) -> None:
     """InvalidInput for a model whose projections are not nn.Linear (GPT-2's transposed Conv1D):
     quantizing it would write a "4-bit" checkpoint in which nothing is 4-bit."""
     from torch import nn
@@ -202,7 +202,7 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
     if stored is not None:
         return _load_4bit_directory(spec, stored, compute_dtype)  # FourbitConfig releases the mapping itself
     model, tokenizer, source = load_dense(spec)
-    _check_linear_layers(model, spec)
+    check_linear_layers(model, spec)
     quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
     release_checkpoint_mapping(model)
     return model, tokenizer, source
