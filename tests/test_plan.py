@@ -143,6 +143,14 @@ def test_finetune_refuses_before_loading_with_a_change_that_fits(tiny, tmp_path,
     assert "--batch-size 4 --grad-accum 2 (planned peak" in err, err
 
 
+def test_changes_are_planned_each_alone_and_leave_the_plan_its_own_notes(tiny, tmp_path):
+    from fourbit.plan import plan
+
+    p = plan(_small(tiny, tmp_path, batch_size=8), target=Target("a 300 MiB test GPU", "cuda", 300 * 2**20, headroom=0.0))
+    assert not p.fits and any(s.fits for s in p.suggestions) and all(s.peak != p.peak for s in p.suggestions)
+    assert len(p.notes) == len(set(p.notes)), p.notes  # the changes' plans once appended theirs to this list
+
+
 # ---- the CLI ------------------------------------------------------------------------------------
 def test_plan_cli_writes_the_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "plan.json"

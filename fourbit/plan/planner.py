@@ -192,6 +192,7 @@ def plan(config: TrainConfig, *, target: Target | None = None, world_size: int =
     target = target or local_target(config.device)
     source = source or resolve(config.model)
     batch, eval_chunk, notes = _batches or _run_batches(config, source)
+    notes = list(notes)  # this plan's own: the changes' plans share the batches, not the notes
     run = _mode_config(config, mode)
     with _fake_group(world_size if config.distributed != "none" else 0):
         traced = trace_run(run, source, target=target.device, hopper=target.hopper, batch=batch, eval_records=eval_chunk,
@@ -200,7 +201,7 @@ def plan(config: TrainConfig, *, target: Target | None = None, world_size: int =
     if traced.traced_on != target.device:
         notes.append("traced on the CPU with CUDA's allocation rules (512-byte blocks, fourbit's Triton kernels): "
                      "attention and autocast are the CPU's, whose saved tensors have the same sizes")
-    if traced.host_peak:
+    if traced.host_peak and run.optimizer.startswith("paged"):  # (torch_adamw's step counts live there too)
         notes.append(f"paged out to the host: {format_bytes(traced.host_peak)} of optimizer states")
     result = Plan(mode, config.model, target, top.total, phase, top.where, dict(top),
                   {k: v.total for k, v in traced.phases.items()}, traced.static, traced.checkpointing, traced.params,
@@ -218,7 +219,7 @@ def compare(config: TrainConfig, *, target: Target | None = None, world_size: in
     source = resolve(config.model)
     batches = _run_batches(config, source)
     return [plan(config, target=target, world_size=world_size, mode=m, suggest=suggest, source=source,
-                 _batches=(batches[0], batches[1], list(batches[2]))) for m in MODES]
+                 _batches=batches) for m in MODES]
 
 
 # ---- what to change ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 
 from ..errors import InvalidInput
 from ..train.model_files import gguf_errors, loading, read_config
-from ..train.models import EMBEDDED, smollm2_dir, stored_quantization
+from ..train.models import EMBEDDED, check_4bit, smollm2_dir, stored_quantization
 from .presets import PRESETS, is_preset, preset_config
 
 __all__ = ["ModelSource", "resolve"]
@@ -43,13 +43,15 @@ def resolve(spec: str, *, layers: int | None = None) -> ModelSource:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise InvalidInput(f"{spec!r} is a directory without config.json: not a transformers model directory", _FIX)
         read_config(path)  # a JSON object, as finetune's load checks it
+        stored = stored_quantization(path)
+        if stored is not None:  # an 8-bit or other checkpoint is refused before its config is planned
+            check_4bit(path, stored)
         try:
             with loading(path):
                 config = AutoConfig.from_pretrained(path)
         except (ValueError, OSError, KeyError) as err:
             raise InvalidInput(f"{spec!r} has a config.json transformers cannot read ({str(err).splitlines()[0]})", _FIX) from None
         tokenizer = AutoTokenizer.from_pretrained(path)
-        stored = stored_quantization(path)
     elif os.path.isfile(path):
         with open(path, "rb") as f:
             magic = f.read(4)

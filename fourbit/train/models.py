@@ -33,7 +33,7 @@ from ..errors import BadFile, InvalidInput, OutputError, output_error
 from .model_files import check_weights, gguf_errors, loading, read_config
 
 __all__ = [
-    "EMBEDDED", "cache_dir", "check_linear_layers", "load_base", "load_dense", "load_quantized", "smollm2_dir",
+    "EMBEDDED", "cache_dir", "check_4bit", "check_linear_layers", "load_base", "load_dense", "load_quantized", "smollm2_dir",
     "smollm2_gguf_path", "stored_quantization",
 ]
 
@@ -149,6 +149,17 @@ def stored_quantization(spec: str) -> dict | None:
     return stored
 
 
+def check_4bit(spec: str, stored: dict) -> None:
+    """InvalidInput unless a directory's quantization_config is a 4-bit one fourbit loads."""
+    if not stored.get("load_in_4bit"):
+        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else f"{stored.get('quant_method')!r}-quantized"
+        raise InvalidInput(
+            f"{os.path.join(spec, 'config.json')}: quantization_config says this is a {method} checkpoint; "
+            "fourbit loads dense or 4-bit (NF4/FP4) directories",
+            "give the dense (unquantized) model; fourbit quantizes it to NF4 on load",
+        )
+
+
 def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
     """(model, tokenizer, source) for a 4-bit directory (`fourbit quantize` output, or one written by
     transformers + bitsandbytes), always with fourbit's layers: through FourbitConfig, which takes the
@@ -157,13 +168,7 @@ def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
 
     from ..integrations.transformers import FourbitConfig
 
-    if not stored.get("load_in_4bit"):
-        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else f"{stored.get('quant_method')!r}-quantized"
-        raise InvalidInput(
-            f"{os.path.join(spec, 'config.json')}: quantization_config says this is a {method} checkpoint; "
-            "fourbit loads dense or 4-bit (NF4/FP4) directories",
-            "give the dense (unquantized) model; fourbit quantizes it to NF4 on load",
-        )
+    check_4bit(spec, stored)
     files = check_weights(spec)  # a damaged 4-bit tensor named here, not inside transformers' loading report
     with loading(spec, files):
         model = AutoModelForCausalLM.from_pretrained(
