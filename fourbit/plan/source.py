@@ -13,7 +13,7 @@ import os
 
 from ..errors import InvalidInput
 from ..train.model_files import gguf_errors, loading, read_config
-from ..train.models import EMBEDDED, check_4bit, smollm2_dir, stored_quantization
+from ..train.models import EMBEDDED, check_4bit, check_gguf, smollm2_dir, stored_quantization
 from .presets import PRESETS, is_preset, preset_config
 
 __all__ = ["ModelSource", "resolve"]
@@ -53,10 +53,7 @@ def resolve(spec: str, *, layers: int | None = None) -> ModelSource:
             raise InvalidInput(f"{spec!r} has a config.json transformers cannot read ({str(err).splitlines()[0]})", _FIX) from None
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif os.path.isfile(path):
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise InvalidInput(f"{spec!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')", _FIX)
+        check_gguf(path, _FIX)
         folder, name = os.path.split(os.path.abspath(path))
         with gguf_errors(path):
             config = AutoConfig.from_pretrained(folder, gguf_file=name)

@@ -111,6 +111,14 @@ def smollm2_dir() -> str:
 _MODEL_FIX = f"give {EMBEDDED!r} (the embedded SmolLM2), a transformers model directory, or a .gguf file"
 
 
+def check_gguf(path: str, fix: str) -> None:
+    """Refuse a file that does not start with GGUF's magic bytes (the loader's and the planner's check)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InvalidInput(f"{path!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')", fix)
+
+
 def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, source) for "smollm2", a transformers directory or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,10 +132,7 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(spec)
     elif os.path.isfile(spec):
-        with open(spec, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise InvalidInput(f"{spec!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')", _MODEL_FIX)
+        check_gguf(spec, _MODEL_FIX)
         model, tokenizer = _from_gguf(spec)
         model = model.to(dtype)
     else:
