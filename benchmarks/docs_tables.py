@@ -43,29 +43,32 @@ def _median(rows, **match) -> float | None:
 
 
 def cpu_headline() -> str:
-    """fourbit against bitsandbytes' CPU backend, one line per op family (README)."""
-    quant, matmul, optim, train = (_load(f"cpu/{n}.json") for n in ("quant", "matmul", "optim", "train"))
-    lines = []
-    for op in ("quantize", "dequantize"):
-        for dtype in ("float32", "bfloat16"):
-            ours, peer = (_median(quant, op=op, shape="4096x4096", dtype=dtype, provider=p)
-                          for p in ("fourbit", "bitsandbytes"))
-            lines.append((f"{op} NF4+DQ 4096×4096, {dtype}", ours, peer))
-    for m in (1, 16, 512):
-        shape = f"{m}x4096x4096"
-        ours = _median(matmul, op="matmul", shape=shape, dtype="bfloat16", provider="fourbit-reference")
-        peer = _median(matmul, op="matmul", shape=shape, dtype="bfloat16", provider="bitsandbytes")
-        if ours is not None:
-            lines.append((f"`matmul_4bit` M = {m}, 4096×4096, bf16", ours, peer))
-    for op, label in (("adamw32 step", "AdamW 32-bit step"), ("adamw8 step", "AdamW 8-bit step")):
-        ours = _median(optim, op=op, provider="fourbit")
-        peer = _median(optim, op=op, provider="bitsandbytes")
-        lines.append((f"{label}, {optim[0]['shape'].split('(')[-1].rstrip(')')} LoRA params", ours, peer))
-    step = {r["provider"]: r for r in train}
-    lines.append((f"QLoRA training step, SmolLM2-135M, batch {step['fourbit']['config']['batch_size']}",
-                  step["fourbit"]["median_ms"], step["bnb+peft"]["median_ms"]))
-    rows = [[what, f"{ours:.1f}", f"{peer:.1f}", f"{peer / ours:.2f}×"] for what, ours, peer in lines]
-    return _md(["op (CPU)", "fourbit ms", "bitsandbytes ms", "fourbit speed"], rows)
+    """fourbit's CPU kernels against bitsandbytes' CPU backend, one line per op family, from
+    benchmarks/bench_cpu.py's run (README; the full table is in docs/kernels.md)."""
+    rows = _load("cpu/cpu.json")
+    copy = next(r for r in rows if r["op"] == "copy")
+    picks = [("dequantize", "4096x4096", "float32", "dequantize NF4+DQ 4096×4096 → fp32"),
+             ("dequantize", "11008x4096", "bfloat16", "dequantize NF4+DQ 11008×4096 → bf16"),
+             ("quantize", "4096x4096", "float32", "quantize NF4+DQ 4096×4096, fp32"),
+             ("matmul_4bit", "1x4096x4096", "bfloat16", "`matmul_4bit` M = 1 (decode), 4096×4096, bf16"),
+             ("matmul_4bit", "512x4096x4096", "bfloat16", "`matmul_4bit` M = 512, 4096×4096, bf16"),
+             ("adamw32", None, "float32", "AdamW 32-bit step, SmolLM2 LoRA params"),
+             ("adamw8", None, "float32", "AdamW 8-bit step, SmolLM2 LoRA params"),
+             ("qlora_step", None, "float32", "QLoRA training step, SmolLM2-135M, batch 8")]
+    out = []
+    for op, shape, dtype, label in picks:
+        def one(provider):
+            hit = [r for r in rows if r["op"] == op and r["provider"] == provider and r["dtype"] == dtype
+                   and (shape is None or r["shape"] == shape)
+                   and (op not in ("adamw32", "adamw8") or not r["shape"].startswith("Paged"))]
+            return hit[0] if hit else None
+        ours, peer = one("fourbit"), one("bitsandbytes")
+        pct = f"{ours['pct_of_ceiling']:.0f} %" if ours.get("pct_of_ceiling") and op != "qlora_step" and "512x" not in ours["shape"] else ""
+        out.append([label, f"{ours['median_ms']:.2f}", f"{peer['median_ms']:.2f}",
+                    f"{peer['median_ms'] / ours['median_ms']:.2f}×", pct])
+    note = (f"Copy bandwidth {copy['gb_per_s']:.1f} GB/s (torch copy_, read + write), {copy.get('isa')} kernels, "
+            f"{copy.get('threads')} threads.\n\n")
+    return note + _md(["op (CPU)", "fourbit ms", "bitsandbytes ms", "fourbit speed", "% of copy bandwidth"], out)
 
 
 def _costmodel(rel: str) -> str:
@@ -176,6 +179,13 @@ def bnb_own_tests() -> str:
                 "fourbit installed, AVX512-BF16 simulated", "bitsandbytes alone"], out)
 
 
+def cpu_kernels() -> str:
+    """fourbit's C kernels against bitsandbytes' CPU backend, from benchmarks/bench_cpu.py (docs/kernels.md)."""
+    from benchmarks.cpu_table import goals_table
+
+    return goals_table(_load("cpu/cpu.json"))
+
+
 def plan_accuracy() -> str:
     """`fourbit plan` against the profiler's record of real runs on the CPU (docs/plan.md)."""
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
@@ -231,7 +241,8 @@ def plan_example() -> str:
 
 TABLES = {f.__name__.replace("_", "-"): f for f in
           (cpu_headline, costmodel_sm90a, costmodel_sm90a_triton36, gemv_prologue, fidelity_smollm2, fidelity_minilm,
-           inspect_pooled, qlora_vs_lora, bnb_own_tests, plan_accuracy, plan_paper, plan_example, plan_time, plan_headline)}
+           inspect_pooled, qlora_vs_lora, bnb_own_tests, cpu_kernels, plan_accuracy, plan_paper, plan_example, plan_time,
+           plan_headline)}
 
 
 def regenerate(text: str) -> str:

@@ -1,20 +1,27 @@
-"""The one place that chooses between the PyTorch reference (`fourbit.nf4`) and Triton (`fourbit.kernels`).
+"""The one place that chooses between the PyTorch reference (`fourbit.nf4`), Triton (`fourbit.kernels`)
+and the C kernels for CPU tensors (`fourbit.cpu`).
 
-Every backend-dependent operation is exported here with the signature both implementations share:
+Every backend-dependent operation is exported here with the signature all implementations share:
 
-    op                    reference                       Triton kernel
-    quantize              fourbit.nf4.quant.quantize      fourbit.kernels.quantize.quantize
-    dequantize            fourbit.nf4.quant.dequantize    fourbit.kernels.dequantize.dequantize
-    matmul                fourbit.nf4.matmul.matmul       fourbit.kernels.matmul.matmul
-    matmul_backward       fourbit.nf4.matmul...           fourbit.kernels.matmul.matmul_backward
-    adamw_update_32bit    fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_32bit
-    adamw_update_8bit     fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_8bit
+    op                    reference                       Triton kernel                          CPU kernel
+    quantize              fourbit.nf4.quant.quantize      fourbit.kernels.quantize.quantize      fourbit.cpu.quantize
+    dequantize            fourbit.nf4.quant.dequantize    fourbit.kernels.dequantize.dequantize  fourbit.cpu.dequantize
+    matmul                fourbit.nf4.matmul.matmul       fourbit.kernels.matmul.matmul          fourbit.cpu.matmul
+    matmul_backward       fourbit.nf4.matmul...           fourbit.kernels.matmul.matmul_backward fourbit.cpu.matmul_backward
+    adamw_update_32bit    fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_32bit  fourbit.cpu...
+    adamw_update_8bit     fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_8bit   fourbit.cpu...
+    quantize_blockwise    fourbit.nf4.blockwise...        (the reference on CUDA tensors)        fourbit.cpu...
+    dequantize_blockwise  fourbit.nf4.blockwise...        (the reference on CUDA tensors)        fourbit.cpu...
 
-FOURBIT_BACKEND = auto (default) | reference | triton
-    auto       Triton for CUDA tensors, the reference otherwise.
+FOURBIT_BACKEND = auto (default) | reference | triton | cpu
+    auto       Triton for CUDA tensors; the CPU kernels for CPU tensors when they build and load,
+               else the reference (one line on stderr says why, once per process).
     reference  always the reference.
     triton     always Triton; on CPU tensors this needs TRITON_INTERPRET=1.
-The environment is read on every call, so tests may switch it with monkeypatch.
+    cpu        the CPU kernels for CPU tensors (an error, with the reason, if they cannot load).
+The environment is read on every call, so tests may switch it with monkeypatch. The CPU kernels are
+bit-identical to the reference except the fused GEMV (M <= fourbit.cpu.GEMV_MAX_M rows of x), which
+computes in float32 and agrees within F.linear's tolerance.
 
 Rules beyond the environment live here too, never inside a kernel module: a kernel launcher raises
 ValueError on what it cannot do, and this module decides what runs instead. The Triton matmul needs
@@ -23,30 +30,17 @@ K % blocksize == 0 and K % 64 == 0 (`fused_shape_supported`); other weights take
 routes, `matmul_route` picks by the number of rows M of x (crossovers below, from the static cost
 model `fourbit.kernels.analysis.costmodel` until a GPU measurement replaces them):
 
-    M <= GEMV_MAX_M (16)         ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
-                                                                 % 64 == 0), capability >= 8.0 (predicted
-                                                                 fractions: docs/kernels.md); fp32 x, blocksize 32:
-                                                                 the SIMT GEMV up to SIMT_GEMV_MAX_M (2)
-    M <= FUSED_MAX_M (64)        ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
-    SWAP_MIN_M (1024) <= M       ("gemm" | "backward", "fused")  Hopper, bf16/fp16: the swapped tiles, W from
-      < SWAP_MAX_M (8192)                                        registers into async wgmma: 0.97 of dense
-                                                                 bf16 cuBLAS at M = 1024-4096
-    otherwise                    (..., "dequantize+cublas")      one decode pass + cuBLAS: 0.82 of dense
-                                                                 bf16 at M = 1024, 0.90 at 2048, 0.97 at 8192
-Predicted on the five Llama-3 shapes (sm_90a): the tensor-core GEMV decodes a packed byte with three
-instructions and leaves the multiply-adds to mma.sync, so its cost barely grows with M (5.5 loop
-instructions per byte at M <= 8, 6.2-6.7 at M = 16, where x's second 8-row tile makes it L1-bound);
-the fused GEMM it replaced up to M = 16 was predicted at 0.30-0.51 of the roofline there. The SIMT
-GEMV (8.6 instructions per byte at M = 1, 0.90) is L1-bound from M = 4 on (221 us summed over the
-five shapes against 159 us for the fused GEMM). The fused kernels beat dequantize + cuBLAS up to
-M = 128 (4096x4096, M = 16: 6.8 vs 17.7 us; 28672x8192: 56 vs 247 us) and tie at 256; that
-crossover sits at 64, one step on the safe side, because the model is optimistic for the fused
-decode. The swapped tiles are tensor-bound where they fill the SMs (256 x 128 tiles: from M = 1024
-on every shape) and beat dequantize + cuBLAS there, whose decode pass costs 2.5 bytes of HBM traffic
-per weight, M-independent: 0.82 of dense at M = 1024, 0.90 at 2048. At M = 8192 the two tie by the
-model (0.970 against 0.973; the fused tiles lose 3 % to wave quantization), so the measured cuBLAS
-path keeps the largest M. On sm_80/89 (no register-operand wgmma) and for fp32 x every M above 64
-takes dequantize + cuBLAS.
+    M <= GEMV_MAX_M              ("gemv", "fused")               the tensor-core GEMV (bf16/fp16 x, blocksize
+                                                                 % 64 == 0, capability >= 8.0); fp32 x or
+                                                                 blocksize 32: the SIMT GEMV up to SIMT_GEMV_MAX_M
+    M <= FUSED_MAX_M             ("gemm" | "backward", "fused")  tensor cores on tiles decoded in registers
+    SWAP_MIN_M <= M < SWAP_MAX_M ("gemm" | "backward", "fused")  Hopper, bf16/fp16: the swapped tiles, W from
+                                                                 registers into async wgmma
+    otherwise                    (..., "dequantize+cublas")      one decode pass + cuBLAS
+Why each crossover sits where it does (the cost model's predicted fractions of the roofline and of
+dense cuBLAS per shape, and the margins left on the safe side) is in docs/kernels.md, generated from
+benchmarks/results/sm_90a/costmodel.json; a GPU measurement replaces them. On sm_80/89 (no
+register-operand wgmma) and for fp32 x every M above FUSED_MAX_M takes dequantize + cuBLAS.
 
 Gates (`matmul_gates` reports them for a device): below capability 8.0 (T4, V100) there is no
 mma.sync.m16n8k16 and no bf16 tensor core, so the tensor-core GEMV and the fused tiles do not build;
@@ -56,12 +50,13 @@ tiles run only on a Triton version whose build passes the static hazard check
 registers of wgmmas still in flight. The cost model asks `matmul_route`, so it rates the same gates.
 
 Imports are lazy and plain (inside each function): with FOURBIT_BACKEND=reference, or on CPU under
-auto, Triton is never imported.
+auto, Triton is never imported; with FOURBIT_BACKEND=reference the CPU kernels are never built.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -73,12 +68,15 @@ __all__ = [
     "adamw_update_32bit",
     "adamw_update_8bit",
     "backend_for",
+    "cpu_kernels_available",
     "dequantize",
+    "dequantize_blockwise",
     "matmul",
     "matmul_backward",
     "matmul_gates",
     "matmul_route",
     "quantize",
+    "quantize_blockwise",
 ]
 
 GEMV_MAX_M = 16  # route to the tensor-core GEMV up to here (bf16/fp16 x, blocksize % 64 == 0)
@@ -86,16 +84,61 @@ SIMT_GEMV_MAX_M = 2  # the SIMT GEMV (fp32 x or blocksize 32) up to here (it tak
 FUSED_MAX_M = 64  # above, dequantize + cuBLAS (module docstring)
 SWAP_MAX_M = 8192  # from here dequantize + cuBLAS again: the model ties them (0.973 vs 0.970)
 
-_BACKENDS = ("auto", "reference", "triton")
+_BACKENDS = ("auto", "reference", "triton", "cpu")
+_CPU: dict[str, object] = {}  # the CPU kernels' verdict for this process: {"ok": bool, "module": fourbit.cpu}
+
+
+def cpu_kernels_available() -> bool:
+    """Whether fourbit.cpu's kernels are built and loaded (built on the first call; the verdict is kept).
+    If they cannot be, one line on stderr says why, once per process."""
+    if "ok" not in _CPU:
+        from . import cpu
+
+        ok, why = cpu.available()
+        _CPU["ok"], _CPU["module"] = ok, cpu
+        if not ok:
+            print(f"fourbit: CPU kernels unavailable ({why}); using the PyTorch reference", file=sys.stderr)
+    return bool(_CPU["ok"])
+
+
+def _cpu():
+    """The fourbit.cpu package, imported once: an optimizer calls dispatch per tensor (420 per LoRA
+    step), and a `from .cpu import name` per call cost more than the kernel for small tensors."""
+    module = _CPU.get("module")
+    if module is None:
+        from . import cpu as module
+
+        _CPU["module"] = module
+    return module
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """False for a fake tensor (`fourbit.plan` traces a training step under FakeTensorMode): the C
+    kernels and Triton's interpreter read and write memory through data_ptr(), which a fake tensor
+    does not have, while the reference's torch ops trace."""
+    if type(t) is torch.Tensor:  # a fake tensor is a subclass
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
 
 
 def backend_for(t: torch.Tensor) -> str:
-    """"reference" or "triton" for an operation on tensor t."""
+    """"reference", "triton" or "cpu" for an operation on tensor t."""
     choice = os.environ.get("FOURBIT_BACKEND", "auto").strip().lower() or "auto"
     if choice not in _BACKENDS:
         raise ValueError(f"FOURBIT_BACKEND must be one of {list(_BACKENDS)}, got {choice!r}")
+    if not t.is_cuda and not _has_data(t):  # a fake CPU tensor: neither C nor the interpreter can run it
+        return "reference"
     if choice == "auto":
-        return "triton" if t.is_cuda else "reference"
+        if t.is_cuda:
+            return "triton"
+        return "cpu" if t.device.type == "cpu" and cpu_kernels_available() else "reference"
+    if choice == "cpu":
+        if t.device.type != "cpu":
+            raise ValueError(f"FOURBIT_BACKEND=cpu runs CPU tensors only, got one on {t.device}")
+        _cpu()._lib.loaded()  # raises Unavailable, with the reason, if the kernels cannot be built or loaded
+        return "cpu"
     if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "FOURBIT_BACKEND=triton on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -106,8 +149,11 @@ def backend_for(t: torch.Tensor) -> str:
 
 def quantize(x: torch.Tensor, **kwargs):
     """(packed, QuantState) of x; keywords as `fourbit.nf4.quantize`."""
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "triton":
         from .kernels.quantize import quantize as impl
+    elif backend == "cpu":
+        impl = _cpu().quantize
     else:
         from .nf4.quant import quantize as impl
     return impl(x, **kwargs)
@@ -115,8 +161,11 @@ def quantize(x: torch.Tensor, **kwargs):
 
 def dequantize(packed: torch.Tensor, state, **kwargs) -> torch.Tensor:
     """The dense tensor of `state.shape`; keywords as `fourbit.nf4.dequantize`."""
-    if backend_for(packed) == "triton":
+    backend = backend_for(packed)
+    if backend == "triton":
         from .kernels.dequantize import dequantize as impl
+    elif backend == "cpu":
+        impl = _cpu().dequantize
     else:
         from .nf4.quant import dequantize as impl
     return impl(packed, state, **kwargs)
@@ -153,7 +202,10 @@ def matmul_gates(device: torch.device | str | None = None) -> dict[str, object]:
 def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None, *,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequantize(W).T + bias; x: (..., K), W: [N, K], y: (..., N) in x.dtype."""
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "cpu":
+        return _cpu().matmul(x, packed, state, bias, out=out)
+    if backend == "triton":
         from .kernels.matmul import fused_shape_supported, matmul as kernel
 
         if fused_shape_supported(state):
@@ -167,7 +219,10 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | No
 
 def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """grad_x = grad_y @ dequantize(W); grad_y: (..., N), grad_x: (..., K) in grad_y.dtype."""
-    if backend_for(grad_y) == "triton":
+    backend = backend_for(grad_y)
+    if backend == "cpu":
+        return _cpu().matmul_backward(grad_y, packed, state)
+    if backend == "triton":
         from .kernels.matmul import fused_shape_supported, matmul_backward as kernel
 
         if fused_shape_supported(state):
@@ -182,8 +237,11 @@ def matmul_backward(grad_y: torch.Tensor, packed: torch.Tensor, state) -> torch.
 def adamw_update_32bit(p, g, m, v, **hyper) -> None:
     """One AdamW step in place on flat p, m, v (float32 states); keywords lr, beta1, beta2, eps,
     weight_decay, step."""
-    if backend_for(p) == "triton":
+    backend = backend_for(p)
+    if backend == "triton":
         from .kernels.adamw import adamw_update_32bit as impl
+    elif backend == "cpu":
+        impl = _cpu().adamw_update_32bit
     else:
         from .nf4.adamw import adamw_update_32bit as impl
     impl(p, g, m, v, **hyper)
@@ -191,8 +249,30 @@ def adamw_update_32bit(p, g, m, v, **hyper) -> None:
 
 def adamw_update_8bit(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper) -> None:
     """One AdamW step in place on flat p and the 8-bit blockwise states (see `fourbit.nf4.adamw`)."""
-    if backend_for(p) == "triton":
+    backend = backend_for(p)
+    if backend == "triton":
         from .kernels.adamw import adamw_update_8bit as impl
+    elif backend == "cpu":
+        impl = _cpu().adamw_update_8bit
     else:
         from .nf4.adamw import adamw_update_8bit as impl
     impl(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes of x's shape, float32 absmax per block) with a 256-entry code (`fourbit.nf4.quantize_blockwise`)."""
+    if backend_for(x) == "cpu":
+        impl = _cpu().quantize_blockwise
+    else:
+        from .nf4.blockwise import quantize_blockwise as impl
+    return impl(x, code, blocksize)
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fl32(code[q] * absmax[block]) rounded to `dtype` (`fourbit.nf4.dequantize_blockwise`)."""
+    if backend_for(q) == "cpu":
+        impl = _cpu().dequantize_blockwise
+    else:
+        from .nf4.blockwise import dequantize_blockwise as impl
+    return impl(q, absmax, code, blocksize, dtype)

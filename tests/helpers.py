@@ -55,6 +55,31 @@ def max_rel_err(a, b) -> float:
     return float(((a - b).abs() / b.abs()).max())
 
 
+# ---- backends -----------------------------------------------------------------------------------
+# Parity tests run on the reference and on the C kernels (fourbit.cpu). Both give bitsandbytes' bytes,
+# except what fourbit.cpu's fused GEMV computes (a matmul with at most fourbit.cpu.GEMV_MAX_M rows of
+# x): float32 sums in another order, so there F.linear's float32 tolerance instead of equality.
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["reference", "cpu"])
+
+
+def use_backend(monkeypatch, backend: str) -> None:
+    """FOURBIT_BACKEND=backend for this test (a `cpu` run is skipped where the kernels do not load)."""
+    from fourbit import dispatch
+
+    if backend == "cpu" and not dispatch.cpu_kernels_available():
+        pytest.skip("the CPU kernels did not load")
+    monkeypatch.setenv("FOURBIT_BACKEND", backend)
+
+
+def assert_gemv_parity(ours: torch.Tensor, theirs: torch.Tensor, backend: str, what: str = "") -> None:
+    """Equal under the reference; under the CPU kernels' fused GEMV within 1e-6 relative (float32)."""
+    if backend == "reference":
+        assert torch.equal(ours, theirs), what
+    else:
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, what
+        assert rel_err(ours, theirs) < 1e-6, (what, rel_err(ours, theirs))
+
+
 # ---- tiny Llama ---------------------------------------------------------------------------------
 def tiny_llama(seed: int = 0, *, hidden: int = 64, inter: int = 128, layers: int = 2, **config):
     """A random LlamaForCausalLM (float32, train mode), the same for the same arguments. `config`

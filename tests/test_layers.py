@@ -22,7 +22,7 @@ LAYERS = ["nf4", "kernels", "dispatch", "lora", "train", "plan", "cli"]
 # must be placed here (the test says so) before it can be imported.
 BELOW_ALL = {"errors"}
 PLACED = {"functional": "lora", "nn": "lora", "integrations": "lora", "optim": "train",
-          "__init__": "cli", "demo": "cli", "inspect": "cli"}
+          "__init__": "cli", "demo": "cli", "inspect": "cli", "cpu": "kernels"}
 # fourbit/kernels/analysis is tooling that reads the library rather than part of it: the compile
 # report, the SASS reader, the static cost model (it rates what the dispatcher would run, so it asks
 # fourbit.dispatch for its route) and the hazard check. It sits just above dispatch; the test below

@@ -41,7 +41,7 @@ from ..train.distributed import Runtime
 from ..train.loop import Trainer
 from ..train.models import check_linear_layers
 from ..train.parallel import parallelize
-from ..train.setup import prepare_model, uses_autocast
+from ..train.setup import prepare_model, use_checkpointing, uses_autocast
 from .build import build_base, local, model_tensors, static_bytes
 from .ops import FourbitOps, prewarm
 from .source import ModelSource
@@ -197,11 +197,7 @@ def _prepare(model: nn.Module, config: TrainConfig, full: bool) -> tuple[str, bo
     for p in model.parameters():
         p.requires_grad_(True)
     count = trainable_parameters(model)
-    on = config.grad_checkpointing == "on" or (config.grad_checkpointing == "auto" and count.total > config.checkpointing_above)
-    if on:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return str(count), on
+    return str(count), use_checkpointing(model, config, count.total)
 
 
 def _budget(config: TrainConfig) -> int | None:

@@ -14,7 +14,7 @@ from .config import TrainConfig
 from .data import read_jsonl
 from .task import date_task
 
-__all__ = ["build_optimizer", "prepare_model", "split_records", "uses_autocast"]
+__all__ = ["build_optimizer", "prepare_model", "split_records", "use_checkpointing", "uses_autocast"]
 
 
 def split_records(config: TrainConfig) -> tuple[list, list]:
@@ -44,11 +44,17 @@ def prepare_model(model, config: TrainConfig) -> tuple[str, bool]:
     except ValueError as err:  # --targets that this architecture does not have (the message lists its names)
         raise InvalidInput(f"--model {config.model}: {err}", "pass --targets with names of this model's linear layers") from None
     count = trainable_parameters(model)
-    on = config.grad_checkpointing == "on" or (config.grad_checkpointing == "auto" and count.total > config.checkpointing_above)
+    return str(count), use_checkpointing(model, config, count.total)
+
+
+def use_checkpointing(model, config: TrainConfig, trainable: int) -> bool:
+    """Gradient checkpointing when asked for, or under "auto" when the trainable parameters are many;
+    turned on in the model here. Returns whether it is on."""
+    on = config.grad_checkpointing == "on" or (config.grad_checkpointing == "auto" and trainable > config.checkpointing_above)
     if on:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return str(count), on
+    return on
 
 
 def build_optimizer(config: TrainConfig, params):
