@@ -192,8 +192,9 @@ def test_finetune_refuses_before_loading_with_a_change_that_fits(tiny, tmp_path,
 def test_changes_are_planned_each_alone_and_leave_the_plan_its_own_notes(tiny, tmp_path):
     from fourbit.plan import plan
 
-    p = plan(_small(tiny, tmp_path, batch_size=8), target=Target("a 300 MiB test GPU", "cuda", 300 * 2**20, headroom=0.0))
-    assert not p.fits and any(s.fits for s in p.suggestions) and all(s.peak != p.peak for s in p.suggestions)
+    p = plan(_small(tiny, tmp_path, batch_size=8), target=Target("a 300 MiB test GPU", "cuda", 300 * 2**20, headroom=0.0),
+             suggest="first")
+    assert not p.fits and p.suggestions[-1].fits and all(s.peak < p.peak for s in p.suggestions)
     assert len(p.notes) == len(set(p.notes)), p.notes  # the changes' plans once appended theirs to this list
 
 
