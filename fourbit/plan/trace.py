@@ -32,8 +32,6 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from .. import dispatch
-from ..errors import Unavailable
 from ..lora import trainable_parameters
 from ..train.config import TrainConfig
 from ..train.data import IGNORE, collate
@@ -330,9 +328,6 @@ def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: 
     counts carried to all of them (`_extrapolate`), unless `exact`. `trace_on`: the fake tensors'
     device (default: the target's when this machine has it, else the CPU)."""
     device = torch.device(trace_on or ("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and dispatch.backend_for(torch.empty(0)) == "triton":
-        raise Unavailable("FOURBIT_BACKEND=triton on the CPU runs Triton's interpreter, which a plan's fake tensors cannot enter",
-                          "unset FOURBIT_BACKEND (or set it to reference) to plan")
     prewarm(device.type)  # real tables for the reference matmul, on the device it will run on
     # the parameter count (and with it "auto" gradient checkpointing) of the whole model, on meta
     from transformers import AutoModelForCausalLM
