@@ -10,6 +10,8 @@ Every backend-dependent operation is exported here with the signature all implem
     matmul_backward       fourbit.nf4.matmul...           fourbit.kernels.matmul.matmul_backward fourbit.cpu.matmul_backward
     adamw_update_32bit    fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_32bit  fourbit.cpu...
     adamw_update_8bit     fourbit.nf4.adamw...            fourbit.kernels.adamw.adamw_update_8bit   fourbit.cpu...
+    adamw_update_*_many   fourbit.nf4.adamw...            (the single op per tensor)             fourbit.cpu...
+    any_nonfinite         fourbit.nf4.adamw...            (the reference on CUDA tensors)        fourbit.cpu...
     quantize_blockwise    fourbit.nf4.blockwise...        (the reference on CUDA tensors)        fourbit.cpu...
     dequantize_blockwise  fourbit.nf4.blockwise...        (the reference on CUDA tensors)        fourbit.cpu...
 
@@ -66,7 +68,10 @@ __all__ = [
     "GEMV_MAX_M",
     "SIMT_GEMV_MAX_M",
     "adamw_update_32bit",
+    "adamw_update_32bit_many",
     "adamw_update_8bit",
+    "adamw_update_8bit_many",
+    "any_nonfinite",
     "backend_for",
     "cpu_kernels_available",
     "dequantize",
@@ -257,6 +262,53 @@ def adamw_update_8bit(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper) -> 
     else:
         from .nf4.adamw import adamw_update_8bit as impl
     impl(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, **hyper)
+
+
+def adamw_update_32bit_many(ps: list, gs: list, ms: list, vs: list, **hyper) -> None:
+    """`adamw_update_32bit` on each (p, g, m, v) of a group on one device sharing the hyperparameters:
+    one call of the CPU kernel for all of them, else one step per tensor."""
+    if not ps:
+        return
+    backend = backend_for(ps[0])
+    if backend == "cpu":
+        _cpu().adamw_update_32bit_many(ps, gs, ms, vs, **hyper)
+    elif backend == "triton":
+        from .kernels.adamw import adamw_update_32bit as impl
+
+        for p, g, m, v in zip(ps, gs, ms, vs, strict=True):
+            impl(p, g, m, v, **hyper)
+    else:
+        from .nf4.adamw import adamw_update_32bit_many as reference
+
+        reference(ps, gs, ms, vs, **hyper)
+
+
+def adamw_update_8bit_many(ps: list, gs: list, q1s: list, q2s: list, absmax1s: list, absmax2s: list, qmap1, qmap2,
+                           **hyper) -> None:
+    """`adamw_update_8bit` on each tensor of a group on one device (one pair of maps)."""
+    if not ps:
+        return
+    backend = backend_for(ps[0])
+    if backend == "cpu":
+        _cpu().adamw_update_8bit_many(ps, gs, q1s, q2s, absmax1s, absmax2s, qmap1, qmap2, **hyper)
+    elif backend == "triton":
+        from .kernels.adamw import adamw_update_8bit as impl
+
+        for p, g, q1, q2, a1, a2 in zip(ps, gs, q1s, q2s, absmax1s, absmax2s, strict=True):
+            impl(p, g, q1, q2, a1, a2, qmap1, qmap2, **hyper)
+    else:
+        from .nf4.adamw import adamw_update_8bit_many as reference
+
+        reference(ps, gs, q1s, q2s, absmax1s, absmax2s, qmap1, qmap2, **hyper)
+
+
+def any_nonfinite(tensors: list[torch.Tensor]) -> list[bool]:
+    """For each tensor, whether it holds a NaN or an infinity (an optimizer's gradients, one call)."""
+    if tensors and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and backend_for(tensors[0]) == "cpu":
+        return _cpu().any_nonfinite(tensors)
+    from .nf4.adamw import any_nonfinite as impl
+
+    return impl(tensors)
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

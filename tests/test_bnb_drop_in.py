@@ -30,18 +30,23 @@ from helpers import one_thread_quiet_bnb  # noqa: E402,F401  (an autouse fixture
 pytestmark = pytest.mark.bnb
 opcheck = torch.library.opcheck
 COUNTED = ((dispatch, "quantize"), (dispatch, "dequantize"), (dispatch, "matmul"), (dispatch, "adamw_update_32bit"),
-           (dispatch, "adamw_update_8bit"), (dispatch, "quantize_blockwise"), (dispatch, "dequantize_blockwise"))
+           (dispatch, "adamw_update_8bit"), (dispatch, "adamw_update_32bit_many"), (dispatch, "adamw_update_8bit_many"),
+           (dispatch, "quantize_blockwise"), (dispatch, "dequantize_blockwise"))
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """install() for the test; a Counter of calls into fourbit, which must not stay empty."""
+    """install() for the test; a Counter of calls into fourbit, which must not stay empty. A group step
+    (`adamw_update_*_many`) counts once per tensor under the single step's name."""
     counter: collections.Counter = collections.Counter()
     for module, name in COUNTED:
         real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
-            counter[_name] += 1
+            if _name.endswith("_many"):
+                counter[_name.removesuffix("_many")] += len(args[0])
+            else:
+                counter[_name] += 1
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)

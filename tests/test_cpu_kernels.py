@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -163,6 +164,48 @@ def test_adamw_steps_equal_the_reference(isa, n, p_dtype, g_dtype, hyper, seed):
     cpu.adamw_update_8bit(*ours, qmap1, qmap2, **hyper)
     ref_adamw.adamw_update_8bit(*want, qmap1, qmap2, **hyper)
     assert all(same_bytes(a, b) for a, b in zip(ours, want))
+
+
+@given(sizes=st.lists(st.one_of(st.integers(0, 700), st.sampled_from([1, 256, 257, 40000])), min_size=1, max_size=12),
+       dtypes=st.lists(st.sampled_from(FLOATS), min_size=12, max_size=12), hyper=HYPER, threads=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_adamw_many_equals_the_reference_per_tensor(isa, sizes, dtypes, hyper, threads, seed):
+    """One call for a group (the optimizer's path) gives each tensor the single step's bytes, whatever the
+    sizes (empty, partial 256-blocks, one large enough to be split over threads) and dtypes."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(n, generator=g).to(d) for n, d in zip(sizes, dtypes)]
+    gs = [(torch.randn(n, generator=g) * 1e-2).to(d) for n, d in zip(sizes, reversed(dtypes))]
+    ms, vs = [torch.randn(n, generator=g) * 1e-2 for n in sizes], [torch.rand(n, generator=g) * 1e-4 for n in sizes]
+    ours, want = ([[t.clone() for t in ts] for ts in (ps, gs, ms, vs)] for _ in range(2))
+    with mock.patch.object(_lib, "threads", lambda: threads):
+        cpu.adamw_update_32bit_many(*ours, **hyper)
+    ref_adamw.adamw_update_32bit_many(*want, **hyper)
+    assert all(same_bytes(a, b) for xs, ys in zip(ours, want) for a, b in zip(xs, ys))
+
+    qmap1, qmap2 = nf4.dynamic_map(signed=True), nf4.dynamic_map(signed=False)
+    q1s, a1s = zip(*(ref_blockwise.quantize_blockwise(m, qmap1) for m in ms))
+    q2s, a2s = zip(*(ref_blockwise.quantize_blockwise(v, qmap2) for v in vs))
+    ours, want = ([[t.clone() for t in ts] for ts in (ps, gs, q1s, q2s, a1s, a2s)] for _ in range(2))
+    with mock.patch.object(_lib, "threads", lambda: threads):
+        cpu.adamw_update_8bit_many(*ours, qmap1, qmap2, **hyper)
+    ref_adamw.adamw_update_8bit_many(*want, qmap1, qmap2, **hyper)
+    assert all(same_bytes(a, b) for xs, ys in zip(ours, want) for a, b in zip(xs, ys))
+
+
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=10), dtype=st.sampled_from(FLOATS + [torch.float64]),
+       bad=st.lists(st.tuples(st.integers(0, 9), st.floats(0, 1), st.sampled_from([float("nan"), float("inf"), -float("inf")])),
+                    max_size=4),
+       seed=st.integers(0, 2**31 - 1))
+def test_any_nonfinite_finds_every_nan_and_infinity(sizes, dtype, bad, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(n, generator=g) * 1e3).to(dtype) for n in sizes]
+    xs = [x.clamp(-60000, 60000) if dtype == torch.float16 else x for x in xs]
+    for t, where, value in bad:
+        if t < len(xs) and xs[t].numel():
+            xs[t][min(int(where * xs[t].numel()), xs[t].numel() - 1)] = value
+    want = [not bool(torch.isfinite(x).all()) for x in xs]
+    assert cpu.any_nonfinite(xs) == want
+    assert ref_adamw.any_nonfinite(xs) == want
 
 
 # ---- matmul -----------------------------------------------------------------------------------

@@ -163,8 +163,9 @@ CPU_OPS = [("fourbit.nf4.quant", "fourbit.cpu.quant", "quantize"),
            ("fourbit.nf4.quant", "fourbit.cpu.quant", "dequantize"),
            ("fourbit.nf4.matmul", "fourbit.cpu.matmul", "matmul"),
            ("fourbit.nf4.matmul", "fourbit.cpu.matmul", "matmul_backward"),
-           ("fourbit.nf4.adamw", "fourbit.cpu.adamw", "adamw_update_32bit"),
-           ("fourbit.nf4.adamw", "fourbit.cpu.adamw", "adamw_update_8bit"),
+           ("fourbit.nf4.adamw", "fourbit.cpu.adamw", "adamw_update_32bit_many"),  # the optimizers' calls
+           ("fourbit.nf4.adamw", "fourbit.cpu.adamw", "adamw_update_8bit_many"),
+           ("fourbit.nf4.adamw", "fourbit.cpu.adamw", "any_nonfinite"),
            ("fourbit.nf4.blockwise", "fourbit.cpu.blockwise", "quantize_blockwise"),
            ("fourbit.nf4.blockwise", "fourbit.cpu.blockwise", "dequantize_blockwise")]
 needs_cpu_kernels = pytest.mark.skipif(not dispatch.cpu_kernels_available(), reason="the CPU kernels did not load")

@@ -6,7 +6,8 @@ when they load; =cpu forces them; =reference never touches them).
     w_hat = dequantize(packed, state)           # bit-identical
     y = matmul(x, packed, state, bias)          # M <= GEMV_MAX_M: fused GEMV (float32, within tolerance);
                                                 # otherwise the reference's plan with the C decoder (same bits)
-    adamw_update_32bit / adamw_update_8bit      # bit-identical fused steps
+    adamw_update_32bit / adamw_update_8bit      # bit-identical fused steps (_many: a group in one call)
+    any_nonfinite                               # which tensors hold NaN / inf
     quantize_blockwise / dequantize_blockwise   # bit-identical 8-bit codes
 
 The library is compiled on first use and cached per machine (fourbit/cpu/_lib.py); `available()`
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from ..errors import Unavailable
 from . import _lib
-from .adamw import adamw_update_8bit, adamw_update_32bit
+from .adamw import adamw_update_8bit, adamw_update_8bit_many, adamw_update_32bit, adamw_update_32bit_many, any_nonfinite
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .matmul import GEMV_MAX_M, matmul, matmul_backward
 from .quant import dequantize, dequantize_into, quantize
@@ -25,7 +26,10 @@ from .quant import dequantize, dequantize_into, quantize
 __all__ = [
     "GEMV_MAX_M",
     "adamw_update_32bit",
+    "adamw_update_32bit_many",
     "adamw_update_8bit",
+    "adamw_update_8bit_many",
+    "any_nonfinite",
     "available",
     "dequantize",
     "dequantize_blockwise",

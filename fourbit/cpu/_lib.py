@@ -56,6 +56,10 @@ _SIGNATURES = {
     "fourbit_dequantize_blockwise": ([_P, _I64, _I64, _P, _P, _P, _I, _I], _I),
     "fourbit_adamw_32bit": ([_P, _I, _P, _I, _P, _P, _I64, _F, _F, _F, _F, _F, _F, _I, _F, _I], _I),
     "fourbit_adamw_8bit": ([_P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I64, _F, _F, _F, _F, _F, _F, _F, _I, _F, _I], _I),
+    "fourbit_adamw_32bit_many": ([_I, _P, _P, _P, _P, _P, _P, _P, _F, _F, _F, _F, _F, _F, _I, _F, _I], _I),
+    "fourbit_adamw_8bit_many": ([_I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F, _F, _F, _F, _F, _F, _I, _F, _I],
+                                _I),
+    "fourbit_nonfinite_many": ([_I, _P, _P, _P, _P, _I], _I),
     "fourbit_gemv_4bit": ([_P, _I, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P, _F, _I64, _P, _P, _I, _I], _I),
 }
 

@@ -8,6 +8,7 @@ write through raw pointers, outside autograd, as the reference's in-place ops un
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from ..nf4.checks import FLOAT_DTYPES
 from . import _lib
 
-__all__ = ["adamw_update_32bit", "adamw_update_8bit"]
+__all__ = ["adamw_update_32bit", "adamw_update_32bit_many", "adamw_update_8bit", "adamw_update_8bit_many",
+           "any_nonfinite"]
 
 QBLOCK = 256
 _F32, _U8 = (torch.float32,), (torch.uint8,)
@@ -69,3 +71,81 @@ def adamw_update_8bit(p: torch.Tensor, g: torch.Tensor, q1: torch.Tensor, q2: to
             1.0 - beta1, beta2, 1.0 - beta2, c2, eps, 1.0 - lr * weight_decay, int(weight_decay > 0.0), -lr / c1,
             _lib.threads()):
         raise MemoryError("adamw_update_8bit: no memory for the maps' search tables")
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _codes(tensors) -> ctypes.Array:
+    return (ctypes.c_int * len(tensors))(*(_lib.dtype_code(t.dtype) for t in tensors))
+
+
+def _sizes(tensors) -> ctypes.Array:
+    return (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
+
+
+def adamw_update_32bit_many(ps: list, gs: list, ms: list, vs: list, *, lr: float, beta1: float, beta2: float,
+                            eps: float, weight_decay: float, step: int) -> None:
+    """`adamw_update_32bit` on every (p, g, m, v) in one call (the same bytes as one call each)."""
+    if not (len(ps) == len(gs) == len(ms) == len(vs)):
+        raise ValueError(f"adamw_update_32bit_many: {len(ps)} params, {len(gs)} grads, {len(ms)} and {len(vs)} states")
+    keep = []
+    for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
+        n = p.numel()
+        # the common case in one expression: this runs per tensor of every step
+        if not (n == g.numel() == m.numel() == v.numel() and m.dtype is torch.float32 and v.dtype is torch.float32
+                and p.dtype in FLOAT_DTYPES and g.dtype in FLOAT_DTYPES and p.is_cpu and g.is_cpu and m.is_cpu
+                and v.is_cpu and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+            _check(n, p=(p, FLOAT_DTYPES, n), g=(g, FLOAT_DTYPES, n), m=(m, _F32, n), v=(v, _F32, n))
+        if n:
+            keep.append(i)
+    if not keep:
+        return
+    if len(keep) < len(ps):
+        ps, gs, ms, vs = ([t[i] for i in keep] for t in (ps, gs, ms, vs))
+    c1, c2 = _corrections(beta1, beta2, step)
+    if _lib.loaded().fourbit_adamw_32bit_many(
+            len(ps), _ptrs(ps), _codes(ps), _ptrs(gs), _codes(gs), _ptrs(ms), _ptrs(vs), _sizes(ps), beta1,
+            1.0 - beta1, beta2, 1.0 - beta2, eps * c2, 1.0 - lr * weight_decay, int(weight_decay > 0.0),
+            -lr * c2 / c1, _lib.threads()):
+        raise MemoryError("adamw_update_32bit_many: no memory for the tensor table")
+
+
+def adamw_update_8bit_many(ps: list, gs: list, q1s: list, q2s: list, absmax1s: list, absmax2s: list,
+                           qmap1: torch.Tensor, qmap2: torch.Tensor, *, lr: float, beta1: float, beta2: float,
+                           eps: float, weight_decay: float, step: int) -> None:
+    """`adamw_update_8bit` on every tensor's (p, g, q1, q2, absmax1, absmax2) in one call, one pair of maps."""
+    lists = (ps, gs, q1s, q2s, absmax1s, absmax2s)
+    if len({len(t) for t in lists}) != 1:
+        raise ValueError(f"adamw_update_8bit_many: lists of different lengths {[len(t) for t in lists]}")
+    _check(256, qmap1=(qmap1, _F32, 256), qmap2=(qmap2, _F32, 256))
+    keep = [i for i, p in enumerate(ps) if p.numel()]
+    for i in keep:
+        n = ps[i].numel()
+        nb = -(-n // QBLOCK)
+        _check(n, p=(ps[i], FLOAT_DTYPES, n), g=(gs[i], FLOAT_DTYPES, n), q1=(q1s[i], _U8, n), q2=(q2s[i], _U8, n),
+               absmax1=(absmax1s[i], _F32, nb), absmax2=(absmax2s[i], _F32, nb))
+    if not keep:
+        return
+    ps, gs, q1s, q2s, absmax1s, absmax2s = ([t[i] for i in keep] for t in lists)
+    c1, c2 = _corrections(beta1, beta2, step)
+    if _lib.loaded().fourbit_adamw_8bit_many(
+            len(ps), _ptrs(ps), _codes(ps), _ptrs(gs), _codes(gs), _ptrs(q1s), _ptrs(q2s), _ptrs(absmax1s),
+            _ptrs(absmax2s), qmap1.data_ptr(), qmap2.data_ptr(), _sizes(ps), beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+            c2, eps, 1.0 - lr * weight_decay, int(weight_decay > 0.0), -lr / c1, _lib.threads()):
+        raise MemoryError("adamw_update_8bit_many: no memory for the maps' search tables")
+
+
+def any_nonfinite(tensors: list[torch.Tensor]) -> list[bool]:
+    """For each CPU tensor, whether it holds a NaN or an infinity (one pass, one call for all)."""
+    for t in tensors:
+        if t.dtype not in FLOAT_DTYPES + (torch.float64,) or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"any_nonfinite: needs contiguous float CPU tensors, got {t.dtype} on {t.device}")
+    if not tensors:
+        return []
+    bad = (ctypes.c_uint8 * len(tensors))()
+    if _lib.loaded().fourbit_nonfinite_many(len(tensors), _ptrs(tensors), _codes(tensors), _sizes(tensors), bad,
+                                            _lib.threads()):
+        raise MemoryError("any_nonfinite: no memory for the tensor table")
+    return [bool(b) for b in bad]

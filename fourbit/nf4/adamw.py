@@ -141,3 +141,32 @@ def adamw_update_8bit(
     q2.copy_(new_q2)
     absmax1.copy_(new_absmax1)
     absmax2.copy_(new_absmax2)
+
+
+def adamw_update_32bit_many(ps: list, gs: list, ms: list, vs: list, **hyper) -> None:
+    """`adamw_update_32bit` on each (p, g, m, v) in turn: a group of tensors sharing the hyperparameters
+    (an optimizer's parameters), which a kernel can step in one call."""
+    for p, g, m, v in zip(ps, gs, ms, vs, strict=True):
+        adamw_update_32bit(p, g, m, v, **hyper)
+
+
+def adamw_update_8bit_many(ps: list, gs: list, q1s: list, q2s: list, absmax1s: list, absmax2s: list,
+                           qmap1: torch.Tensor, qmap2: torch.Tensor, **hyper) -> None:
+    """`adamw_update_8bit` on each tensor's (p, g, q1, q2, absmax1, absmax2) in turn, one pair of maps."""
+    for p, g, q1, q2, a1, a2 in zip(ps, gs, q1s, q2s, absmax1s, absmax2s, strict=True):
+        adamw_update_8bit(p, g, q1, q2, a1, a2, qmap1, qmap2, **hyper)
+
+
+@torch.no_grad()
+def any_nonfinite(tensors: list[torch.Tensor]) -> list[bool]:
+    """For each tensor, whether it holds a NaN or an infinity (the optimizer skips such a gradient).
+
+    sum(0 * t) is 0 when every element is finite and NaN otherwise (0 * inf = NaN), and costs a fifth
+    of isfinite(t).all(); one device-to-host transfer per device for all the flags."""
+    flags = [False] * len(tensors)
+    for device in {t.device for t in tensors}:
+        index = [i for i, t in enumerate(tensors) if t.device == device]
+        sums = torch.stack([tensors[i].mul(0).sum(dtype=torch.float32) for i in index])
+        for i, ok in zip(index, (sums == 0).tolist()):
+            flags[i] = not ok
+    return flags

@@ -12,6 +12,7 @@
 #include "nearest.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     void *p;
@@ -177,5 +178,141 @@ int fourbit_adamw_8bit(void *p, int p_dtype, const void *g, int g_dtype, uint8_t
 #endif
     fb_parallel_for((n + QBLOCK - 1) / QBLOCK, 1, 64, threads, fn, &c);
     free(own1), free(own2);
+    return 0;
+}
+
+/* ---- many tensors in one call ------------------------------------------------------------------
+ * An optimizer steps every parameter with the same hyperparameters; one call for all of them pays the
+ * Python and fork-join cost once instead of per tensor (420 LoRA tensors of ~12k values each). The
+ * team splits the concatenated index space (elements, or 256-blocks for 8-bit), so small tensors
+ * share a thread's chunk and a large one spreads over all threads. Each tensor sees exactly the
+ * single-tensor kernel's arithmetic on its own elements: the same bytes. */
+typedef struct {
+    int count;
+    const int64_t *start;       /* count + 1 prefix sums of the units per tensor */
+    adamw_ctx *each;            /* per tensor: the single-tensor context */
+    fb_range_fn fn;
+} many_ctx;
+
+/* The last tensor whose units start at or before b (start: count + 1 prefix sums). */
+static int first_at(const int64_t *start, int count, int64_t b) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (start[mid] <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static void many_run(void *arg, int64_t b, int64_t e) {
+    many_ctx *c = (many_ctx *)arg;
+    for (int t = first_at(c->start, c->count, b); t < c->count && c->start[t] < e; t++) {
+        int64_t tb = b > c->start[t] ? b - c->start[t] : 0;
+        int64_t te = (e < c->start[t + 1] ? e : c->start[t + 1]) - c->start[t];
+        if (te > tb) c->fn(&c->each[t], tb, te);
+    }
+}
+
+static int many_prepare(int count, const int64_t *n, int64_t unit, int64_t **start, adamw_ctx **each) {
+    *start = (int64_t *)malloc((size_t)(count + 1) * sizeof(int64_t));
+    *each = (adamw_ctx *)calloc((size_t)count, sizeof(adamw_ctx));
+    if (!*start || !*each) { free(*start), free(*each); return -1; }
+    (*start)[0] = 0;
+    for (int t = 0; t < count; t++) (*start)[t + 1] = (*start)[t] + (n[t] + unit - 1) / unit;
+    return 0;
+}
+
+int fourbit_adamw_32bit_many(int count, void **p, const int *p_dtype, const void **g, const int *g_dtype, float **m,
+                             float **v, const int64_t *n, float b1, float omb1, float b2, float omb2, float eps_c2,
+                             float decay, int decay_on, float step_size, int threads) {
+    int64_t *start;
+    adamw_ctx *each;
+    if (count <= 0) return 0;
+    if (many_prepare(count, n, 1, &start, &each)) return -1;
+    for (int t = 0; t < count; t++)
+        each[t] = (adamw_ctx){p[t], g[t], p_dtype[t], g_dtype[t], n[t], m[t], v[t], NULL, NULL, NULL, NULL, NULL, NULL,
+                              b1, omb1, b2, omb2, decay, 0.0f, eps_c2, step_size, decay_on};
+    many_ctx c = {count, start, each, a32_portable};
+#if FB_X86
+    if (fb_isa >= FB_ISA_AVX2) c.fn = a32_avx2;
+#endif
+    fb_parallel_for(start[count], 64, 1 << 15, threads, many_run, &c);
+    free(start), free(each);
+    return 0;
+}
+
+int fourbit_adamw_8bit_many(int count, void **p, const int *p_dtype, const void **g, const int *g_dtype, uint8_t **q1,
+                            uint8_t **q2, float **absmax1, float **absmax2, const float *qmap1, const float *qmap2,
+                            const int64_t *n, float b1, float omb1, float b2, float omb2, float c2, float eps,
+                            float decay, int decay_on, float step_size, int threads) {
+    int64_t *start;
+    adamw_ctx *each;
+    fb_nearest *own1, *own2;
+    if (count <= 0) return 0;
+    const fb_nearest *t1 = fb_nearest_for(qmap1, &own1), *t2 = fb_nearest_for(qmap2, &own2);
+    if (!t1 || !t2 || many_prepare(count, n, QBLOCK, &start, &each)) {
+        free(own1), free(own2);
+        return -1;
+    }
+    for (int t = 0; t < count; t++)
+        each[t] = (adamw_ctx){p[t], g[t], p_dtype[t], g_dtype[t], n[t], NULL, NULL, q1[t], q2[t], absmax1[t], absmax2[t],
+                              t1, t2, b1, omb1, b2, omb2, decay, c2, eps, step_size, decay_on};
+    many_ctx c = {count, start, each, a8_portable};
+#if FB_X86
+    if (fb_isa >= FB_ISA_AVX2) c.fn = a8_avx2;
+#endif
+    fb_parallel_for(start[count], 1, 64, threads, many_run, &c);
+    free(start), free(each), free(own1), free(own2);
+    return 0;
+}
+
+/* ---- which tensors hold a NaN or an infinity ---------------------------------------------------
+ * The optimizer skips a parameter whose gradient is not finite, and asks before it steps any. An
+ * all-ones exponent field is the test (inf and NaN in every float format); an integer OR-reduction,
+ * which the compiler vectorizes (a float one it may not reorder). */
+typedef struct {
+    int count;
+    const int64_t *start;
+    const void **x;
+    const int *dtype;
+    uint8_t *bad;
+} finite_ctx;
+
+static int any_nonfinite(const void *x, int dtype, int64_t b, int64_t e) {
+    uint32_t acc = 0;
+    if (dtype == FB_F32) {
+        const uint32_t *u = (const uint32_t *)x;
+        for (int64_t i = b; i < e; i++) acc |= (u[i] & 0x7f800000u) == 0x7f800000u;
+    } else if (dtype == FB_F64) {
+        const uint64_t *u = (const uint64_t *)x;
+        for (int64_t i = b; i < e; i++) acc |= (u[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    } else {
+        const uint16_t *u = (const uint16_t *)x;
+        uint16_t exp = dtype == FB_F16 ? 0x7c00 : 0x7f80;
+        for (int64_t i = b; i < e; i++) acc |= (u[i] & exp) == exp;
+    }
+    return acc != 0;
+}
+
+static void finite_run(void *arg, int64_t b, int64_t e) {
+    finite_ctx *c = (finite_ctx *)arg;
+    for (int t = first_at(c->start, c->count, b); t < c->count && c->start[t] < e; t++) {
+        int64_t tb = b > c->start[t] ? b - c->start[t] : 0;
+        int64_t te = (e < c->start[t + 1] ? e : c->start[t + 1]) - c->start[t];
+        if (te > tb && any_nonfinite(c->x[t], c->dtype[t], tb, te)) __atomic_store_n(&c->bad[t], 1, __ATOMIC_RELAXED);
+    }
+}
+
+/* bad[t] = 1 where tensor t (n[t] values of dtype[t]) holds a NaN or an infinity, else 0. */
+int fourbit_nonfinite_many(int count, const void **x, const int *dtype, const int64_t *n, uint8_t *bad, int threads) {
+    int64_t *start;
+    adamw_ctx *unused;
+    if (count <= 0) return 0;
+    if (many_prepare(count, n, 1, &start, &unused)) return -1;
+    free(unused);
+    memset(bad, 0, (size_t)count);
+    finite_ctx c = {count, start, x, dtype, bad};
+    fb_parallel_for(start[count], 64, 1 << 16, threads, finite_run, &c);
+    free(start);
     return 0;
 }

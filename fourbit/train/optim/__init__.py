@@ -2,7 +2,8 @@
 
 `adamw` holds the optimizers (`aliases` bitsandbytes' other names for them: Adam*, *32bit), `saved_state` their state_dict form, `manager` per-parameter settings (GlobalOptimManager), `pager` the page pool. One update
 step on flat tensors is `fourbit.dispatch.adamw_update_32bit / _8bit` (reference: fourbit/nf4/adamw.py,
-Triton: fourbit/kernels/adamw.py).
+Triton: fourbit/kernels/adamw.py); a step calls their `_many` forms once per group of tensors sharing the
+hyperparameters (the CPU kernels step the whole group in one call) after one `any_nonfinite` over the grads.
 """
 
 from .adamw import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit

@@ -47,8 +47,8 @@ def pytest_configure(config):
     from fourbit.integrations import bitsandbytes as fourbit_bnb
 
     # fourbit.dispatch is where every route into fourbit passes (the CPU kernels or the reference)
-    for name in ("quantize", "dequantize", "matmul", "adamw_update_32bit", "adamw_update_8bit",
-                 "quantize_blockwise", "dequantize_blockwise"):
+    for name in ("quantize", "dequantize", "matmul", "adamw_update_32bit", "adamw_update_8bit", "adamw_update_32bit_many",
+                 "adamw_update_8bit_many", "quantize_blockwise", "dequantize_blockwise"):
         _count(dispatch, name)
     fourbit_bnb.install()
     if os.environ.get("FOURBIT_BNB_OPTIM") == "1":
