@@ -63,6 +63,7 @@ from ..nf4.files import write_bytes
 from . import checkpoint, distributed, optim, rundir
 from .config import TrainConfig
 from .data import IGNORE, batch_at, encode_all, read_jsonl
+from .forward import answer_logits
 from .models import load_base
 from .parallel import full_lora_weights, wrap_model
 from .plot import plot_metrics
@@ -229,6 +230,7 @@ class Trainer:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
+        self.share_prefix = self.runtime.world_size == 1 and not self.checkpointing  # forward.answer_logits
 
         self.data = encode_all(tokenizer, train_records, c.max_length)
         encode_all(tokenizer, self.eval_records, c.max_length)  # the same limits and refusals as training records
@@ -257,7 +259,8 @@ class Trainer:
         if not self.eval_records:
             return None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device, max_length=self.config.max_length)
+            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device,
+                               max_length=self.config.max_length, share_prefix=self.share_prefix)
 
     def save_checkpoint(self) -> str:
         """Collective: every rank gathers, rank 0 writes."""
@@ -307,10 +310,8 @@ class Trainer:
         for b in batches:
             ids, mask, labels = (b[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            loss_sum = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-            )
+                logits, target = answer_logits(self.model, ids, mask, labels, share_prefix=self.share_prefix)  # (B, P, V), (B, P)
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
             # scaled so the ranks' averaged gradients are those of the global token mean
             loss = self.runtime.global_mean_loss(loss_sum, n_answer)
             total += self.runtime.reduce(loss.item())
