@@ -186,9 +186,63 @@ def cpu_kernels() -> str:
     return goals_table(_load("cpu/cpu.json"))
 
 
+def plan_accuracy() -> str:
+    """`fourbit plan` against the profiler's record of real runs on the CPU (docs/plan.md)."""
+    mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    out = [[r["case"], mib(r["predicted_bytes"]), mib(r["measured_bytes"]), f"{100 * r['error']:+.2f} %", r["where"],
+            f"{r['plan_s']:.0f}"] for r in _load("plan/accuracy.json")["rows"]]
+    return _md(["case (SmolLM2-135M, CPU)", "planned MiB", "measured MiB", "error", "peak at", "plan s"], out)
+
+
+def plan_paper() -> str:
+    """The QLoRA paper's memory claim, planned (docs/plan.md)."""
+    rows = _load("plan/paper.json")["rows"]
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+    out = []
+    for r in rows:
+        p = r["plans"]
+        out.append([r["model"], gb(p["qlora"]["peak_bytes"]), gb(p["qlora_paged"]["peak_bytes"]), gb(p["lora16"]["peak_bytes"]),
+                    gb(p["full16"]["peak_bytes"]), f"{r['base_4bit_bytes'] / 1e9:.3f}", f"{r['formula_bytes'] / 1e9:.3f}",
+                    f"{r['base_4bit_bytes'] - r['formula_bytes']:+,.0f} B ({100 * (r['base_4bit_bytes'] / r['formula_bytes'] - 1):+.1e} %)"])
+    head = ["model", "QLoRA GB", f"QLoRA, {rows[0]['paged_budget_mib']} MiB of states on the GPU, GB", "LoRA on a bf16 base GB",
+            "full bf16 GB", "4-bit base GB (exact)", "4.127-bit formula GB", "exact vs formula"]
+    return _md(head, out)
+
+
+def plan_time() -> str:
+    """Seconds to plan a 70B model, `fourbit plan` in a fresh process (docs/plan.md)."""
+    out = [[f"`{r['command']}`", f"{r['wall_s']:.1f}", f"{r['plan_s']:.1f}", f"{r['peak_bytes'] / 2**30:.1f}",
+            "fits" if r["fits"] else f"does not fit; {r['suggestions']} changes planned"] for r in _load("plan/time70b.json")["rows"]]
+    return _md(["command (this CPU machine)", "wall s", "in plan() s", "peak GiB", "verdict"], out)
+
+
+def plan_headline() -> str:
+    """The paper's claim and the planner's measured error, in one sentence (README.md)."""
+    paper = {r["model"]: r for r in _load("plan/paper.json")["rows"]}["llama-65b"]
+    errors = [abs(r["error"]) for r in _load("plan/accuracy.json")["rows"]]
+    p = paper["plans"]
+    return (f"**Memory, planned before a run**: `fourbit plan` puts LLaMA-65B QLoRA in the paper's setup (batch 1 x "
+            f"{paper['seq_len']} tokens, r = 64, paged AdamW keeping {paper['paged_budget_mib']} MiB of states on the GPU) at "
+            f"{p['qlora_paged']['peak_bytes'] / 1e9:.1f} GB ({p['qlora']['peak_bytes'] / 1e9:.1f} GB with every state on the GPU) "
+            f"and full bf16 fine-tuning at {p['full16']['peak_bytes'] / 1e9:.0f} GB (the paper: < 48 GB and > 780 GB); its "
+            f"prediction is within {100 * max(errors):.1f} % of the measured peak on {len(errors)} real CPU runs "
+            "([docs/plan.md](docs/plan.md)).")
+
+
+def plan_example() -> str:
+    """The LLaMA-65B QLoRA plan of the paper table, as `fourbit plan` prints it (docs/plan.md)."""
+    from fourbit.plan.planner import Plan
+    from fourbit.plan.report import table
+
+    row = next(r for r in _load("plan/paper.json")["rows"] if r["model"] == "llama-65b")
+    text = table(Plan.from_dict(row["qlora_plan"]))
+    return "```text\n" + "\n".join(line for line in text.splitlines() if not line.startswith("  planned in")) + "\n```"
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in
           (cpu_headline, costmodel_sm90a, costmodel_sm90a_triton36, gemv_prologue, fidelity_smollm2, fidelity_minilm,
-           inspect_pooled, qlora_vs_lora, bnb_own_tests, cpu_kernels)}
+           inspect_pooled, qlora_vs_lora, bnb_own_tests, cpu_kernels, plan_accuracy, plan_paper, plan_example, plan_time,
+           plan_headline)}
 
 
 def regenerate(text: str) -> str:

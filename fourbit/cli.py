@@ -1,6 +1,7 @@
 """The `fourbit` command line.
 
     fourbit finetune [--model M] [--data D] [--steps N] ...   QLoRA fine-tune (defaults: the main job)
+    fourbit plan [finetune's flags] [--gpu NAME] [--compare]  its peak memory, before running it
     fourbit generate --adapter DIR "prompt"                   greedy completion with a trained adapter
     fourbit quantize IN OUT                                   transformers checkpoint -> 4-bit directory
     fourbit report [args]                                     the Triton kernel compile report
@@ -94,16 +95,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=_finite_float if base is float else base, default=None, help=f"default: {field.default}")
 
 
-def _finetune(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace):
+    """The TrainConfig of the flags given (finetune's and plan's: one object, one run)."""
     from .train.config import TrainConfig
-    from .train.loop import Trainer
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if "targets" in given:
         given["targets"] = tuple(given["targets"])
-    config = TrainConfig(**given)
-    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    return TrainConfig(**given)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .train.loop import Trainer
+
+    config = _config(args)
+    check = None
+    if not args.no_plan:
+        from .plan.gate import check_fits as check
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, before_load=check)
     try:
         print(trainer.param_summary)
         summary = trainer.train()
@@ -123,6 +133,29 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"loss: first step {summary['first_loss']:.4f}  last step {summary['last_loss']:.4f}")
     print(f"run directory: {config.output_dir} (adapter/, metrics.jsonl, loss.png, checkpoint/, summary.json)")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import compare, gpu_target, memory_target, parse_size, plan
+    from .plan.report import compare_table, table, write_json, write_png
+
+    config = _config(args)
+    if args.gpu and args.gpu_memory:
+        raise InvalidInput("--gpu and --gpu-memory exclude each other", "give one of them")
+    target = gpu_target(args.gpu) if args.gpu else memory_target(parse_size(args.gpu_memory)) if args.gpu_memory else None
+    if args.compare:
+        plans = compare(config, target=target, world_size=args.world_size, suggest=not args.no_suggest)
+        print("\n\n".join(table(p) for p in plans))
+        print()
+        print(compare_table(plans))
+    else:
+        plans = [plan(config, target=target, world_size=args.world_size, suggest=not args.no_suggest)]
+        print(table(plans[0]))
+    if args.json:
+        print(f"wrote {write_json(plans, args.json)}")
+    if args.png:
+        print(f"wrote {write_png(plans, args.png)}")
+    return 0 if plans[0].fits else 1
 
 
 def _trained_base_weights(adapter: str) -> str | None:
@@ -212,7 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     ft.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.add_argument("--no-plan", action="store_true", help="skip the memory plan made before loading (and its refusal on a GPU)")
     ft.set_defaults(func=_finetune)
+
+    pl = sub.add_parser(
+        "plan", help="the peak memory of the finetune run these flags describe, before running it",
+        description="Plans the run `fourbit finetune` would do with the same flags: its peak memory, where in the step "
+        "it happens, what it is made of, whether it fits, and what to change when it does not. --model also takes "
+        "presets built from published dimensions (no download): " + ", ".join(__import__("fourbit.plan.presets", fromlist=["PRESETS"]).PRESETS)
+        + ". Exit status 1 when the run does not fit.",
+    )
+    _add_config_flags(pl)
+    pl.add_argument("--gpu", default=None, help="a card from the table: T4, 4090, A100-40GB, A100-80GB, L40S, H100, H200")
+    pl.add_argument("--gpu-memory", default=None, help="a GPU of this much memory, e.g. 24GiB or 80GB")
+    pl.add_argument("--world-size", type=int, default=1, help="processes of a --distributed ddp|fsdp run (per-rank peak)")
+    pl.add_argument("--compare", action="store_true", help="also plan it as LoRA on a 16-bit base and as full 16-bit fine-tuning")
+    pl.add_argument("--json", default=None, metavar="FILE", help="write the plan(s) as JSON")
+    pl.add_argument("--png", default=None, metavar="FILE", help="draw the breakdown against the card's capacity")
+    pl.add_argument("--no-suggest", action="store_true", help="do not plan the changes that would make it fit")
+    pl.set_defaults(func=_plan)
 
     gen = sub.add_parser("generate", help="greedy completion of a prompt with a trained adapter")
     gen.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/finetune/adapter)")
@@ -234,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="compile every Triton kernel for sm_80/89/90a and report registers, spills, SASS")
     r.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for fourbit.kernels.analysis.report (e.g. --json FILE)")
     r.set_defaults(func=_report)
-    for command in (demo, ft, gen, q):
+    for command in (demo, ft, pl, gen, q):
         command.add_argument("--debug", dest="debug_here", action="store_true", help="show the traceback of an error too")
     return parser
 

@@ -112,11 +112,24 @@ def _cpu():
     return module
 
 
+def _has_data(t: torch.Tensor) -> bool:
+    """False for a fake tensor (`fourbit.plan` traces a training step under FakeTensorMode): the C
+    kernels and Triton's interpreter read and write memory through data_ptr(), which a fake tensor
+    does not have, while the reference's torch ops trace."""
+    if type(t) is torch.Tensor:  # a fake tensor is a subclass
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
 def backend_for(t: torch.Tensor) -> str:
     """"reference", "triton" or "cpu" for an operation on tensor t."""
     choice = os.environ.get("FOURBIT_BACKEND", "auto").strip().lower() or "auto"
     if choice not in _BACKENDS:
         raise ValueError(f"FOURBIT_BACKEND must be one of {list(_BACKENDS)}, got {choice!r}")
+    if not t.is_cuda and not _has_data(t):  # a fake CPU tensor: neither C nor the interpreter can run it
+        return "reference"
     if choice == "auto":
         if t.is_cuda:
             return "triton"

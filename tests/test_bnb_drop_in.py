@@ -19,7 +19,6 @@ import torch
 
 from fourbit import dispatch
 from fourbit import optim as fourbit_optim
-from fourbit.nf4 import blockwise
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as F  # noqa: E402
@@ -31,7 +30,7 @@ from helpers import one_thread_quiet_bnb  # noqa: E402,F401  (an autouse fixture
 pytestmark = pytest.mark.bnb
 opcheck = torch.library.opcheck
 COUNTED = ((dispatch, "quantize"), (dispatch, "dequantize"), (dispatch, "matmul"), (dispatch, "adamw_update_32bit"),
-           (dispatch, "adamw_update_8bit"), (blockwise, "quantize_blockwise"), (blockwise, "dequantize_blockwise"))
+           (dispatch, "adamw_update_8bit"), (dispatch, "quantize_blockwise"), (dispatch, "dequantize_blockwise"))
 
 
 @pytest.fixture
@@ -94,7 +93,9 @@ def test_ops_4bit(calls, dtype, storage, quant_type):
         opcheck(torch.ops.bitsandbytes.quantize_4bit.default, (A, blocksize, quant_type, storage))
     opcheck(torch.ops.bitsandbytes.dequantize_4bit.default, (packed, absmax, blocksize, quant_type, A.shape, dtype))
     opcheck(torch.ops.bitsandbytes.gemv_4bit.default, (x, packed, A.shape, absmax, code, blocksize))
-    assert calls["quantize"] >= 1 and calls["dequantize"] >= 2 and calls["matmul"] >= 2
+    # float32 / float16 matmuls on CPU decode and use F.linear, as bitsandbytes' CPU build (install())
+    matmuls = calls["matmul"] if dtype == torch.bfloat16 else calls["dequantize"] - 2
+    assert calls["quantize"] >= 1 and calls["dequantize"] >= 2 and matmuls >= 2
 
 
 def test_out_variants_refuse_a_wrong_dtype_or_shape(calls):
@@ -145,7 +146,7 @@ def test_ops_gemv_4bit_on_the_repacked_layout(calls, avx512bf16, dtype, storage,
     assert torch.equal(out, _gemv_on_bf16_scales(x, packed, w.shape, absmax, code, blocksize))
     if blocksize == 32:
         opcheck(torch.ops.bitsandbytes.gemv_4bit.default, (x, repacked, w.shape, state.absmax, code, blocksize))
-    assert calls["matmul"] >= 2
+    assert calls["matmul" if dtype == torch.bfloat16 else "dequantize"] >= 2
 
 
 @pytest.mark.parametrize("avx512bf16", [True], indirect=True)

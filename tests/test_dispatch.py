@@ -259,3 +259,27 @@ def test_a_second_process_loads_the_cached_build(tmp_path):
     assert first.stdout.split()[0] == "True" and second.stdout.split()[0] == "False"
     files = sorted(p.name for p in (tmp_path / "cpu-kernels").rglob("*") if p.is_file())
     assert files == ["libfourbit_cpu.so"], files
+
+
+@needs_cpu_kernels
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="torch is not built with OpenMP here")
+def test_the_kernels_run_on_torchs_openmp_team(tmp_path):
+    """One team of threads for torch's ops and the kernels (two teams on two cores slowed a training
+    step several-fold under load); with a compiler that has no OpenMP the kernels still build, with
+    threads of their own, and give the same bytes."""
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: no OpenMP" >&2; exit 1; }; done\n'
+                       'exec cc "$@"\n')
+    wrapper.chmod(0o755)
+    probe = ("import torch\nfrom fourbit.cpu import _lib\nfrom fourbit import dispatch\n"
+             "torch.manual_seed(0)\nq, s = dispatch.quantize(torch.randn(4096, 512))\n"
+             "print(_lib.team(), dispatch.backend_for(q), dispatch.dequantize(q, s).double().sum().item())")
+    outs = []
+    for cc in ("cc", str(wrapper)):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "FOURBIT_CACHE": str(tmp_path / "cache"), "CC": cc}
+        env.pop("FOURBIT_BACKEND", None)
+        child = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert child.returncode == 0, child.stderr[-2000:]
+        outs.append(child.stdout.split())
+    assert outs[0][:2] == ["torch", "cpu"] and outs[1][:2] == ["own", "cpu"], outs
+    assert outs[0][2] == outs[1][2]

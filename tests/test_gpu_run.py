@@ -57,7 +57,7 @@ def test_dry_run_brings_every_headline_number_back(tmp_path):
     assert line.startswith("summary: OK"), line
     stages, total = re.search(r"GPU stage budget (.*?) = (\d+) s", line).groups()
     budget = {name: int(s) for name, s in (part.rsplit(" ", 1) for part in stages.split(" + "))}
-    assert list(budget) == ["install", "env", "correctness", "timings", "train", "predicted", "summary"]
+    assert list(budget) == ["install", "env", "correctness", "timings", "train", "plan", "predicted", "summary"]
     assert sum(budget.values()) == int(total) <= 420
 
     lines, problems = read_results(out)
@@ -89,6 +89,7 @@ def test_dry_run_brings_every_headline_number_back(tmp_path):
             ("matmul", "fourbit-dequant", 33), ("backward", "fourbit-dequant", 33),
             ("dequantize", "fourbit", None), ("dequantize", "bitsandbytes", None)} <= timed
     assert {x["provider"] for x in by_kind["train"]} == {"fourbit", "bnb+peft"}
+    assert any(x["stage"] == "plan" and x["name"].startswith("plan within 3 %") for x in by_kind["check"])
     if (REPO / "fourbit" / "kernels" / "analysis" / "costmodel.py").exists():  # joined on the dry run's shapes at M = 1
         assert {(x["op"], x["M"]) for x in by_kind["prediction"]} >= {("gemv", 1), ("dequantize", None)}
         assert all(x["measured_us"] > 0 and x["chosen"] for x in by_kind["prediction"])

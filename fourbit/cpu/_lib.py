@@ -35,12 +35,13 @@ import torch
 
 from ..errors import Unavailable
 
-__all__ = ["library", "loaded", "threads", "dtype_code", "isa_name", "set_isa", "build_seconds", "built_here", "ISAS"]
+__all__ = ["library", "loaded", "threads", "team", "dtype_code", "isa_name", "set_isa", "build_seconds", "built_here", "ISAS"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("runtime.c", "quant4.c", "blockwise8.c", "adamw.c", "gemv4.c")
 HEADERS = ("common.h", "nearest.h")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-pthread")
+OPENMP = "-fopenmp"  # tried first: the kernels then share torch's OpenMP team (runtime.c)
 ISAS = ("scalar", "avx2", "avx512")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -48,6 +49,7 @@ _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "fourbit_cpu_best_isa": ([], _I),
     "fourbit_cpu_set_isa": ([_I], _I),
+    "fourbit_cpu_openmp": ([], _I),
     "fourbit_dequantize_4bit": ([_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _F, _I64, _P, _I, _I], _I),
     "fourbit_quantize_4bit": ([_P, _I, _I64, _I64, _I, _P, _P, _P, _P, _I], _I),
     "fourbit_quantize_blockwise": ([_P, _I, _I64, _I64, _P, _P, _P, _I], _I),
@@ -97,11 +99,11 @@ def _identity(cc: str) -> str:
     return done.stdout.strip()
 
 
-def _key(cc: str) -> str:
+def _key(cc: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
-    h.update("\0".join((*FLAGS, cc, _identity(cc), platform.machine(), platform.system())).encode())
+    h.update("\0".join((*flags, cc, _identity(cc), platform.machine(), platform.system())).encode())
     return h.hexdigest()[:20]
 
 
@@ -125,7 +127,7 @@ def _run(cmds: list[list[str]]) -> None:
                 proc.kill()
 
 
-def _build(cc: str, folder: Path) -> Path:
+def _build(cc: str, folder: Path, flags: tuple[str, ...]) -> Path:
     """Compile each source to an object (in parallel: 3.3 s of compiler time here), link them into a
     temporary .so and rename it into place."""
     target = folder / "libfourbit_cpu.so"
@@ -135,13 +137,13 @@ def _build(cc: str, folder: Path) -> Path:
     tag = f".build-{os.getpid()}-{threading.get_ident()}"
     objects = [folder / f"{tag}-{Path(s).stem}.o" for s in SOURCES]
     tmp = folder / f"{tag}.so"
-    compile_flags = [f for f in FLAGS if f != "-shared"]
+    compile_flags = [f for f in flags if f != "-shared"]
     jobs = max(1, min(len(SOURCES), os.cpu_count() or 1))
     sources = [[*cc.split(), *compile_flags, "-c", str(CSRC / s), "-o", str(o)] for s, o in zip(SOURCES, objects)]
     try:
         for i in range(0, len(sources), jobs):
             _run(sources[i : i + jobs])
-        _run([[*cc.split(), *FLAGS, *map(str, objects), "-o", str(tmp), "-lm"]])
+        _run([[*cc.split(), *flags, *map(str, objects), "-o", str(tmp), "-lm"]])
         if not tmp.exists():
             raise Unavailable(f"compiling the CPU kernels failed: {cc} wrote no library", "install gcc or set CC")
         os.replace(tmp, target)  # atomic: another process sees no file or a whole one
@@ -159,18 +161,25 @@ def _load() -> ctypes.CDLL:
         raise Unavailable(f"the CPU kernels are built for Linux only (this is {platform.system()})",
                           "use FOURBIT_BACKEND=reference")
     cc = _compiler()
-    key = _key(cc)
-    folder = _cache_root() / "cpu-kernels" / key
-    _STATE["built"] = not (folder / "libfourbit_cpu.so").exists()
-    try:
-        path = _build(cc, folder)
-    except OSError:  # the cache is not writable: build privately for this process
-        _STATE["built"] = True
-        path = _build(cc, Path(tempfile.mkdtemp(prefix="fourbit-cpu-")) / key)
+    for flags in ((*FLAGS, OPENMP), FLAGS):  # without OpenMP only if the compiler has none
+        key = _key(cc, flags)
+        folder = _cache_root() / "cpu-kernels" / key
+        _STATE["built"] = not (folder / "libfourbit_cpu.so").exists()
+        try:
+            try:
+                path = _build(cc, folder, flags)
+            except OSError:  # the cache is not writable: build privately for this process
+                _STATE["built"] = True
+                path = _build(cc, Path(tempfile.mkdtemp(prefix="fourbit-cpu-")) / key, flags)
+            break
+        except Unavailable:
+            if flags == FLAGS:
+                raise
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
         raise Unavailable(f"loading the CPU kernels failed ({err})", "delete the cache folder and retry") from None
+    _STATE["team"] = _team(lib)
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -184,6 +193,20 @@ def _load() -> ctypes.CDLL:
     _STATE["seconds"] = time.perf_counter() - t0
     _STATE["path"] = str(path)
     return lib
+
+
+def _team(lib: ctypes.CDLL) -> str:
+    """Which threads run the kernels' parallel loops: "torch" when the library is bound to the one
+    OpenMP runtime already in the process (torch's), "own" otherwise (threads of its own, which can
+    compete with torch's for the cores)."""
+    if not lib.fourbit_cpu_openmp():
+        return "own"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "own"
+    runtimes = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line.rsplit("/", 1)[-1]}
+    return "torch" if len(runtimes) == 1 else "own"
 
 
 def _self_check(lib: ctypes.CDLL, isa: int) -> bool:
@@ -233,6 +256,12 @@ def loaded() -> ctypes.CDLL:
     """`library()` without the lock once it has loaded (the per-call path of every kernel)."""
     lib = _STATE.get("lib")
     return lib if lib is not None else library()
+
+
+def team() -> str:
+    """"torch" when the kernels' threads are torch's OpenMP team, "own" when they start their own."""
+    library()
+    return _STATE["team"]
 
 
 def isa_name() -> str:

@@ -17,8 +17,8 @@ bitsandbytes' back. The ops taken over (everything a 4-bit layer's forward and b
 
     quantize_4bit          A -> packed codes, float32 absmax           fourbit.dispatch.quantize
     dequantize_4bit(.out)  packed, absmax -> dense                     fourbit.dispatch.dequantize
-    gemm_4bit              A @ W^T + bias, nested absmax decoded in    fourbit.dispatch.matmul
-    gemv_4bit(.out)        the same with a float32 absmax              fourbit.dispatch.matmul
+    gemm_4bit              A @ W^T + bias, nested absmax decoded in    fourbit.dispatch.matmul (CPU: below)
+    gemv_4bit(.out)        the same with a float32 absmax              fourbit.dispatch.matmul (CPU: below)
     quantize_blockwise     8-bit blockwise codes (nested absmax)       fourbit.dispatch.quantize_blockwise
     dequantize_blockwise(.out)                                         fourbit.dispatch.dequantize_blockwise
 
@@ -31,6 +31,15 @@ bitsandbytes' (fourbit.optim has drop-in optimizer classes).
 
 The `.out` overloads refuse an `out` of the wrong shape or dtype with ValueError, as bitsandbytes'
 CUDA kernels do (its CPU kernels would cast silently).
+
+`gemv_4bit` and `gemm_4bit` on CPU with float32 or float16 A decode W in A's dtype (fourbit's C
+decoder) and multiply with torch's F.linear, as bitsandbytes' CPU build does on CPUs without
+AVX512-BF16, so they return that build's bits; bfloat16 A takes fourbit's fused GEMV / matmul.
+Why: bitsandbytes' own test_gemv_4bit holds a float32 GEMV to F.linear on the decoded W within noise
+calibrated on a GPU (mean difference over sqrt(K) below 2.4e-8), and on an AVX2 CPU F.linear itself is
+2.6e-8 from float64 at K = 4096, so a float32 GEMV more accurate than F.linear (fourbit's: 1.0e-8)
+still fails it; float16 fails its ratio bound (1.0068 against 1.005 at K = 2048). fourbit's own API
+(`fourbit.functional.matmul_4bit`, `fourbit.nn.Linear4bit`) keeps the fused GEMV for every dtype.
 
 AVX512-BF16 CPUs: there bitsandbytes repacks a 4-bit weight for its CPU kernel before `gemv_4bit`
 (`Linear4bit.forward` in eval mode without grad, and its tests explicitly): codes in tiles of 32
@@ -96,9 +105,19 @@ def _dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
     out.copy_(_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
 
 
+# float32 / float16 A on CPU computes as bitsandbytes' CPU build does (module docstring)
+_AS_BNB_CPU = (torch.float32, torch.float16)
+
+
+def _matmul(A, B, state, bias=None):
+    if A.device.type == "cpu" and A.dtype in _AS_BNB_CPU:
+        return torch.nn.functional.linear(A, dispatch.dequantize(B.reshape(-1, 1), state), bias)
+    return dispatch.matmul(A, B.reshape(-1, 1), state, bias)
+
+
 def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None, absmax_offset=None):
     state = _state(shapeB, A.dtype, blocksize, quant_type, absmax, absmax_8bit, absmax_code, absmax_offset)
-    return dispatch.matmul(A, B.reshape(-1, 1), state, bias)
+    return _matmul(A, B, state, bias)
 
 
 _TILE_ROWS = 32  # rows per tile in bitsandbytes' AVX512-BF16 CPU layout
@@ -127,8 +146,7 @@ def _from_cpu_layout(B: torch.Tensor, absmax: torch.Tensor, shapeB, blocksize: i
 def _gemv_4bit(A, B, shapeB, absmax, code, blocksize):
     if absmax.dim() == 2:
         B, absmax = _from_cpu_layout(B, absmax, shapeB, blocksize)
-    state = _state(shapeB, A.dtype, blocksize, _quant_type_of(code), absmax)
-    return dispatch.matmul(A, B.reshape(-1, 1), state, None)
+    return _matmul(A, B, _state(shapeB, A.dtype, blocksize, _quant_type_of(code), absmax))
 
 
 def _gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):

@@ -1,6 +1,7 @@
 """The forward pass the loss and exact match need: logits at the answer positions only.
 
-    logits, target = answer_logits(model, input_ids, attention_mask, labels)   # (B, P, V), (B, P)
+    layout = answer_layout(rows, labels_of_rows)       # on the host, from the token lists
+    logits, target = answer_logits(model, input_ids, attention_mask, labels, layout)   # (B, P, V), (B, P)
 
 Both read logits[t] only where labels[:, t + 1] is an answer token (the prompt is masked out with
 -100, data.py), so two pieces of work of a plain `model(...).logits` are skipped, and every kept
@@ -21,17 +22,48 @@ term is the one the full (B, T, V) logits held at t (the same sums, up to float 
 A model whose forward takes no `logits_to_keep` computes every position and the kept ones are
 selected after; one without a KV-cache keyword (`cache`, or `past_key_values` before
 transformers 5.25) is not prefix-shared.
+
+The positions and the prefix length (`AnswerLayout`) are found from the token lists before the
+forward, so the forward's shapes follow from its inputs' shapes alone: `fourbit.plan` traces it on
+fake tensors with the layout of the run's real batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 
 from .data import IGNORE
 
-__all__ = ["answer_logits", "shared_prefix_length"]
+__all__ = ["AnswerLayout", "answer_layout", "answer_logits", "layout_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerLayout:
+    """Where a batch's answers are, found on the host from its token lists (never from the tensors
+    the forward runs on: `fourbit.plan` runs it on fake tensors, which have no values to search)."""
+
+    keep: tuple[int, ...]  # positions t in 0..T-2 whose next token is an answer token in some row
+    prefix: int  # leading tokens every row shares (real tokens, not padding), at most keep[0]
+
+
+def answer_layout(input_ids: list[list[int]], labels: list[list[int]]) -> AnswerLayout:
+    """The layout of rows `input_ids` (unpadded) and their `labels` (IGNORE on the prompt)."""
+    keep = sorted({t - 1 for y in labels for t, token in enumerate(y) if t > 0 and token != IGNORE})
+    prefix = 0
+    shortest = min((len(x) for x in input_ids), default=0)
+    while prefix < shortest and all(x[prefix] == input_ids[0][prefix] for x in input_ids):
+        prefix += 1
+    return AnswerLayout(tuple(keep), min(prefix, keep[0]) if keep else 0)
+
+
+def layout_of(batch: dict[str, torch.Tensor]) -> AnswerLayout:
+    """`answer_layout` of a collated batch (right-padded rows): reads its values on the host."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    return answer_layout([x[:n] for x, n in zip(ids, lengths)], [y[:n] for y, n in zip(labels, lengths)])
 
 
 def _parameters(model) -> frozenset:
@@ -42,27 +74,19 @@ def _parameters(model) -> frozenset:
         return frozenset()
 
 
-def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, limit: int) -> int:
-    """How many leading tokens all rows share (real tokens, not padding), at most `limit`."""
-    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)  # (T,)
-    run = int(same.int().cumprod(0).sum())
-    return min(run, limit)
-
-
-def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                  share_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, P, V), targets (B, P)) at the P positions t whose next token labels[:, t + 1] is an
-    answer token in some row (module docstring)."""
+def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  layout: AnswerLayout, *, share_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, P, V), targets (B, P)) at the P positions `layout.keep` of the batch (module
+    docstring); `layout` is `answer_layout` of the same rows."""
     target = labels[:, 1:]  # (B, T-1): the token each position predicts
-    keep = (target != IGNORE).any(0).nonzero().flatten()  # (P,) positions in 0..T-2
+    keep = torch.tensor(layout.keep, dtype=torch.long, device=input_ids.device)  # (P,) positions in 0..T-2
     names = _parameters(model)
-    if "logits_to_keep" not in names or keep.numel() == 0:
+    if "logits_to_keep" not in names or not layout.keep:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, keep]  # (B, T, V) -> (B, P, V)
         return logits, target[:, keep]
     cache_name = "cache" if "cache" in names else "past_key_values" if "past_key_values" in names else None
-    b = input_ids.shape[0]
-    n = shared_prefix_length(input_ids, attention_mask, int(keep[0])) if share_prefix and cache_name and b > 1 else 0
-    if n < 2:
+    b, n = input_ids.shape[0], layout.prefix
+    if not (share_prefix and cache_name and b > 1 and n >= 2):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         return logits, target[:, keep]
     from transformers import DynamicCache

@@ -58,16 +58,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import Diverged, InvalidInput, UserError
-from ..lora import add_lora, save_adapter, trainable_parameters
+from ..lora import save_adapter
 from ..nf4.files import write_bytes
-from . import checkpoint, distributed, optim, rundir
+from . import checkpoint, distributed, rundir
 from .config import TrainConfig
-from .data import IGNORE, batch_at, encode_all, read_jsonl
-from .forward import answer_logits
+from .data import IGNORE, batch_at, encode_all
+from .forward import answer_logits, layout_of
 from .models import load_base
 from .parallel import full_lora_weights, wrap_model
 from .plot import plot_metrics
-from .task import date_task, exact_match
+from .setup import build_optimizer, prepare_model, split_records, uses_autocast
+from .task import exact_match
 
 __all__ = ["Trainer", "train", "lr_at", "RunDirExists", "GRAD_NORM_LIMIT", "GRAD_NORM_PATIENCE", "WEIGHT_LIMIT"]
 
@@ -100,33 +101,21 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _build_optimizer(config: TrainConfig, params):
-    if config.optimizer == "torch_adamw":  # PyTorch's own, e.g. for parameters another engine shards
-        return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
-    cls = {
-        "paged_adamw": optim.PagedAdamW,
-        "adamw": optim.AdamW,
-        "paged_adamw8bit": optim.PagedAdamW8bit,
-        "adamw8bit": optim.AdamW8bit,
-    }[config.optimizer]
-    kwargs = dict(lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
-    if config.optimizer.startswith("paged") and config.paging_budget_mb is not None:
-        kwargs["device_budget_bytes"] = int(config.paging_budget_mb * 2**20)
-    return cls(params, **kwargs)
-
-
 class Trainer:
     """Holds the model, data and optimizer of one run directory.
 
     `resume`: continue from `<output_dir>/checkpoint`. `overwrite`: replace an existing run (set
     aside by train(), deleted once this run has a checkpoint, restored if it fails before that).
-    Without either, an output directory that already holds a run is refused.
+    Without either, an output directory that already holds a run is refused. `before_load(trainer)`
+    runs after these checks, before the data and the model load (`fourbit finetune` plans the run
+    there and refuses one that will not fit on its GPU).
 
     The run directory stays locked from construction until train() returns or raises; a Trainer
     that is not trained releases it with close() (or when it is garbage-collected, or the process ends).
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 before_load=None):
         if resume and overwrite:
             raise InvalidInput("--resume and --overwrite exclude each other", "pass one of them")
         config.check_environment()
@@ -146,8 +135,11 @@ class Trainer:
         self._big_norms = 0  # consecutive steps with a gradient norm above GRAD_NORM_LIMIT
         self.metrics: list[dict] = []
         self.overwrite = False  # whether train() replaces a run (decided by rank 0)
+        self.planned: dict | None = None  # what before_load (fourbit.plan.gate) predicted; in summary.json
         try:
             self._open_run_dir(resume, overwrite)
+            if before_load is not None:  # after every check, before anything loads: e.g. refuse a run that will not fit
+                before_load(self)
             self._setup()
         except BaseException:
             self.close()
@@ -157,6 +149,22 @@ class Trainer:
         """Release the run directory (train() does this itself when it ends)."""
         if self.is_main:
             self.run.release()
+
+    @classmethod
+    def around(cls, config: TrainConfig, model, tokenizer, runtime, *, eval_records=(), total_steps: int = 1) -> "Trainer":
+        """A Trainer holding a model prepared elsewhere (`prepare_model`, `wrap_model`), with no run
+        directory and no data: what `fourbit.plan` runs `step_on` and `evaluate` of without memory."""
+        self = cls.__new__(cls)
+        self.config, self.runtime, self.is_main, self.progress, self.on_step = config, runtime, runtime.is_main, False, None
+        self.run_dir, self.run, self.resume, self.overwrite, self._big_norms = config.output_dir, None, False, False, 0
+        self.metrics, self.step, self.total_steps, self.planned = [], 0, total_steps, None
+        self.checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # set by use_checkpointing
+        self.share_prefix = runtime.world_size == 1 and not self.checkpointing  # as _setup decides
+        self.device, self.autocast = runtime.device, uses_autocast(config, runtime.device)
+        self.model, self.tokenizer, self.eval_records = model, tokenizer, list(eval_records)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, self.params)
+        return self
 
     # ---- setup -------------------------------------------------------------------------------
     def _open_run_dir(self, resume: bool, overwrite: bool) -> None:
@@ -195,18 +203,11 @@ class Trainer:
     def _setup(self) -> None:
         c = self.config
         self.device = self.runtime.device
-        self.autocast = (c.precision == "bf16") or (c.precision == "auto" and self.device.type == "cuda")
+        self.autocast = uses_autocast(c, self.device)
         compute = torch.bfloat16 if self.autocast else torch.float32
 
         # the data first: a bad file fails in a second, not after the model has loaded
-        if c.data == "dates":
-            train_records, self.eval_records = date_task(n_eval=c.eval_examples)
-        else:
-            records = read_jsonl(c.data, on_bad_line=c.on_bad_line)
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed)).tolist()
-            records = [records[i] for i in order]
-            n_eval = min(c.eval_examples, len(records) // 10)
-            self.eval_records, train_records = records[:n_eval], records[n_eval:]
+        train_records, self.eval_records = split_records(c)
         per_epoch = len(train_records) // c.batch_size
         if per_epoch == 0:
             raise InvalidInput(
@@ -218,17 +219,7 @@ class Trainer:
         random.seed(c.seed)
         model, tokenizer, self.source = load_base(c.model, c.base_weights, compute_dtype=compute)
         self.tokenizer = tokenizer
-        torch.manual_seed(c.seed)  # the LoRA init must not depend on what loading consumed
-        try:
-            add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.targets)
-        except ValueError as err:  # --targets that this architecture does not have (the message lists its names)
-            raise InvalidInput(f"--model {c.model}: {err}", "pass --targets with names of this model's linear layers") from None
-        self.param_summary = str(trainable_parameters(model))
-        n_params = trainable_parameters(model).total
-        self.checkpointing = c.grad_checkpointing == "on" or (c.grad_checkpointing == "auto" and n_params > c.checkpointing_above)
-        if self.checkpointing:
-            model.config.use_cache = False
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.param_summary, self.checkpointing = prepare_model(model, c)
         self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
         self.share_prefix = self.runtime.world_size == 1 and not self.checkpointing  # forward.answer_logits
 
@@ -236,7 +227,7 @@ class Trainer:
         encode_all(tokenizer, self.eval_records, c.max_length)  # the same limits and refusals as training records
 
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = _build_optimizer(c, self.params)
+        self.optimizer = build_optimizer(c, self.params)
         self.step = 0
         if self.resume:
             state = checkpoint.load(self.checkpoint_dir, model, self.optimizer)
@@ -302,15 +293,23 @@ class Trainer:
         c, t0 = self.config, time.perf_counter()
         pad = self.tokenizer.pad_token_id
         batches = [batch_at(self.data, self.step * c.grad_accum + i, c.batch_size, c.seed, pad) for i in range(c.grad_accum)]
+        return self.step_on(batches, t0)
+
+    def step_on(self, batches: list[dict], t0: float | None = None, layouts: list | None = None) -> dict:
+        """One optimizer step on these global micro-batches (train_step's; `fourbit.plan` traces it
+        with its own, without memory). `layouts`: the `forward.AnswerLayout` of each of this rank's
+        micro-batches; by default read from their values (the plan, whose tensors have none, passes them)."""
+        c, t0 = self.config, time.perf_counter() if t0 is None else t0
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # of the global batches
         batches = [self.runtime.shard(b) for b in batches]  # this rank's rows
+        layouts = layouts or [layout_of(b) for b in batches]
         n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         self.model.train()
         total = 0.0
-        for b in batches:
+        for b, layout in zip(batches, layouts):
             ids, mask, labels = (b[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits, target = answer_logits(self.model, ids, mask, labels, share_prefix=self.share_prefix)  # (B, P, V), (B, P)
+                logits, target = answer_logits(self.model, ids, mask, labels, layout, share_prefix=self.share_prefix)  # (B, P, V), (B, P)
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
             # scaled so the ranks' averaged gradients are those of the global token mean
             loss = self.runtime.global_mean_loss(loss_sum, n_answer)
@@ -420,6 +419,12 @@ class Trainer:
             "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
             "params": self.param_summary, "grad_checkpointing": self.checkpointing, "config": c.to_dict(),
         }
+        if self.planned is not None:
+            measured = {"measured_peak_bytes": torch.cuda.max_memory_allocated(self.device), "measured_by": "torch.cuda.max_memory_allocated"} \
+                if self.device.type == "cuda" else \
+                {"measured_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                 "measured_by": "peak RSS of the process (a cross-check: it also holds Python, libraries and the dense load)"}
+            summary["memory"] = {**self.planned, **measured}
         return summary
 
 

@@ -33,7 +33,7 @@ from ..errors import BadFile, InvalidInput, OutputError, output_error
 from .model_files import check_weights, gguf_errors, loading, read_config
 
 __all__ = [
-    "EMBEDDED", "cache_dir", "load_base", "load_dense", "load_quantized", "smollm2_dir",
+    "EMBEDDED", "cache_dir", "check_4bit", "check_linear_layers", "load_base", "load_dense", "load_quantized", "smollm2_dir",
     "smollm2_gguf_path", "stored_quantization",
 ]
 
@@ -111,6 +111,14 @@ def smollm2_dir() -> str:
 _MODEL_FIX = f"give {EMBEDDED!r} (the embedded SmolLM2), a transformers model directory, or a .gguf file"
 
 
+def check_gguf(path: str, fix: str) -> None:
+    """Refuse a file that does not start with GGUF's magic bytes (the loader's and the planner's check)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InvalidInput(f"{path!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')", fix)
+
+
 def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, source) for "smollm2", a transformers directory or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,10 +132,7 @@ def load_dense(spec: str, *, dtype: torch.dtype = torch.float32):
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(spec)
     elif os.path.isfile(spec):
-        with open(spec, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise InvalidInput(f"{spec!r} is a file but not a GGUF file (first bytes {magic!r}, expected b'GGUF')", _MODEL_FIX)
+        check_gguf(spec, _MODEL_FIX)
         model, tokenizer = _from_gguf(spec)
         model = model.to(dtype)
     else:
@@ -149,6 +154,17 @@ def stored_quantization(spec: str) -> dict | None:
     return stored
 
 
+def check_4bit(spec: str, stored: dict) -> None:
+    """InvalidInput unless a directory's quantization_config is a 4-bit one fourbit loads."""
+    if not stored.get("load_in_4bit"):
+        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else f"{stored.get('quant_method')!r}-quantized"
+        raise InvalidInput(
+            f"{os.path.join(spec, 'config.json')}: quantization_config says this is a {method} checkpoint; "
+            "fourbit loads dense or 4-bit (NF4/FP4) directories",
+            "give the dense (unquantized) model; fourbit quantizes it to NF4 on load",
+        )
+
+
 def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
     """(model, tokenizer, source) for a 4-bit directory (`fourbit quantize` output, or one written by
     transformers + bitsandbytes), always with fourbit's layers: through FourbitConfig, which takes the
@@ -157,13 +173,7 @@ def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
 
     from ..integrations.transformers import FourbitConfig
 
-    if not stored.get("load_in_4bit"):
-        method = "8-bit bitsandbytes" if stored.get("load_in_8bit") else f"{stored.get('quant_method')!r}-quantized"
-        raise InvalidInput(
-            f"{os.path.join(spec, 'config.json')}: quantization_config says this is a {method} checkpoint; "
-            "fourbit loads dense or 4-bit (NF4/FP4) directories",
-            "give the dense (unquantized) model; fourbit quantizes it to NF4 on load",
-        )
+    check_4bit(spec, stored)
     files = check_weights(spec)  # a damaged 4-bit tensor named here, not inside transformers' loading report
     with loading(spec, files):
         model = AutoModelForCausalLM.from_pretrained(
@@ -175,7 +185,7 @@ def _load_4bit_directory(spec: str, stored: dict, compute_dtype):
     return model, tokenizer, os.path.abspath(spec)
 
 
-def _check_linear_layers(model, spec: str) -> None:
+def check_linear_layers(model, spec: str) -> None:
     """InvalidInput for a model whose projections are not nn.Linear (GPT-2's transposed Conv1D):
     quantizing it would write a "4-bit" checkpoint in which nothing is 4-bit."""
     from torch import nn
@@ -202,7 +212,7 @@ def load_quantized(spec: str, *, compute_dtype: torch.dtype | None = None, skip=
     if stored is not None:
         return _load_4bit_directory(spec, stored, compute_dtype)  # FourbitConfig releases the mapping itself
     model, tokenizer, source = load_dense(spec)
-    _check_linear_layers(model, spec)
+    check_linear_layers(model, spec)
     quantize_model(model, skip=skip, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype)
     release_checkpoint_mapping(model)
     return model, tokenizer, source

@@ -52,7 +52,7 @@ from torch import nn
 from ..lora import Linear4bit, LoRALinear
 from .distributed import Runtime, check_mode
 
-__all__ = ["wrap_model", "unwrap", "packed_weight_bytes", "full_lora_weights"]
+__all__ = ["wrap_model", "parallelize", "unwrap", "packed_weight_bytes", "full_lora_weights"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -158,6 +158,16 @@ def wrap_model(
     if not dist.is_initialized():
         raise RuntimeError(f"mode {runtime.mode!r} needs a process group: get the Runtime from distributed.setup({runtime.mode!r}) under torchrun")
     _sync_replicas(model)
+    return parallelize(model, runtime, policy_dtypes=(param_dtype, reduce_dtype), layer_classes=layer_classes,
+                       reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(model: nn.Module, runtime: Runtime, *, policy_dtypes=(None, None), layer_classes: list[str] | None = None,
+                reshard_after_forward: bool = True, mesh=None) -> nn.Module:
+    """The last part of `wrap_model`: DDP, or FSDP2 per decoder layer and root, on a model already on
+    its device and equal on every rank (`fourbit.plan` calls it on fake tensors and a fake process
+    group, with a `mesh` it made outside them)."""
+    param_dtype, reduce_dtype = policy_dtypes
     if runtime.mode == "ddp":
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
@@ -167,7 +177,7 @@ def wrap_model(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    mesh = mesh or init_device_mesh(runtime.device.type, (runtime.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in _decoder_layers(model, layer_classes):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

@@ -27,7 +27,7 @@ import random
 import torch
 
 from .data import IGNORE, Record, answer_ids, collate, encode, prompt_ids
-from .forward import answer_logits
+from .forward import answer_layout, answer_logits
 
 __all__ = ["date_task", "exact_match", "generate"]
 
@@ -76,7 +76,7 @@ def exact_match(model, tokenizer, records: list[Record], *, batch_size: int = 16
                 labels.append(y)
             batch = collate(ids, labels, tokenizer.pad_token_id)
             logits, target = answer_logits(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")),
-                                           share_prefix=share_prefix)
+                                           answer_layout(ids, labels), share_prefix=share_prefix)
             pred = logits.argmax(-1)  # (B, P): the token predicted at each answer position (forward.answer_logits)
             ok = ((pred == target) | (target == IGNORE)).all(dim=1).cpu()
             hits += int(ok.sum())

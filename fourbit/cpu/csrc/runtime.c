@@ -4,6 +4,9 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 int fb_isa = FB_SCALAR;
 
@@ -31,6 +34,41 @@ int fourbit_cpu_set_isa(int isa) {
 
 #define FB_MAX_THREADS 256
 
+#ifdef _OPENMP
+/* torch's own OpenMP team. The library is loaded after torch, whose libgomp.so.1 is already in the
+ * process, so the dynamic loader binds this library to that same runtime: one team of threads for
+ * torch's ops and fourbit's kernels, kept alive (spin, then sleep) between calls, instead of threads
+ * started per call that compete with torch's for the cores (_lib.py checks the binding). Chunks are
+ * claimed from a counter, so a team thread that starts late leaves its share to the others. */
+void fb_parallel_for(int64_t n, int64_t align, int64_t min_per_thread, int threads, fb_range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    if (align < 1) align = 1;
+    if (min_per_thread < 1) min_per_thread = 1;
+    int64_t units = (n + align - 1) / align;
+    int64_t t = threads < FB_MAX_THREADS ? threads : FB_MAX_THREADS;
+    if (t > n / min_per_thread) t = n / min_per_thread;
+    if (t > units) t = units;
+    if (t <= 1 || omp_in_parallel()) {  /* inside torch's parallel region: its team is busy, run inline */
+        fn(ctx, 0, n);
+        return;
+    }
+    int64_t per = (units + 4 * t - 1) / (4 * t);  /* four chunks per thread */
+    int64_t chunk = per * align, chunks = (n + chunk - 1) / chunk, next = 0;
+#pragma omp parallel num_threads((int)t)
+    {
+        for (;;) {
+            int64_t i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (i >= chunks) break;
+            int64_t b = i * chunk, e = b + chunk < n ? b + chunk : n;
+            fn(ctx, b, e);
+        }
+    }
+}
+
+int fourbit_cpu_openmp(void) { return 1; }
+
+#else
+/* Built without OpenMP (the compiler has none): a fork-join of threads started per call. */
 /* A fork-join job on the heap: helpers may start late (a busy core) and outlive the call; the last
  * one to leave frees it. Work is handed out in chunks from an atomic counter, so the caller never
  * waits for a helper that has not started: it takes the chunks itself, and waits only for chunks a
@@ -117,6 +155,9 @@ void fb_parallel_for(int64_t n, int64_t align, int64_t min_per_thread, int threa
     pthread_mutex_unlock(&job->lock);
     fb_job_release(job);
 }
+
+int fourbit_cpu_openmp(void) { return 0; }
+#endif
 
 void fb_hint_huge_pages(void *p, size_t bytes) {
 #ifdef MADV_HUGEPAGE
