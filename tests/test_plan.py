@@ -175,24 +175,25 @@ def test_plan_of_a_fourbitconfig_model_is_within_3_percent(tiny, tmp_path):
 
 # ---- refusing a run that will not fit ------------------------------------------------------------
 def test_finetune_refuses_before_loading_with_a_change_that_fits(tiny, tmp_path, monkeypatch, capsys):
-    """A GPU of 300 MiB: batch 8 of the tiny model needs ~430 MiB at its peak (its logits), batch 4 ~220."""
+    """A GPU of 64 MiB: batch 8 of the tiny model needs ~84 MiB at its peak (its logits at the answer
+    positions, in the loss), batch 4 ~52."""
     from fourbit.plan import gate
     from fourbit.train import loop
 
-    monkeypatch.setattr(gate, "local_target", lambda device: Target("a 300 MiB test GPU", "cuda", 300 * 2**20, headroom=0.0))
+    monkeypatch.setattr(gate, "local_target", lambda device: Target("a 64 MiB test GPU", "cuda", 64 * 2**20, headroom=0.0))
     monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
     argv = ["finetune", "--model", tiny, "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8",
             "--eval-examples", "8", "--max-length", "80"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "300.0 MiB usable" in err and "nothing was loaded" in err, err
+    assert err.count("\n") == 0 and "64.0 MiB usable" in err and "nothing was loaded" in err, err
     assert "--batch-size 4 --grad-accum 2 (planned peak" in err, err
 
 
 def test_changes_are_planned_each_alone_and_leave_the_plan_its_own_notes(tiny, tmp_path):
     from fourbit.plan import plan
 
-    p = plan(_small(tiny, tmp_path, batch_size=8), target=Target("a 300 MiB test GPU", "cuda", 300 * 2**20, headroom=0.0),
+    p = plan(_small(tiny, tmp_path, batch_size=8), target=Target("a 64 MiB test GPU", "cuda", 64 * 2**20, headroom=0.0),
              suggest="first")
     assert not p.fits and p.suggestions[-1].fits and all(s.peak < p.peak for s in p.suggestions)
     assert len(p.notes) == len(set(p.notes)), p.notes  # the changes' plans once appended theirs to this list

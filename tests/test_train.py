@@ -269,3 +269,40 @@ def test_bench_qlora_vs_lora_smoke(tiny, tmp_path):
     assert q["memory"]["optimizer"] == 2 * q["memory"]["adapter"]  # two float32 AdamW moments
     assert q["memory"]["activations"] > 0 and len(q["losses"]) == 1
     assert "| QLoRA (nf4+dq) |" in (tmp_path / "qlora_vs_lora.md").read_text()
+
+
+# ---- answer-position logits and the shared prompt prefix -----------------------------------------
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_answer_logits_equal_the_full_forward_and_its_gradients(share_prefix):
+    """forward.answer_logits keeps the full forward's terms at the answer positions (right padding,
+    rows of different lengths, a 5-token common prefix) and its LoRA gradients."""
+    from fourbit.lora import add_lora, quantize_model
+    from fourbit.train.forward import answer_layout, answer_logits, layout_of
+    from helpers import tiny_llama
+
+    model = add_lora(quantize_model(tiny_llama()), r=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    rows = [[3, 4, 5, 6, 7] + torch.randint(8, 96, (n,), generator=g).tolist() for n in (9, 6, 11)]
+    labels = [[IGNORE] * (len(r) - 4) + r[-4:] for r in rows]  # the last 4 tokens of each row are its answer
+    from fourbit.train.data import collate
+
+    b = collate(rows, labels, 0)
+    layout = answer_layout(rows, labels)
+    assert layout == layout_of(b) and layout.prefix == 5 and layout.keep == tuple(range(6, 15))  # rows of 14, 11, 16 tokens, answers their last 4
+    results = []
+    for fn in ("full", "answer"):
+        model.zero_grad()
+        if fn == "full":
+            logits, target = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1], b["labels"][:, 1:]
+        else:
+            logits, target = answer_logits(model, b["input_ids"], b["attention_mask"], b["labels"], layout, share_prefix=share_prefix)
+            assert logits.shape[1] < b["input_ids"].shape[1] - 1  # prompt-only positions were skipped
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5)
+    assert all(torch.allclose(a, b_, rtol=1e-4, atol=1e-6) for a, b_ in zip(g0, g1))

@@ -6,10 +6,11 @@ fit, the smallest changes that make it fit.
     p = plan(TrainConfig(model="llama-3-8b", max_length=2048, r=64), target=gpu_target("4090"))
     p.peak, p.fits, p.where, p.breakdown, p.suggestions
 
-The run's batches: with a tokenizer (a real model), the longest micro-batch the run draws (every
-micro-batch of a short run, else the longest example) and the whole evaluation (chunks of 16, in
-order); a preset has no tokenizer, so its batches are max_length tokens long and no evaluation is
-traced. `compare` plans one config as QLoRA, as LoRA on a 16-bit base, and as full 16-bit
+The run's batches: with a tokenizer (a real model), the worst micro-batch the run draws (of every
+micro-batch of a short run the longest, then the one with the most answer positions, then the
+shortest shared prompt prefix; else the batch of the longest examples) with its labels, and the
+whole evaluation (chunks of 16, in order); a preset has no tokenizer, so its batches are max_length
+tokens long, every token an answer, and no evaluation is traced. `compare` plans one config as QLoRA, as LoRA on a 16-bit base, and as full 16-bit
 fine-tuning (every weight trained in bf16 with float32 AdamW states, the paper's baseline).
 """
 
@@ -22,7 +23,8 @@ import time
 
 from ..errors import InvalidInput, Unavailable
 from ..train.config import TrainConfig
-from ..train.data import Encoded, batch_at, encode, encode_all
+from ..train.data import IGNORE, Encoded, batch_at, encode, encode_all
+from ..train.forward import layout_of
 from ..train.setup import split_records
 from .gpus import Target, format_bytes, local_target
 from .source import ModelSource, resolve
@@ -110,14 +112,16 @@ class _Lazy:
         return self.cache[i][self.part]
 
 
-def _run_batches(config: TrainConfig, source: ModelSource) -> tuple[list[list[int]], list, list[str]]:
-    """(the worst training micro-batch's token ids, the evaluation records, notes). The evaluation is
-    traced whole: its chunks run one after the other, and a chunk's logits are still alive while the
-    next one's are computed."""
+def _run_batches(config: TrainConfig, source: ModelSource) -> tuple[list[list[int]], list[list[int]], list, list[str]]:
+    """(the worst training micro-batch's token ids, their labels, the evaluation records, notes). The
+    evaluation is traced whole: its chunks run one after the other, and a chunk's logits are still
+    alive while the next one's are computed. The worst micro-batch: the longest; among those, the
+    one whose loss keeps the most positions (`forward.AnswerLayout`), then the shortest shared prefix."""
     if source.tokenizer is None:
         notes = [f"a preset has no tokenizer: every sequence is max_length = {config.max_length} tokens, "
                  "and the evaluation pass is not planned"]
-        return [[1] * config.max_length] * config.batch_size, [], notes
+        rows = [[1] * config.max_length] * config.batch_size
+        return rows, [[IGNORE] + r[1:] for r in rows], [], notes
     train_records, eval_records = split_records(config)
     per_epoch = len(train_records) // config.batch_size
     if per_epoch == 0:
@@ -128,16 +132,20 @@ def _run_batches(config: TrainConfig, source: ModelSource) -> tuple[list[list[in
     if micro * config.batch_size < len(train_records) and micro <= 4096:  # a short run: its own batches
         ids = _Lazy(tokenizer, train_records, config.max_length, 0)
         data = Encoded(ids, _Lazy(tokenizer, train_records, config.max_length, 1), 0)
-        batch = max((batch_at(data, i, config.batch_size, config.seed, pad) for i in range(micro)),
-                    key=lambda b: b["input_ids"].shape[1])
+        def cost(b):
+            layout = layout_of(b)
+            return b["input_ids"].shape[1], len(layout.keep), -layout.prefix
+
+        batch = max((batch_at(data, i, config.batch_size, config.seed, pad) for i in range(micro)), key=cost)
         rows = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        labels = [row[mask.bool()].tolist() for row, mask in zip(batch["labels"], batch["attention_mask"])]
         notes = [f"the longest of the run's {micro} micro-batches: {batch['input_ids'].shape[1]} tokens"]
-    else:  # every example is drawn (up to an epoch's remainder): the longest one, in every row
+    else:  # every example is drawn (up to an epoch's remainder): the batch of the longest ones
         data = encode_all(tokenizer, train_records, config.max_length)
-        longest = max(data.input_ids, key=len)
-        rows = [longest] * config.batch_size
-        notes = [f"the longest example: {len(longest)} tokens"]
-    return rows, eval_records, notes
+        order = sorted(range(len(data.input_ids)), key=lambda i: -len(data.input_ids[i]))[: config.batch_size]
+        rows, labels = [data.input_ids[i] for i in order], [data.labels[i] for i in order]
+        notes = [f"the {len(rows)} longest examples: {len(rows[0])} tokens"]
+    return rows, labels, eval_records, notes
 
 
 # ---- one plan ------------------------------------------------------------------------------------
@@ -191,11 +199,11 @@ def plan(config: TrainConfig, *, target: Target | None = None, world_size: int =
     _check(config, world_size)
     target = target or local_target(config.device)
     source = source or resolve(config.model)
-    batch, eval_chunk, notes = _batches or _run_batches(config, source)
+    batch, labels, eval_chunk, notes = _batches or _run_batches(config, source)
     notes = list(notes)  # this plan's own: the changes' plans share the batches, not the notes
     run = _mode_config(config, mode)
     with _fake_group(world_size if config.distributed != "none" else 0):
-        traced = trace_run(run, source, target=target.device, hopper=target.hopper, batch=batch, eval_records=eval_chunk,
+        traced = trace_run(run, source, target=target.device, hopper=target.hopper, batch=batch, labels=labels, eval_records=eval_chunk,
                            world_size=world_size, full=mode == "full16", trace_on=_trace_on)
     phase, top = max(traced.phases.items(), key=lambda kv: kv[1].total)
     if traced.traced_on != target.device:
@@ -207,7 +215,7 @@ def plan(config: TrainConfig, *, target: Target | None = None, world_size: int =
                   {k: v.total for k, v in traced.phases.items()}, traced.static, traced.checkpointing, traced.params,
                   traced.batch, world_size, 0.0, notes, [], run.to_dict())
     if suggest and not result.fits:
-        result.suggestions = _suggestions(result, config, target, world_size, mode, source, (batch, eval_chunk, notes),
+        result.suggestions = _suggestions(result, config, target, world_size, mode, source, (batch, labels, eval_chunk, notes),
                                           first=suggest == "first")
     result.seconds = time.perf_counter() - t0
     return result
@@ -271,16 +279,16 @@ def _try_changes(p: Plan, config: TrainConfig, world_size: int, mode: str, batch
         if paged.startswith("paged"):
             new = dataclasses.replace(config, optimizer=paged, paging_budget_mb=float(budget_mb))
             ladder([same(new, f"--optimizer {paged} --paging-budget-mb {budget_mb}")])
-    rows, eval_chunk, notes = batches
+    rows, labels, eval_chunk, notes = batches
     if config.batch_size > world_size:
         ladder([(f"--batch-size {b} --grad-accum {config.grad_accum * config.batch_size // b}",
                  dataclasses.replace(config, batch_size=b, grad_accum=config.grad_accum * config.batch_size // b),
-                 world_size, (rows[:b], eval_chunk, notes))
+                 world_size, (rows[:b], labels[:b], eval_chunk, notes))
                 for b in _halvings(config.batch_size, world_size) if b % world_size == 0])
     tokens = max((len(r) for r in rows), default=0)
     if tokens >= 64:
         ladder([(f"--max-length {n}", dataclasses.replace(config, max_length=n), world_size,
-                 ([row[:n] for row in rows], eval_chunk, notes)) for n in _halvings(tokens, 16)])
+                 ([row[:n] for row in rows], [y[:n] for y in labels], eval_chunk, notes)) for n in _halvings(tokens, 16)])
     if mode != "full16" and config.r > 4:
         ladder([same(dataclasses.replace(config, r=r), f"--r {r}") for r in _halvings(config.r, 4)])
     sizes = [n for n in (2, 4, 8) if n > world_size and config.batch_size % n == 0]

@@ -8,8 +8,10 @@ checkpointing; `parallelize`: FSDP2 over torch's fake process group) and driven 
     1. the optimizer states are made first (on the CPU by optimizer steps on zero gradients; for a
        GPU by their layouts, `states.py`), so the step traced next is a steady-state one;
     2. `Trainer.evaluate` (its chunks of 16 in order, no gradients);
-    3. `Trainer.step_on` on the longest micro-batch the run draws (twice with gradient accumulation:
+    3. `Trainer.step_on` on the worst micro-batch the run draws (twice with gradient accumulation:
        the second sees the first one's gradients): forward, loss, backward, clipping, optimizer step.
+       Its answer positions and shared prompt prefix (`forward.AnswerLayout`) come from the real token
+       lists: the forward's shapes depend on them, and fake tensors have no values to find them in.
 
 What cannot be traced is accounted for: fourbit's matmul ops decode inside (`ops.py`), the Triton
 AdamW updates in place, DDP's constructor reads values (a DDP rank is traced as the plain model on
@@ -35,7 +37,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from ..lora import trainable_parameters
 from ..train.config import TrainConfig
 from ..train.data import IGNORE, collate
-from ..train.distributed import Runtime
+from ..train.distributed import Runtime, shard
+from ..train.forward import answer_layout
 from ..train.loop import Trainer
 from ..train.models import check_linear_layers
 from ..train.parallel import parallelize
@@ -159,11 +162,19 @@ def _unpadded_chunks(source: ModelSource, records) -> list[bool]:
 def _unmasked(model: nn.Module, tracker: LiveBytes, train_unpadded: bool, eval_unpadded: list[bool]):
     """A hook giving the model no attention mask where its batch has no padding. transformers drops an
     all-ones mask itself (SDPA then runs causal, without a mask and without repeating grouped keys),
-    but it never reads a fake tensor's values to find out, so the plan says what it would find."""
+    but it never reads a fake tensor's values to find out, so the plan says what it would find.
+    With a shared prompt prefix (`forward.answer_logits`) a batch runs as two calls: the prefix,
+    one row of real tokens into an empty cache (unpadded), then the rows' rest after the cached
+    prefix, whose mask transformers keeps (fewer queries than keys)."""
     chunks = iter(eval_unpadded)
 
     def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() == 0:  # the shared prefix
+            return args, {**kwargs, "attention_mask": None}
         unpadded = next(chunks, False) if tracker.phase == "eval" else train_unpadded
+        if cache is not None:  # the rows after the prefix
+            return args, kwargs
         if unpadded and kwargs.get("attention_mask") is not None:
             kwargs = {**kwargs, "attention_mask": None}
         return args, kwargs
@@ -245,7 +256,7 @@ class _Once:
 
 
 def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper: bool, device: torch.device,
-                batch: list[list[int]], eval_records: list, world_size: int, full: bool) -> _Once:
+                batch: list[list[int]], labels: list[list[int]], eval_records: list, world_size: int, full: bool) -> _Once:
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     autocast = uses_autocast(config, torch.device(target))
     with fake, LiveBytes(device):  # answers the data-dependent checks of quantize while building
@@ -280,8 +291,9 @@ def _trace_once(config: TrainConfig, source: ModelSource, *, target: str, hopper
             tracker.phase = "train"  # 3. the training step
             pad = getattr(source.tokenizer, "pad_token_id", None) or 0
             with tracker.category("data"):
-                batches = [collate(batch, [[IGNORE] + ids[1:] for ids in batch], pad) for _ in range(min(config.grad_accum, 2))]
-            trainer.step_on(batches)
+                batches = [collate(batch, labels, pad) for _ in range(min(config.grad_accum, 2))]
+            layout = answer_layout(shard(batch, rank=0, world_size=world_size), shard(labels, rank=0, world_size=world_size))
+            trainer.step_on(batches, layouts=[layout] * len(batches))
         del held, buckets
     phases = {k: v for k, v in tracker.phase_peaks.items() if k not in ("setup", "train")}
     return _Once(phases, static, tracker.other_peak)
@@ -319,11 +331,12 @@ def _homogeneous(hf_config) -> bool:
 
 
 def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: bool = True, batch: list[list[int]],
-              eval_records: list = (), world_size: int = 1, full: bool = False, exact: bool = False,
-              trace_on: str | None = None) -> Traced:
+              labels: list[list[int]] | None = None, eval_records: list = (), world_size: int = 1, full: bool = False,
+              exact: bool = False, trace_on: str | None = None) -> Traced:
     """Trace `config`'s run (see the module docstring). `target`: "cpu" or "cuda"; `hopper`: the GPU
     is Hopper (it decides fourbit's matmul routes). `batch`: the token ids of the worst micro-batch's
-    rows (the global batch). `eval_records`: the run's evaluation records (none for a preset).
+    rows (the global batch); `labels`: theirs (default: every token after the first is an answer,
+    the most logits a batch of these rows can have). `eval_records`: the run's evaluation records (none for a preset).
     A model of more than 4 identical decoder layers is traced with 2 and with 3 of them and the
     counts carried to all of them (`_extrapolate`), unless `exact`. `trace_on`: the fake tensors'
     device (default: the target's when this machine has it, else the CPU)."""
@@ -339,8 +352,9 @@ def trace_run(config: TrainConfig, source: ModelSource, *, target: str, hopper: 
     params, checkpointing = _prepare(whole, config, full)
     layers = int(source.hf_config.num_hidden_layers)
     config = dataclasses.replace(config, grad_checkpointing="on" if checkpointing else "off")
-    kw = dict(target=target, hopper=hopper, device=device, batch=batch, eval_records=eval_records, world_size=world_size,
-              full=full)
+    labels = [[IGNORE] + ids[1:] for ids in batch] if labels is None else labels
+    kw = dict(target=target, hopper=hopper, device=device, batch=batch, labels=labels, eval_records=eval_records,
+              world_size=world_size, full=full)
     if exact or layers <= 4 or not _homogeneous(source.hf_config):
         once = _trace_once(config, source, **kw)
     else:

@@ -63,6 +63,7 @@ from ..nf4.files import write_bytes
 from . import checkpoint, distributed, rundir
 from .config import TrainConfig
 from .data import IGNORE, batch_at, encode_all
+from .forward import answer_logits, layout_of
 from .models import load_base
 from .parallel import full_lora_weights, wrap_model
 from .plot import plot_metrics
@@ -157,6 +158,8 @@ class Trainer:
         self.config, self.runtime, self.is_main, self.progress, self.on_step = config, runtime, runtime.is_main, False, None
         self.run_dir, self.run, self.resume, self.overwrite, self._big_norms = config.output_dir, None, False, False, 0
         self.metrics, self.step, self.total_steps, self.planned = [], 0, total_steps, None
+        self.checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # set by use_checkpointing
+        self.share_prefix = runtime.world_size == 1 and not self.checkpointing  # as _setup decides
         self.device, self.autocast = runtime.device, uses_autocast(config, runtime.device)
         self.model, self.tokenizer, self.eval_records = model, tokenizer, list(eval_records)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -218,6 +221,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.param_summary, self.checkpointing = prepare_model(model, c)
         self.model = model = wrap_model(model, self.runtime)  # DDP or FSDP2 under torchrun; moved to the device
+        self.share_prefix = self.runtime.world_size == 1 and not self.checkpointing  # forward.answer_logits
 
         self.data = encode_all(tokenizer, train_records, c.max_length)
         encode_all(tokenizer, self.eval_records, c.max_length)  # the same limits and refusals as training records
@@ -246,7 +250,8 @@ class Trainer:
         if not self.eval_records:
             return None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device, max_length=self.config.max_length)
+            return exact_match(self.model, self.tokenizer, self.eval_records, device=self.device,
+                               max_length=self.config.max_length, share_prefix=self.share_prefix)
 
     def save_checkpoint(self) -> str:
         """Collective: every rank gathers, rank 0 writes."""
@@ -290,22 +295,22 @@ class Trainer:
         batches = [batch_at(self.data, self.step * c.grad_accum + i, c.batch_size, c.seed, pad) for i in range(c.grad_accum)]
         return self.step_on(batches, t0)
 
-    def step_on(self, batches: list[dict], t0: float | None = None) -> dict:
+    def step_on(self, batches: list[dict], t0: float | None = None, layouts: list | None = None) -> dict:
         """One optimizer step on these global micro-batches (train_step's; `fourbit.plan` traces it
-        with its own, without memory)."""
+        with its own, without memory). `layouts`: the `forward.AnswerLayout` of each of this rank's
+        micro-batches; by default read from their values (the plan, whose tensors have none, passes them)."""
         c, t0 = self.config, time.perf_counter() if t0 is None else t0
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # of the global batches
         batches = [self.runtime.shard(b) for b in batches]  # this rank's rows
+        layouts = layouts or [layout_of(b) for b in batches]
         n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         self.model.train()
         total = 0.0
-        for b in batches:
+        for b, layout in zip(batches, layouts):
             ids, mask, labels = (b[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            loss_sum = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-            )
+                logits, target = answer_logits(self.model, ids, mask, labels, layout, share_prefix=self.share_prefix)  # (B, P, V), (B, P)
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
             # scaled so the ranks' averaged gradients are those of the global token mean
             loss = self.runtime.global_mean_loss(loss_sum, n_answer)
             total += self.runtime.reduce(loss.item())

@@ -16,7 +16,8 @@ Exact match is measured in one teacher-forced forward pass: greedy decoding repr
 exactly iff, at every answer position, the argmax of the logits given the gold prefix is the gold
 token (induction over positions: if every argmax matches, greedy decoding walks the gold path; at the
 first mismatch it leaves it). The end-of-turn token is part of the answer, so a correct answer followed
-by chatter counts as wrong. One pass over B examples instead of up to len(answer) decoding steps.
+by chatter counts as wrong. One pass over B examples instead of up to len(answer) decoding steps, with the language-model head
+on the answer positions only (`forward.answer_logits`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import random
 import torch
 
 from .data import IGNORE, Record, answer_ids, collate, encode, prompt_ids
+from .forward import answer_layout, answer_logits
 
 __all__ = ["date_task", "exact_match", "generate"]
 
@@ -52,7 +54,7 @@ def date_task(n_train: int = 2000, n_eval: int = 48, seed: int = 1234) -> tuple[
 
 @torch.no_grad()
 def exact_match(model, tokenizer, records: list[Record], *, batch_size: int = 16, device=None,
-                max_length: int | None = None) -> float:
+                max_length: int | None = None, share_prefix: bool = False) -> float:
     """Fraction of records whose answer (+ end-of-turn) greedy decoding reproduces exactly. With
     `max_length`, each example is cut to that many tokens as training examples are (`data.encode`):
     a truncated answer is judged on the tokens that remain."""
@@ -73,10 +75,10 @@ def exact_match(model, tokenizer, records: list[Record], *, batch_size: int = 16
                 ids.append(x)
                 labels.append(y)
             batch = collate(ids, labels, tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            pred = logits[:, :-1].argmax(-1).cpu()  # (B, T-1): the token predicted for position t+1
-            target = batch["labels"][:, 1:]  # (B, T-1)
-            ok = ((pred == target) | (target == IGNORE)).all(dim=1)
+            logits, target = answer_logits(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")),
+                                           answer_layout(ids, labels), share_prefix=share_prefix)
+            pred = logits.argmax(-1)  # (B, P): the token predicted at each answer position (forward.answer_logits)
+            ok = ((pred == target) | (target == IGNORE)).all(dim=1).cpu()
             hits += int(ok.sum())
     finally:
         model.train(was_training)
