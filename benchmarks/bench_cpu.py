@@ -148,7 +148,7 @@ def bench_dequantize(ceiling: float, rounds: int, min_time_s: float, smoke: bool
             moved = quantized_bytes(*shape, True) + n * w.element_size()
             # the API returns a new tensor (as bitsandbytes'): writing fresh pages costs the kernel's
             # page faults and zeroing, which copy_ into a warm buffer does not pay; a plain fill_ of a fresh
-            # tensor of the output's size is that floor, timed in the same rounds
+            # tensor of the output's size shows that cost, timed in the same rounds
             fns = {**_providers(ours, theirs), "fresh-fill": lambda: torch.empty(shape, dtype=dtype).fill_(1.0)}
             rows += _rows("dequantize", shape, dtype, interleaved(fns, rounds, min_time_s, smoke),
                           moved, ceiling, config={"blocksize": 64, "quant": "nf4+dq"})

@@ -51,9 +51,9 @@ def goals_table(rows: list[dict]) -> str:
             ours = keyed.get((r["op"], r["shape"], r["dtype"], "fourbit"))
             if ours:
                 cells.append(f"{r['shape']} {r['dtype']} {r['median_ms']:.2f} ms (dequantize {ours['median_ms']:.2f})")
-        lines += ["", "A fresh output's floor, `torch.empty(shape).fill_(1)` in the same rounds (page faults and the "
-                      "kernel's zeroing of new pages, which the copy bandwidth's warm buffer does not pay): "
-                      + "; ".join(cells) + "."]
+        lines += ["", "A fresh output's cost: `torch.empty(shape).fill_(1)` in the same rounds (page faults and the "
+                      "kernel's zeroing of new pages, which the copy bandwidth's warm buffer does not pay; dequantize "
+                      "advises 2 MiB pages first, a plain fill does not): " + "; ".join(cells) + "."]
     first = {r["shape"]: r["median_ms"] / 1e3 for r in rows if r["op"] == "first use"}
     if first:
         lines += ["", f"First use, in a fresh process: compiling and loading the kernels {first['compile+load']:.1f} s "

@@ -295,5 +295,5 @@ def test_bench_cpu_smoke(tmp_path):
     table = (tmp_path / "cpu_goals.md").read_text()
     for op in ("dequantize", "quantize", "matmul_4bit", "quantize_blockwise", "dequantize_blockwise", "adamw32", "adamw8"):
         assert f"| {op} |" in table, op
-    assert "A fresh output's floor" in table
+    assert "A fresh output's cost" in table
     assert (tmp_path / "cpu.json").exists()
