@@ -26,6 +26,7 @@ from fourbit.plan import Target, plan
 from fourbit.plan.source import ModelSource
 from fourbit.plan.presets import preset_config
 from fourbit.train.config import TrainConfig
+from fourbit.train.data import IGNORE
 
 STAGE = "plan"
 
@@ -46,13 +47,15 @@ def main(argv: list[str] | None = None) -> int:
             "llama-3-8b shaped, 4 layers"
     config = TrainConfig(model=source.name, batch_size=1, max_length=tokens, r=16, optimizer="paged_adamw")
     rows = [[(7 * i) % 500 + 1 for i in range(tokens)]]
+    labels = [[IGNORE] + r[1:] for r in rows]  # every position but the first: as measure_step trains
     device = "cpu" if args.dry_run else "cuda"
     capacity = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 2**40
     target = Target(f"{device} ({capacity / 2**30:.1f} GiB)", device, capacity)
     plans = {}
     for how in (["cuda", "cpu"] if device == "cuda" else ["cpu"]):
         t0 = time.perf_counter()
-        p = plan(config, target=target, suggest=False, source=source, _batches=(rows, [], []), _trace_on=how)
+        p = plan(config, target=target, suggest=False, source=source, _batches=(rows, labels, [], []),
+                 _trace_on=how)
         plans[how] = p
         append_line(args.out, STAGE, "fact", f"planned peak, traced on {how}", value=p.peak, where=p.where,
                     breakdown=p.breakdown, seconds=round(time.perf_counter() - t0, 2), model=name)
