@@ -34,6 +34,21 @@ int fourbit_cpu_set_isa(int isa) {
 
 #define FB_MAX_THREADS 256
 
+/* How many threads [0, n) is worth (each gets at least min_per_thread items; ranges cut at multiples
+ * of align), and the chunk size that gives each thread four chunks: a late or slow thread leaves
+ * less behind. Returns 1 when the loop should run inline. */
+static int64_t fb_split(int64_t n, int64_t align, int64_t min_per_thread, int threads, int64_t *chunk) {
+    if (align < 1) align = 1;
+    if (min_per_thread < 1) min_per_thread = 1;
+    int64_t units = (n + align - 1) / align;
+    int64_t t = threads < FB_MAX_THREADS ? threads : FB_MAX_THREADS;
+    if (t > n / min_per_thread) t = n / min_per_thread;
+    if (t > units) t = units;
+    if (t < 1) t = 1;
+    *chunk = (units + 4 * t - 1) / (4 * t) * align;
+    return t;
+}
+
 #ifdef _OPENMP
 /* torch's own OpenMP team. The library is loaded after torch, whose libgomp.so.1 is already in the
  * process, so the dynamic loader binds this library to that same runtime: one team of threads for
@@ -42,18 +57,12 @@ int fourbit_cpu_set_isa(int isa) {
  * claimed from a counter, so a team thread that starts late leaves its share to the others. */
 void fb_parallel_for(int64_t n, int64_t align, int64_t min_per_thread, int threads, fb_range_fn fn, void *ctx) {
     if (n <= 0) return;
-    if (align < 1) align = 1;
-    if (min_per_thread < 1) min_per_thread = 1;
-    int64_t units = (n + align - 1) / align;
-    int64_t t = threads < FB_MAX_THREADS ? threads : FB_MAX_THREADS;
-    if (t > n / min_per_thread) t = n / min_per_thread;
-    if (t > units) t = units;
+    int64_t chunk, t = fb_split(n, align, min_per_thread, threads, &chunk);
     if (t <= 1 || omp_in_parallel()) {  /* inside torch's parallel region: its team is busy, run inline */
         fn(ctx, 0, n);
         return;
     }
-    int64_t per = (units + 4 * t - 1) / (4 * t);  /* four chunks per thread */
-    int64_t chunk = per * align, chunks = (n + chunk - 1) / chunk, next = 0;
+    int64_t chunks = (n + chunk - 1) / chunk, next = 0;
 #pragma omp parallel num_threads((int)t)
     {
         for (;;) {
@@ -119,20 +128,13 @@ static void *fb_helper_main(void *arg) {
 
 void fb_parallel_for(int64_t n, int64_t align, int64_t min_per_thread, int threads, fb_range_fn fn, void *ctx) {
     if (n <= 0) return;
-    if (align < 1) align = 1;
-    if (min_per_thread < 1) min_per_thread = 1;
-    int64_t units = (n + align - 1) / align;
-    int64_t t = threads < FB_MAX_THREADS ? threads : FB_MAX_THREADS;
-    if (t > n / min_per_thread) t = n / min_per_thread;
-    if (t > units) t = units;
+    int64_t chunk, t = fb_split(n, align, min_per_thread, threads, &chunk);
     fb_job *job = t > 1 ? (fb_job *)calloc(1, sizeof *job) : NULL;
     if (!job) {
         fn(ctx, 0, n);
         return;
     }
-    /* four chunks per thread: a late or slow thread leaves less behind */
-    int64_t per = (units + 4 * t - 1) / (4 * t);
-    job->fn = fn, job->ctx = ctx, job->n = n, job->chunk = per * align;
+    job->fn = fn, job->ctx = ctx, job->n = n, job->chunk = chunk;
     job->chunks = (n + job->chunk - 1) / job->chunk;
     job->refs = 1;
     pthread_mutex_init(&job->lock, NULL);
